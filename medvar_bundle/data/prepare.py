@@ -1,0 +1,210 @@
+"""`medvar prepare`: run the §3.2 pipeline over a corpus and commit the slices to a store.
+
+Volumes are processed independently (``workers`` DataLoader processes); the main process is the
+only writer. A bad volume becomes one line on stderr and one ``failed`` entry in ``report.json``;
+the corpus goes on. Re-running skips volumes already committed, and ``rank``/``world_size`` split
+the datalist across machines writing into the same (or separate) stores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .store import ShardWriter, atomic_write_json, done_volume_keys, volume_key, write_store_index
+from .transforms import DEFAULT_CT_WINDOW, MODALITIES, SLICE_SIZE, NoSlicesError, VolumeError, preprocessing
+
+MAX_ERROR_CHARS = 300
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for users: the innermost cause of a (MONAI-wrapped) exception."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = " ".join(str(exc).split())
+    if "cannot find a suitable reader" in text:
+        return "unreadable: no image reader could open it (corrupt, truncated or not a NIfTI/NRRD/MHA/DICOM file)"
+    if not isinstance(exc, VolumeError):
+        text = f"unreadable ({type(exc).__name__}: {text})" if text else f"unreadable ({type(exc).__name__})"
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def precheck(item: dict) -> str | None:
+    """Problems found without reading the volume (missing file, unknown modality), else None."""
+    if not item.get("image"):
+        return "datalist entry has no 'image'"
+    if not item.get("dataset"):
+        return "datalist entry has no 'dataset'"
+    if not os.path.exists(item["image"]):
+        return "file not found"
+    if item.get("label") and not os.path.exists(item["label"]):
+        return f"label file not found: {item['label']}"
+    if item.get("modality") not in MODALITIES:
+        return f"unknown modality {item.get('modality')!r}: use one of {', '.join(MODALITIES)}"
+    return None
+
+
+class PreparedVolumes(Dataset):
+    """Runs :func:`~medvar_bundle.data.transforms.preprocessing` on datalist items, never raising.
+
+    Each item becomes ``{"item", "status" ("ok"|"failed"|"skipped"), "error", "images" (uint8
+    (n, size, size) or None), "labels", "geometry", "slice_indices", "has_label"}``.
+    """
+
+    def __init__(self, items: list[dict], size: int = SLICE_SIZE, **pipeline_kwargs) -> None:
+        self.items = items
+        self.transform = preprocessing(size=size, **pipeline_kwargs)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.items[index]
+        out = {"item": item, "status": "ok", "error": None, "images": None, "labels": None}
+        problem = precheck(item)
+        if problem:
+            return {**out, "status": "failed", "error": problem}
+        try:
+            d = self.transform({k: item.get(k) for k in ("image", "label", "modality", "ct_window")})
+        except Exception as exc:  # every failure is reported, none stops the corpus
+            cause = exc
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            status = "skipped" if isinstance(cause, NoSlicesError) else "failed"
+            return {**out, "status": status, "error": describe_error(exc)}
+        out["images"] = np.ascontiguousarray(np.moveaxis(d["image"][0], -1, 0))
+        if "label" in d:
+            out["labels"] = np.ascontiguousarray(np.moveaxis(d["label"][0], -1, 0))
+        out.update(geometry=d["image_geometry"], slice_indices=d["slice_indices"], has_label=d["has_label"])
+        return out
+
+
+def _single_thread_worker(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def _identity(x):
+    return x
+
+
+@dataclass
+class PrepareResult:
+    """What a prepare run did: per-volume report entries and the dataset registry."""
+
+    report: list[dict] = field(default_factory=list)
+    registry: dict = field(default_factory=dict)
+
+    @property
+    def counts(self) -> Counter:
+        return Counter(e["status"] for e in self.report)
+
+    @property
+    def ok(self) -> int:
+        return sum(1 for e in self.report if e["status"] == "ok" or e.get("error") == "already in store")
+
+
+def _entry(item: dict, status: str, slices: int = 0, error: str | None = None) -> dict:
+    return {
+        "image": item.get("image") or "", "label": item.get("label"), "dataset": item.get("dataset"),
+        "split": item.get("split"), "status": status, "slices": int(slices), "error": error,
+    }
+
+
+def _merge_reports(out: Path, world_size: int) -> list[dict]:
+    entries = []
+    for p in sorted((out / "reports").glob(f"rank*-of-{world_size:03d}.json")):
+        entries += json.loads(p.read_text())["volumes"]
+    atomic_write_json(out / "report.json", {"volumes": entries})
+    return entries
+
+
+def prepare_store(
+    items: list[dict],
+    out: str | os.PathLike,
+    size: int = SLICE_SIZE,
+    workers: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    shard_size: int = 2048,
+    progress: bool = True,
+    **pipeline_kwargs,
+) -> PrepareResult:
+    """Prepare ``items`` (see :mod:`~medvar_bundle.data.sources`) into the store at ``out``.
+
+    Args:
+        size: in-plane slice size in pixels.
+        workers: DataLoader worker processes (0: in this process).
+        rank, world_size: this machine's share of ``items`` (``items[rank::world_size]``);
+            default to torchrun's ``RANK``/``WORLD_SIZE``, else 0 and 1.
+        shard_size: slices per shard.
+        pipeline_kwargs: passed to :func:`~medvar_bundle.data.transforms.preprocessing`.
+
+    Returns:
+        The run's report (this rank's volumes) and the store's dataset registry.
+    """
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    declared = {}
+    for i in items:
+        if i.get("dataset") and i.get("modality") in MODALITIES:
+            window = (i.get("ct_window") or list(DEFAULT_CT_WINDOW)) if i["modality"] == "CT" else None
+            declared.setdefault(str(i["dataset"]), {"modality": i["modality"], "anatomy": i.get("anatomy"), "ct_window": window})
+    mine = items[rank::world_size]
+    done = done_volume_keys(out)
+    result = PrepareResult()
+    todo = []
+    for item in mine:
+        if volume_key(item.get("image") or "", item.get("label")) in done:
+            result.report.append(_entry(item, "skipped", error="already in store"))
+        else:
+            todo.append(item)
+
+    report_file = out / "reports" / f"rank{rank:03d}-of-{world_size:03d}.json"
+    write_store_index(out, declared)  # the store is readable from the start, and after every shard
+    writer = ShardWriter(out, shard_size=shard_size, rank=rank, on_commit=lambda: write_store_index(out, declared))
+    loader = DataLoader(
+        PreparedVolumes(todo, size=size, **pipeline_kwargs),
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=_identity,
+        worker_init_fn=_single_thread_worker if workers else None,
+    )
+    bar = tqdm(loader, total=len(todo), desc="prepare", unit="vol", disable=not progress, file=sys.stderr)
+    for res in bar:
+        item = res["item"]
+        if res["status"] != "ok":
+            tqdm.write(f"medvar prepare: {res['status']}: {item.get('image')}: {res['error']}", file=sys.stderr)
+        if res["status"] == "failed":
+            result.report.append(_entry(item, "failed", error=res["error"]))
+            continue
+        slices = 0 if res["images"] is None else int(res["images"].shape[0])
+        window = (item.get("ct_window") or list(DEFAULT_CT_WINDOW)) if item.get("modality") == "CT" else None
+        record = {
+            "key": volume_key(item["image"], item.get("label")), "image": item["image"], "label": item.get("label"),
+            "dataset": item["dataset"], "modality": item["modality"], "anatomy": item.get("anatomy") or "",
+            "split": item.get("split", "training"), "ct_window": window,
+            "spacing": (res.get("geometry") or {}).get("spacing", []), "matrix": (res.get("geometry") or {}).get("matrix", []),
+            "slice_indices": res.get("slice_indices") or [], "has_label": bool(res.get("has_label")),
+        }
+        empty = np.zeros((0, size, size), np.uint8)
+        writer.add(record, res["images"] if res["images"] is not None else empty, res["labels"])
+        result.report.append(_entry(item, res["status"], slices, res["error"]))
+        bar.set_postfix(ok=result.counts["ok"], failed=result.counts["failed"])
+    writer.flush()
+    atomic_write_json(report_file, {"volumes": result.report})
+    _merge_reports(out, world_size)
+    result.registry = write_store_index(out, declared)
+    return result

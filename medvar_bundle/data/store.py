@@ -1,0 +1,317 @@
+"""The slice store: memory-mapped uint8 shards of 256×256 axial slices plus their manifest.
+
+Layout of ``STORE/``::
+
+    shards/<tag>.images.npy   uint8 (N, 256, 256)  axial slices, array axes (x, y) in RAS order
+    shards/<tag>.labels.npy   uint8 (N, 256, 256)  label maps (zeros where a volume has none)
+    shards/<tag>.json         the shard's manifest; written last, so it is the commit record
+    datasets.json             {name: {id, modality, anatomy, num_slices, spacing, matrix, ct_window}}
+    report.json               {"volumes": [{image, dataset, status, slices, error}]}
+    manifest.csv              one row per slice (index, shard, row, dataset, dataset_id, ...)
+
+A shard's arrays are written to temporary files and renamed into place, then its JSON manifest is
+renamed into place. A shard without its JSON is an interrupted write and is ignored (and
+overwritten on resume), so a killed run never leaves a half-visible shard.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+SHARD_DIR = "shards"
+SPLITS = ("training", "validation", "test")
+
+
+def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` so that readers see the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def volume_key(image: str, label: str | None = None) -> str:
+    """Identity of an input volume in the store (its image and label paths)."""
+    return f"{image}|{label or ''}"
+
+
+class ShardWriter:
+    """Buffers prepared volumes and commits them to the store one shard at a time.
+
+    Memory holds at most one shard of slices plus the volume being added. Each writer
+    (one per rank) names its shards ``r<rank>-<seq>`` so that several machines can write into one
+    store without clashes.
+
+    Args:
+        root: the store folder.
+        shard_size: slices per shard (a volume is never split; a shard may exceed this by one volume).
+        rank: the writer's rank, part of the shard names.
+        on_commit: called after each shard is committed (e.g. to refresh ``datasets.json``).
+    """
+
+    def __init__(
+        self, root: str | os.PathLike, shard_size: int = 2048, rank: int = 0, on_commit: Callable[[], object] | None = None
+    ) -> None:
+        self.root = Path(root)
+        self.shard_dir = self.root / SHARD_DIR
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        self.shard_size, self.rank, self.on_commit = shard_size, rank, on_commit
+        self._seq = self._next_seq()
+        self._images: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+        self._volumes: list[dict] = []
+        self._count = 0
+
+    def _next_seq(self) -> int:
+        done = [int(p.name.split(".")[0].split("-")[1]) for p in self.shard_dir.glob(f"r{self.rank:03d}-*.json")]
+        return max(done, default=-1) + 1
+
+    def add(self, volume: dict, images: np.ndarray, labels: np.ndarray | None) -> None:
+        """Queue one volume's slices.
+
+        Args:
+            volume: the volume record (image, label, dataset, modality, anatomy, split, spacing,
+                matrix, slice_indices, has_label, key).
+            images: uint8 ``(n, 256, 256)``.
+            labels: uint8 ``(n, 256, 256)`` or None.
+        """
+        n = int(images.shape[0])
+        self._images.append(images)
+        self._labels.append(labels if labels is not None else np.zeros_like(images))
+        self._volumes.append({**volume, "num_slices": n})
+        self._count += n
+        if self._count >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit what is buffered as one shard (arrays first, then the manifest)."""
+        if not self._volumes:
+            return
+        tag = f"r{self.rank:03d}-{self._seq:05d}"
+        if self._count:
+            atomic_save_npy(self.shard_dir / f"{tag}.images.npy", np.concatenate(self._images))
+            atomic_save_npy(self.shard_dir / f"{tag}.labels.npy", np.concatenate(self._labels))
+        atomic_write_json(self.shard_dir / f"{tag}.json", {"shard": tag, "num_slices": self._count, "volumes": self._volumes})
+        self._seq += 1
+        self._images, self._labels, self._volumes, self._count = [], [], [], 0
+        if self.on_commit is not None:
+            self.on_commit()
+
+
+def read_shard_manifests(root: str | os.PathLike) -> list[dict]:
+    """All committed shard manifests of a store, in name order."""
+    return [json.loads(p.read_text()) for p in sorted((Path(root) / SHARD_DIR).glob("*.json"))]
+
+
+def done_volume_keys(root: str | os.PathLike) -> set[str]:
+    """Keys of the volumes already committed to the store (those a re-run skips)."""
+    return {v["key"] for m in read_shard_manifests(root) for v in m["volumes"]}
+
+
+def median_list(values: Sequence[Sequence[float]]) -> list[float]:
+    return [float(x) for x in np.median(np.asarray(values, dtype=np.float64), axis=0)] if values else []
+
+
+def build_registry(root: str | os.PathLike, declared: dict[str, dict] | None = None) -> dict:
+    """Rebuild ``datasets.json`` content from the committed shards.
+
+    Ids already in ``datasets.json`` are kept; new names get the next ids in sorted order, so ids
+    stay stable when a store grows. ``declared`` maps dataset names to a datalist item of theirs
+    (modality, anatomy, ct_window), so datasets without slices yet are listed too.
+    """
+    root = Path(root)
+    declared = declared or {}
+    old = json.loads((root / "datasets.json").read_text()) if (root / "datasets.json").exists() else {}
+    vols: dict[str, list[dict]] = {}
+    for m in read_shard_manifests(root):
+        for v in m["volumes"]:
+            vols.setdefault(v["dataset"], []).append(v)
+    next_id = max((e["id"] for e in old.values()), default=-1) + 1
+    registry = {}
+    for name in sorted(set(vols) | set(declared) | set(old)):
+        if name in old:
+            ds_id = old[name]["id"]
+        else:
+            ds_id, next_id = next_id, next_id + 1
+        used = [v for v in vols.get(name, []) if v["num_slices"]]
+        info = {**old.get(name, {}), **declared.get(name, {}), **(vols[name][0] if name in vols else {})}
+        modality = info.get("modality")
+        window = info.get("ct_window")
+        registry[name] = {
+            "id": ds_id,
+            "modality": modality,
+            "anatomy": info.get("anatomy") or "",
+            "num_slices": int(sum(v["num_slices"] for v in used)),
+            "num_volumes": len(used),
+            "spacing": median_list([v["spacing"] for v in used]) or old.get(name, {}).get("spacing"),
+            "matrix": [int(round(x)) for x in median_list([v["matrix"] for v in used])] or old.get(name, {}).get("matrix"),
+            "ct_window": [float(x) for x in window] if modality == "CT" and window else None,
+        }
+    return registry
+
+
+MANIFEST_COLUMNS = (
+    "index", "shard", "row", "dataset", "dataset_id", "modality", "anatomy", "split", "source", "slice_index", "has_label",
+)
+
+
+def manifest_rows(root: str | os.PathLike, registry: dict) -> list[dict]:
+    """One dict per committed slice, in store order (the order :class:`SliceStore` uses)."""
+    rows = []
+    for m in read_shard_manifests(root):
+        row = 0
+        for v in m["volumes"]:
+            for z in v["slice_indices"]:
+                rows.append(
+                    {
+                        "index": len(rows), "shard": m["shard"], "row": row, "dataset": v["dataset"],
+                        "dataset_id": registry[v["dataset"]]["id"], "modality": v["modality"], "anatomy": v.get("anatomy") or "",
+                        "split": v.get("split", "training"), "source": v["image"], "slice_index": z, "has_label": v["has_label"],
+                    }
+                )
+                row += 1
+    return rows
+
+
+def write_store_index(root: str | os.PathLike, declared: dict[str, dict] | None = None) -> dict:
+    """Rewrite ``datasets.json`` and ``manifest.csv`` from the committed shards; returns the registry."""
+    root = Path(root)
+    registry = build_registry(root, declared)
+    atomic_write_json(root / "datasets.json", registry)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS)
+    writer.writeheader()
+    writer.writerows(manifest_rows(root, registry))
+    atomic_write_bytes(root / "manifest.csv", buf.getvalue().encode())
+    return registry
+
+
+class SliceStore(Dataset):
+    """Read one or several slice stores as a map-style torch ``Dataset``.
+
+    Items are dicts: ``image`` uint8 tensor ``(256, 256)`` (axes x, y of the RAS volume),
+    ``label`` uint8 ``(256, 256)``, ``dataset_id`` int, ``index`` int. Shards are opened lazily as
+    read-only memory maps in each process, so the store works with DataLoader workers and a
+    ``DistributedSampler`` without copying the corpus.
+
+    Args:
+        roots: a store folder or a list of them. With several stores, dataset names are merged and
+            ids re-assigned in sorted name order (see :attr:`datasets`).
+        split: keep only slices of this split ("training", "validation", "test"), or all if None.
+        datasets: keep only these dataset names.
+        transform: optional callable applied to each item dict.
+    """
+
+    def __init__(
+        self,
+        roots: str | os.PathLike | Sequence[str | os.PathLike],
+        split: str | None = None,
+        datasets: Sequence[str] | None = None,
+        transform=None,
+    ) -> None:
+        self.roots = [Path(roots)] if isinstance(roots, (str, os.PathLike)) else [Path(r) for r in roots]
+        registries = []
+        for root in self.roots:
+            if not (root / "datasets.json").exists():
+                raise FileNotFoundError(f"{root}: not a slice store (no datasets.json); run `medvar prepare` first")
+            registries.append(json.loads((root / "datasets.json").read_text()))
+        if len(registries) == 1:
+            self.datasets = registries[0]
+        else:
+            merged: dict[str, dict] = {}
+            for reg in registries:
+                for name, entry in reg.items():
+                    if name in merged:
+                        merged[name] = {**merged[name], "num_slices": merged[name]["num_slices"] + entry["num_slices"]}
+                    else:
+                        merged[name] = dict(entry)
+            self.datasets = {name: {**merged[name], "id": i} for i, name in enumerate(sorted(merged))}
+        self.transform = transform
+        shard_paths, ids, shard_of, row_of, split_of, names = [], [], [], [], [], []
+        for root in self.roots:
+            for m in read_shard_manifests(root):
+                if not m["num_slices"]:
+                    continue
+                shard_paths.append(root / SHARD_DIR / m["shard"])
+                row = 0
+                for v in m["volumes"]:
+                    n = v["num_slices"]
+                    ids += [self.datasets[v["dataset"]]["id"]] * n
+                    names += [v["dataset"]] * n
+                    split_of += [v.get("split", "training")] * n
+                    shard_of += [len(shard_paths) - 1] * n
+                    row_of += list(range(row, row + n))
+                    row += n
+        keep = np.ones(len(ids), dtype=bool)
+        if split is not None:
+            keep &= np.asarray(split_of) == split
+        if datasets is not None:
+            unknown = set(datasets) - set(self.datasets)
+            if unknown:
+                raise KeyError(f"unknown dataset(s) {sorted(unknown)}; the store has {sorted(self.datasets)}")
+            keep &= np.isin(np.asarray(names, dtype=object), list(datasets))
+        self._shard_paths = shard_paths
+        self.dataset_ids = np.asarray(ids, dtype=np.int64)[keep]
+        self._shard = np.asarray(shard_of, dtype=np.int64)[keep]
+        self._row = np.asarray(row_of, dtype=np.int64)[keep]
+        self._maps: dict[tuple[int, str], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return int(self._shard.size)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_maps"] = {}  # memory maps are reopened in each worker, never pickled
+        return state
+
+    def _array(self, shard: int, kind: str) -> np.ndarray:
+        key = (shard, kind)
+        if key not in self._maps:
+            self._maps[key] = np.load(f"{self._shard_paths[shard]}.{kind}.npy", mmap_mode="r")
+        return self._maps[key]
+
+    def __getitem__(self, index: int) -> dict:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a store of {len(self)} slices")
+        shard, row = int(self._shard[index]), int(self._row[index])
+        item = {
+            "image": torch.from_numpy(np.array(self._array(shard, "images")[row])),
+            "label": torch.from_numpy(np.array(self._array(shard, "labels")[row])),
+            "dataset_id": int(self.dataset_ids[index]),
+            "index": index,
+        }
+        return self.transform(item) if self.transform is not None else item

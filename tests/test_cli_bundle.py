@@ -1,0 +1,77 @@
+"""The command line and the MONAI bundle face: --help everywhere, metadata schema, configs run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medvar_bundle.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = Path(__file__).parent / "data" / "meta_schema_20240725.json"
+
+
+def _subcommands():
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return sorted(action.choices)
+
+
+@pytest.mark.parametrize("command", _subcommands())
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert "usage: medvar " + command in capsys.readouterr().out
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "medvar_bundle.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "prepare" in out.stdout
+
+
+def test_metadata_is_valid_against_monai_schema():
+    out = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(ROOT / "configs" / "metadata.json"),
+         "--filepath", str(SCHEMA)],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "metadata is verified with no error" in out.stdout + out.stderr
+
+
+def test_metadata_fails_verification_when_a_required_key_is_missing(tmp_path):
+    meta = json.loads((ROOT / "configs" / "metadata.json").read_text())
+    del meta["network_data_format"]
+    bad = tmp_path / "metadata.json"
+    bad.write_text(json.dumps(meta))
+    out = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(bad), "--filepath", str(SCHEMA)],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert out.returncode != 0
+
+
+def test_bundle_prepare_config_and_cli_write_the_same_store(tmp_path):
+    rng = np.random.default_rng(0)
+    vol = np.full((40, 40, 6), -1000, np.int16)
+    vol[8:32, 10:30, :] = rng.integers(-50, 150, size=(24, 20, 6))
+    nib.save(nib.Nifti1Image(vol, np.diag([0.7, 0.7, 2.0, 1.0])), tmp_path / "ct.nii.gz")
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [{"image": "ct.nii.gz", "dataset": "toy", "modality": "CT"}]}))
+    out = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "prepare", "--config_file", str(ROOT / "configs" / "prepare.yaml"),
+         "--meta_file", str(ROOT / "configs" / "metadata.json"), "--logging_file", str(ROOT / "configs" / "logging.conf"),
+         "--datalist", str(datalist), "--output_dir", str(tmp_path / "bundle_store"), "--size", "64"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert main(["prepare", "--datalist", str(datalist), "--out", str(tmp_path / "cli_store"), "--size", "64", "--quiet"]) == 0
+    a = np.load(next((tmp_path / "bundle_store" / "shards").glob("*.images.npy")))
+    b = np.load(next((tmp_path / "cli_store" / "shards").glob("*.images.npy")))
+    assert a.shape == (6, 64, 64)
+    np.testing.assert_array_equal(a, b)
