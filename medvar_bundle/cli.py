@@ -76,6 +76,58 @@ def _preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_tokenizer(args: argparse.Namespace) -> int:
+    from .engines.tokenizer import train_tokenizer
+    from .weights import MissingWeightsError
+
+    for name in ("max_steps", "batch_size", "checkpoint_every", "val_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:
+        path = train_tokenizer(
+            args.store, args.out, max_steps=args.max_steps, batch_size=args.batch_size, device=args.device,
+            preset=args.preset, lr=args.lr, lpips_weight=args.lpips_weight, lpips_net=args.lpips_net,
+            lpips_backbone=args.lpips_backbone, gan_weight=args.gan_weight, gan_start=args.gan_start,
+            checkpoint_every=args.checkpoint_every, val_every=args.val_every, bf16=not args.fp32,
+            num_workers=args.workers, seed=args.seed, progress=not args.quiet,
+        )
+    except (MissingWeightsError, FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    print(f"medvar train-tokenizer: wrote {path}")
+    return 0
+
+
+def _evaluate_tokenizer(args: argparse.Namespace) -> int:
+    from .data import SliceStore
+    from .engines.tokenizer import evaluate_tokenizer, load_tokenizer
+
+    try:
+        model = load_tokenizer(args.tokenizer, args.device)
+        store = SliceStore(args.store, split=args.split)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    if len(store) == 0:
+        raise UserError(f"{args.store}: no slices{f' in split {args.split}' if args.split else ''}")
+    metrics = evaluate_tokenizer(model, store, args.batch_size, args.device, not args.fp32, args.max_images, progress=not args.quiet)
+    metrics.pop("counts")
+    print(json.dumps(metrics))
+    return 0
+
+
+def _tokenize(args: argparse.Namespace) -> int:
+    from .data.tokens import tokenize_store
+
+    try:
+        meta = tokenize_store(args.tokenizer, args.store, args.batch_size, args.device, not args.fp32, args.force, not args.quiet)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    print(
+        f"medvar tokenize: {meta['tokens_per_image']} tokens per slice; {meta['shards_written']} shards written, "
+        f"{meta['shards_skipped']} already done, in {args.store}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medvar",
@@ -126,6 +178,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["training", "validation", "test"], help="only this split")
     p.add_argument("--seed", type=int, default=0, help="random seed for the choice of slices")
     p.set_defaults(func=_preview)
+
+    p = sub.add_parser(
+        "train-tokenizer",
+        help="train the multi-scale VQ-VAE tokenizer on slice stores",
+        description="Train the medical multi-scale residual VQ-VAE (Alg. 1-2) on the training split of one or "
+        "more slice stores; validate on the validation split. Re-running on the same --out resumes.",
+    )
+    p.add_argument("--store", required=True, nargs="+", help="slice store folder(s)")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, tokenizer.pt, validation PNGs, TensorBoard)")
+    p.add_argument("--preset", default="tiny", help="network preset: tiny (CPU) or paper (~100M parameters)")
+    p.add_argument("--max-steps", type=int, default=2000, help="optimizer steps (default 2000)")
+    p.add_argument("--batch-size", type=int, default=8, help="slices per step (default 8)")
+    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
+    p.add_argument("--lpips-weight", type=float, default=0.0, help="LPIPS perceptual weight (0: off; needs ImageNet backbone weights)")
+    p.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"], help="LPIPS backbone")
+    p.add_argument("--lpips-backbone", help="path of the torchvision backbone weights (default: torch hub cache)")
+    p.add_argument("--gan-weight", type=float, default=0.0, help="PatchGAN generator weight (0: off)")
+    p.add_argument("--gan-start", type=int, default=1000, help="step at which the GAN term starts")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    p.add_argument("--val-every", type=int, default=500, help="steps between validations")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train_tokenizer)
+
+    p = sub.add_parser(
+        "evaluate-tokenizer",
+        help="PSNR, SSIM, codebook usage and perplexity of a tokenizer on a store (one JSON line)",
+        description="Encode and decode the slices of a store; print one JSON line with psnr (dB), ssim, "
+        "codebook_usage (fraction of the codes used on this store) and perplexity.",
+    )
+    p.add_argument("--tokenizer", required=True, help="tokenizer.pt")
+    p.add_argument("--store", required=True, help="slice store folder")
+    p.add_argument("--split", choices=["training", "validation", "test"], help="only this split (default: all slices)")
+    p.add_argument("--max-images", type=int, help="evaluate at most this many slices")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_evaluate_tokenizer)
+
+    p = sub.add_parser(
+        "tokenize",
+        help="write every slice's token ids beside the images (resumable)",
+        description="Encode every slice of a store with a tokenizer and write uint16 token shards beside the "
+        "image shards, so the transformer never re-encodes images. Re-running resumes.",
+    )
+    p.add_argument("--tokenizer", required=True, help="tokenizer.pt")
+    p.add_argument("--store", required=True, help="slice store folder")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    p.add_argument("--force", action="store_true", help="replace tokens made by another tokenizer")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_tokenize)
     return parser
 
 

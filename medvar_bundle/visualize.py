@@ -21,6 +21,18 @@ def radiological(slice_xy: np.ndarray) -> np.ndarray:
     return np.asarray(slice_xy)[::-1, ::-1].T
 
 
+def save_figure(fig, out: str | os.PathLike, dpi: int = 100) -> Path:
+    """Save and close a figure; written to a temporary name and renamed, so no reader sees half a PNG."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
 def save_grid(
     rows: Sequence[Sequence[np.ndarray]],
     out: str | os.PathLike,
@@ -29,10 +41,7 @@ def save_grid(
 ) -> Path:
     """Save a grid of uint8 ``(H, W)`` slices (RAS axes) as a PNG, one row per group.
 
-    The PNG is written to a temporary name and renamed, so a reader never sees half a file.
     """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     ncols = max((len(r) for r in rows), default=1)
     fig, axes = plt.subplots(len(rows), ncols, figsize=(1.6 * ncols, 1.7 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
@@ -45,12 +54,7 @@ def save_grid(
             axes[r, 0].set_title(row_titles[r], fontsize=8, loc="left")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return save_figure(fig, out)
 
 
 def store_preview(store, out: str | os.PathLike, per_dataset: int = 8, seed: int = 0) -> Path:
@@ -67,3 +71,40 @@ def store_preview(store, out: str | os.PathLike, per_dataset: int = 8, seed: int
     if not rows:
         raise ValueError("the store holds no slices")
     return save_grid(rows, out, titles)
+
+
+def save_reconstructions(originals: np.ndarray, reconstructions: np.ndarray, out: str | os.PathLike, title: str | None = None) -> Path:
+    """Originals (top row) above their reconstructions (bottom row); uint8 ``(N, H, W)`` RAS slices."""
+    return save_grid([list(originals), list(reconstructions)], out, ["original", "reconstruction"], title)
+
+
+def save_usage_heatmap(counts: np.ndarray, out: str | os.PathLike, scale_names: Sequence[str] | None = None) -> Path:
+    """Codebook usage heatmaps in the style of the paper's Fig. 4.
+
+    Args:
+        counts: ``(K, V)`` hits of each code at each scale (V a square number, 4096 → 64×64 grid).
+        scale_names: titles of the K per-scale panels.
+
+    The first panel shows all scales together; the others show each scale, so collapse at the
+    coarse scales is visible. Colour is log10(1 + hits). Each title gives the codes used, the most
+    that scale could use (its token count, when below V) and the fraction of the codebook.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    k, v = counts.shape
+    side = int(round(v**0.5))
+    if side * side != v:
+        raise ValueError(f"codebook size {v} is not a square number")
+    panels = [("all scales", counts.sum(0))] + [
+        (scale_names[i] if scale_names else f"scale {i + 1}", counts[i]) for i in range(k)
+    ]
+    ncols = min(6, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.4 * ncols, 3.0 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (name, c) in zip(axes.flat, panels):
+        ax.imshow(np.log10(1 + c).reshape(side, side), cmap="magma", interpolation="nearest")
+        possible = int(min(v, c.sum()))  # a scale with n tokens per image can use at most n·images codes
+        ax.set_title(f"{name}: {int((c > 0).sum())} codes used\nof {possible} possible ({100 * np.mean(c > 0):.0f}% of V)", fontsize=8)
+    fig.suptitle("codebook usage (log10 1+hits, 64×64 grid of codes)" if side == 64 else "codebook usage", fontsize=10)
+    return save_figure(fig, out)

@@ -1,0 +1,91 @@
+"""Pieces shared by the training engines: batches from the slice store, checkpoints, resume."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..data.store import SliceStore
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"checkpoint_(\d+)\.pt$")
+
+
+def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 slices ``(B, H, W)`` or ``(B, 1, H, W)`` → float ``(B, 1, H, W)`` in [-1, 1]."""
+    x = images_u8.float()
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    return x / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Model-range images in [-1, 1] → uint8 (values clipped)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def store_loader(
+    stores, split: str | None, batch_size: int, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
+    drop_last: bool = True, num_replicas: int = 1, rank: int = 0,
+) -> DataLoader:
+    """A DataLoader over one or several slice stores.
+
+    The sampler is a seeded :class:`DistributedSampler` (one replica unless training with DDP);
+    MONAI's workflows call ``set_epoch`` on it, so the data order of every epoch is a function of
+    the seed and the epoch alone, and a resumed run sees the same batches as an uninterrupted one.
+    """
+    dataset = SliceStore(stores, split=split)
+    if len(dataset) == 0:
+        raise ValueError(f"{stores}: no slices in split {split!r}")
+    sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+    if drop_last and len(sampler) < batch_size:
+        raise ValueError(f"{stores}: {len(sampler)} slices in split {split!r}, fewer than one batch of {batch_size}")
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last)
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The ``checkpoint_<step>.pt`` with the highest step in ``folder``, or None."""
+    found = []
+    for p in Path(folder).glob("*checkpoint_*.pt"):
+        m = CHECKPOINT_PATTERN.search(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return max(found)[1] if found else None
+
+
+def attach_checkpoints(engine: Engine, save_dict: dict, folder: str | os.PathLike, every: int, n_saved: int = 2) -> Checkpoint:
+    """Save ``save_dict`` every ``every`` iterations as ``checkpoint_<step>.pt`` and resume from the latest.
+
+    Ignite's :class:`~ignite.handlers.Checkpoint` writes atomically (temporary file + rename), so a
+    run killed at any moment leaves the previous checkpoint intact. If ``folder`` already holds
+    checkpoints, the objects (network, optimizer, engine state with its iteration count) are
+    loaded now, before the engine runs. Returns the handler; call it with the engine to save at
+    the end of training.
+    """
+    folder = Path(folder)
+    resume = latest_checkpoint(folder)
+    if resume is not None:
+        Checkpoint.load_objects(to_load=save_dict, checkpoint=torch.load(resume, map_location="cpu", weights_only=False))
+        logger.info("resumed from %s at step %d", resume, engine.state.iteration)
+    handler = Checkpoint(
+        save_dict,
+        DiskSaver(str(folder), require_empty=False, atomic=True),
+        n_saved=n_saved,
+        global_step_transform=lambda e, _: e.state.iteration,
+    )
+    engine.add_event_handler(Events.ITERATION_COMPLETED(every=every), handler)
+    return handler
+
+
+def autocast(device: torch.device | str, enabled: bool):
+    """bf16 autocast on CPU or CUDA (a no-op context when disabled)."""
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)

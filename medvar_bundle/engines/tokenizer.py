@@ -1,0 +1,275 @@
+"""Training and evaluation of the multi-scale VQ-VAE tokenizer, on MONAI/Ignite engines.
+
+`medvar train-tokenizer` and ``python -m monai.bundle run training --config_file
+configs/train_tokenizer.yaml`` both call :func:`train_tokenizer`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.engines import SupervisedTrainer
+from ignite.handlers import ProgressBar
+from monai.handlers import StatsHandler, TensorBoardStatsHandler
+from monai.networks.nets import PatchDiscriminator
+from monai.utils import set_determinism
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from tqdm import tqdm
+
+from ..data.store import SliceStore, atomic_write_json
+from ..losses import PerceptualLoss, load_lpips, pixel_losses
+from ..networks.msvqvae import MultiScaleVQVAE
+from ..visualize import save_reconstructions, save_usage_heatmap
+from .common import attach_checkpoints, autocast, store_loader, to_model_range, to_uint8
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.pt"
+
+
+def save_tokenizer(model: MultiScaleVQVAE, path: str | os.PathLike, step: int, extra: dict | None = None) -> Path:
+    """Write a self-contained tokenizer file: ``{"config", "state_dict", "step", ...}`` (atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"config": model.config, "state_dict": model.state_dict(), "step": int(step), **(extra or {})}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu") -> MultiScaleVQVAE:
+    """Rebuild a tokenizer saved by :func:`save_tokenizer` (eval mode)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: tokenizer file not found")
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
+        raise ValueError(f"{path}: not a MedVAR tokenizer file (no config/state_dict)")
+    model = MultiScaleVQVAE(**blob["config"])
+    model.load_state_dict(blob["state_dict"])
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def evaluate_tokenizer(
+    model: MultiScaleVQVAE,
+    store: SliceStore,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    bf16: bool = True,
+    max_images: int | None = None,
+    progress: bool = False,
+) -> dict:
+    """Reconstruction fidelity and codebook health of ``model`` on the slices of ``store``.
+
+    Returns:
+        ``psnr`` (dB) and ``ssim`` on [0, 1] intensities, averaged over slices; ``codebook_usage``
+        (fraction of the V codes used by any token of any scale on this store); ``perplexity``
+        (exp of the entropy of the code histogram); ``per_scale_usage`` (codes used / codes that
+        scale could use) and ``counts`` (``(K, V)`` hits, for the heatmap); ``num_images``.
+    """
+    model.eval()
+    n = len(store) if max_images is None else min(max_images, len(store))
+    vocab, scales = model.config["vocab_size"], len(model.patch_nums)
+    counts = torch.zeros(scales, vocab, dtype=torch.long)
+    psnr_sum = ssim_sum = 0.0
+    for start in tqdm(range(0, n, batch_size), disable=not progress, desc="evaluate", unit="batch"):
+        batch = torch.stack([store[i]["image"] for i in range(start, min(n, start + batch_size))])
+        x = to_model_range(batch).to(device).contiguous(memory_format=torch.channels_last)
+        with autocast(device, bf16):
+            indices = model.encode(x)
+            recon = model.decode(indices)
+        for k, idx in enumerate(indices):
+            counts[k] += torch.bincount(idx.flatten().cpu(), minlength=vocab)
+        target = (x.float() + 1) / 2
+        pred = ((recon.float().clamp(-1, 1)) + 1) / 2
+        psnr = peak_signal_noise_ratio(pred, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
+        ssim = structural_similarity_index_measure(pred, target, data_range=1.0, reduction="none")
+        psnr_sum += float(psnr.sum())
+        ssim_sum += float(ssim.sum())
+    total = counts.sum(0).double()
+    p = total / total.sum()
+    entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
+    possible = torch.clamp(counts.sum(1), max=vocab).clamp(min=1)
+    return {
+        "psnr": psnr_sum / max(n, 1),
+        "ssim": ssim_sum / max(n, 1),
+        "codebook_usage": float((total > 0).double().mean()),
+        "perplexity": math.exp(entropy),
+        "per_scale_usage": [float(u) for u in ((counts > 0).sum(1) / possible)],
+        "counts": counts.numpy(),
+        "num_images": n,
+    }
+
+
+def save_validation_pictures(model: MultiScaleVQVAE, store: SliceStore, counts: np.ndarray, out_dir: Path, device, bf16: bool, n: int = 8) -> None:
+    """``reconstructions.png`` (originals above reconstructions) and ``codebook_usage.png``."""
+    pick = np.linspace(0, len(store) - 1, num=min(n, len(store))).astype(int)
+    batch = torch.stack([store[int(i)]["image"] for i in pick])
+    x = to_model_range(batch).to(device).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), autocast(device, bf16):
+        recon = model.decode(model.encode(x))
+    save_reconstructions(batch.numpy(), to_uint8(recon)[:, 0].cpu().numpy(), out_dir / "reconstructions.png")
+    save_usage_heatmap(counts, out_dir / "codebook_usage.png", [f"scale {k + 1} ({p}²)" for k, p in enumerate(model.patch_nums)])
+
+
+def _hinge_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (torch.relu(1 - real).mean() + torch.relu(1 + fake).mean())
+
+
+def train_tokenizer(
+    dataset_dir: str | Sequence[str],
+    output_dir: str,
+    max_steps: int = 2000,
+    batch_size: int = 8,
+    device: str = "cpu",
+    preset: str = "tiny",
+    model_overrides: dict | None = None,
+    lr: float = 2e-4,
+    weight_decay: float = 0.0,
+    grad_clip: float = 1.0,
+    l1_weight: float = 1.0,
+    l2_weight: float = 1.0,
+    vq_weight: float = 1.0,
+    lpips_weight: float = 0.0,
+    lpips_net: str = "alex",
+    lpips_backbone: str | None = None,
+    gan_weight: float = 0.0,
+    gan_start: int = 1000,
+    dead_code_every: int = 50,
+    checkpoint_every: int = 200,
+    val_every: int = 500,
+    val_max_images: int | None = 256,
+    bf16: bool = True,
+    num_workers: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Train the tokenizer on the ``training`` split of one or several slice stores.
+
+    Checkpoints (network, optimizer, trainer state) go to ``output_dir/checkpoints`` every
+    ``checkpoint_every`` steps and at the end; a run started on a folder with checkpoints resumes
+    from the latest one (same step count, optimizer state and data order). Validation on the
+    ``validation`` split (PSNR, SSIM, codebook usage, perplexity, PNGs) runs every ``val_every``
+    steps and at the end; its figures go to TensorBoard, ``output_dir/metrics.jsonl`` and
+    ``output_dir/validation/``. The final model is ``output_dir/tokenizer.pt``.
+
+    Returns:
+        Path of ``tokenizer.pt``.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device)
+    set_determinism(seed=seed)
+    perceptual = PerceptualLoss(load_lpips(lpips_net, lpips_backbone)).to(dev) if lpips_weight > 0 else None
+
+    loader = store_loader(dataset_dir, "training", batch_size, num_workers=num_workers, seed=seed)
+    val_store = SliceStore(dataset_dir, split="validation")
+    if len(val_store) == 0:
+        logger.warning("no 'validation' split in %s: validating on the training split", dataset_dir)
+        val_store = SliceStore(dataset_dir, split="training")
+    image_size = int(loader.dataset[0]["image"].shape[-1])
+
+    model = MultiScaleVQVAE.from_preset(preset, image_size=image_size, **(model_overrides or {})).to(dev)
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.5, 0.9), weight_decay=weight_decay)
+    disc = disc_opt = None
+    if gan_weight > 0:
+        disc = PatchDiscriminator(spatial_dims=2, num_layers_d=3, channels=64, in_channels=1, out_channels=1).to(dev)
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.5, 0.9))
+
+    def step(engine: Engine, batch: dict) -> dict:
+        model.train()
+        x = to_model_range(batch["image"]).to(dev).contiguous(memory_format=torch.channels_last)
+        with autocast(dev, bf16):
+            recon, losses = model(x)
+        terms = pixel_losses(recon, x)
+        loss = l1_weight * terms["l1"] + l2_weight * terms["l2"] + vq_weight * losses["vq"].float()
+        logs = {"l1": terms["l1"].item(), "l2": terms["l2"].item(), "vq": float(losses["vq"])}
+        if perceptual is not None:
+            terms["lpips"] = perceptual(recon, x)
+            loss = loss + lpips_weight * terms["lpips"]
+            logs["lpips"] = terms["lpips"].item()
+        use_gan = disc is not None and engine.state.iteration >= gan_start
+        if use_gan:
+            with autocast(dev, bf16):
+                g_loss = -disc(recon)[-1].float().mean()
+            loss = loss + gan_weight * g_loss
+            logs["g"] = g_loss.item()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+        optimizer.step()
+        if use_gan:
+            with autocast(dev, bf16):
+                d_loss = _hinge_d_loss(disc(x)[-1].float(), disc(recon.detach())[-1].float())
+            disc_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            disc_opt.step()
+            logs["d"] = d_loss.item()
+        if dead_code_every and engine.state.iteration % dead_code_every == 0:
+            with torch.no_grad(), autocast(dev, bf16):
+                features = model.encode_features(x)
+            logs["reinit_codes"] = model.quantizer.reinit_dead_codes(features)
+        logs.update({k: float(v) for k, v in model.quantizer.usage_stats().items() if k in ("usage", "perplexity")})
+        logs["loss"] = loss.item()
+        return logs
+
+    epoch_length = len(loader)
+    trainer = SupervisedTrainer(
+        device=dev,
+        max_epochs=math.ceil(max_steps / epoch_length),
+        train_data_loader=loader,
+        network=model,
+        optimizer=optimizer,
+        loss_function=None,
+        iteration_update=step,
+        epoch_length=epoch_length,
+    )
+    save_dict = {"network": model, "optimizer": optimizer, "trainer": trainer}
+    if disc is not None:
+        save_dict.update(discriminator=disc, disc_optimizer=disc_opt)
+    checkpointer = attach_checkpoints(trainer, save_dict, out / "checkpoints", checkpoint_every)
+
+    def scalars(output: dict) -> dict:
+        return {k: v for k, v in output.items() if isinstance(v, (int, float))}
+
+    StatsHandler(iteration_log=lambda e, i: i % 50 == 0, output_transform=lambda o: o["loss"], name=logger.name).attach(trainer)
+    tb = TensorBoardStatsHandler(log_dir=str(out / "tensorboard"), output_transform=scalars, iteration_log=True, epoch_log=False)
+    tb.attach(trainer)
+
+    def validate(engine: Engine) -> None:
+        metrics = evaluate_tokenizer(model, val_store, batch_size, dev, bf16, max_images=val_max_images)
+        save_validation_pictures(model, val_store, metrics["counts"], out / "validation", dev, bf16)
+        row = {"step": engine.state.iteration, **{k: v for k, v in metrics.items() if k != "counts"}}
+        with open(out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        for k in ("psnr", "ssim", "codebook_usage", "perplexity"):
+            tb._writer.add_scalar(f"val/{k}", metrics[k], engine.state.iteration)
+        logger.info("step %d: val psnr %.2f dB, ssim %.4f, usage %.1f%%, perplexity %.0f", row["step"], row["psnr"], row["ssim"], 100 * row["codebook_usage"], row["perplexity"])
+        save_tokenizer(model, out / TOKENIZER_FILE, engine.state.iteration, {"validation": row})
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(every=val_every), validate)
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _stop_at_max_steps(engine: Engine) -> None:
+        if engine.state.iteration >= max_steps:
+            engine.terminate()
+
+    if progress:
+        ProgressBar(persist=True).attach(trainer, output_transform=lambda o: {"loss": o["loss"]})
+
+    if trainer.state.iteration < max_steps:
+        trainer.run()
+    if trainer.state.iteration % val_every or not (out / TOKENIZER_FILE).exists():
+        validate(trainer)
+    checkpointer(trainer)
+    return out / TOKENIZER_FILE

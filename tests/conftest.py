@@ -1,0 +1,46 @@
+"""Shared fixtures: a small synthetic slice store (64×64 slices) for the model and engine tests."""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medvar_bundle.data import prepare_store
+
+
+def phantom_volume(rng: np.random.Generator, shape=(48, 48, 8)) -> np.ndarray:
+    """An MR-like volume: zero background, an ellipse 'head' with random inner blobs, per slice."""
+    x, y = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
+    vol = np.zeros(shape, np.float32)
+    a, b = rng.uniform(0.6, 0.9, size=2)
+    for z in range(shape[2]):
+        head = (x / a) ** 2 + (y / b) ** 2 < 1
+        sl = np.where(head, 300.0, 0.0)
+        for _ in range(3):
+            cx, cy, r = rng.uniform(-0.4, 0.4), rng.uniform(-0.4, 0.4), rng.uniform(0.1, 0.25)
+            sl[((x - cx) ** 2 + (y - cy) ** 2 < r * r) & head] = rng.uniform(100, 600)
+        vol[..., z] = sl
+    return vol
+
+
+def build_synthetic_store(root: Path, size: int = 64, volumes: int = 4, seed: int = 0) -> Path:
+    """Prepare ``volumes`` phantom volumes (8 slices each) into a store at ``root / 'store'``;
+    the last volume of each of the two datasets is held out (split "validation")."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(volumes):
+        path = root / f"vol{i}.nii.gz"
+        nib.save(nib.Nifti1Image(phantom_volume(rng), np.diag([1.0, 1.0, 3.0, 1.0])), path)
+        dataset = f"set{i % 2}"
+        split = "validation" if i >= volumes - 2 else "training"
+        items.append({"image": str(path), "label": None, "dataset": dataset, "modality": "MR", "split": split})
+    store = root / "store"
+    prepare_store(items, store, size=size, progress=False)
+    return store
+
+
+@pytest.fixture(scope="session")
+def synthetic_store(tmp_path_factory) -> Path:
+    """A read-only 64×64 store: 2 datasets, 16 training and 16 validation slices. Do not write into it."""
+    return build_synthetic_store(tmp_path_factory.mktemp("synthetic"))
