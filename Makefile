@@ -5,6 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO ?= runs/demo
 WORKERS ?= 2
+TOKENIZER_STEPS ?= 600
 
 .PHONY: install demo test bench clean-demo
 
@@ -20,13 +21,20 @@ demo: install
 	$(BIN)/medvar demo-data --out $(DEMO)/data
 	$(BIN)/medvar prepare --datalist $(DEMO)/data/datalist.json --out $(DEMO)/store --workers $(WORKERS)
 	$(BIN)/medvar preview --store $(DEMO)/store --out $(DEMO)/store_preview.png
-	@echo "demo: slice store in $(DEMO)/store (datasets.json, report.json, manifest.csv), preview $(DEMO)/store_preview.png"
+	$(BIN)/medvar train-tokenizer --store $(DEMO)/store --out $(DEMO)/tokenizer --max-steps $(TOKENIZER_STEPS) \
+		--batch-size 8 --lr 5e-4 --l2-norm --dead-code-every 20 --val-every 200 --checkpoint-every 100
+	$(BIN)/medvar evaluate-tokenizer --tokenizer $(DEMO)/tokenizer/tokenizer.pt --store $(DEMO)/store \
+		--split validation --quiet | tee $(DEMO)/tokenizer/heldout_metrics.json
+	$(BIN)/medvar tokenize --tokenizer $(DEMO)/tokenizer/tokenizer.pt --store $(DEMO)/store
+	@echo "demo: store $(DEMO)/store (preview $(DEMO)/store_preview.png); tokenizer $(DEMO)/tokenizer/tokenizer.pt"
+	@echo "      held-out metrics $(DEMO)/tokenizer/heldout_metrics.json, pictures in $(DEMO)/tokenizer/validation/"
 
 test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python scripts/bench_prepare.py
+	$(BIN)/python scripts/bench_tokenizer.py
 
 clean-demo:
 	rm -rf $(DEMO)

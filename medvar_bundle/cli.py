@@ -86,7 +86,9 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
     try:
         path = train_tokenizer(
             args.store, args.out, max_steps=args.max_steps, batch_size=args.batch_size, device=args.device,
-            preset=args.preset, lr=args.lr, lpips_weight=args.lpips_weight, lpips_net=args.lpips_net,
+            preset=args.preset, model_overrides={"l2_norm": args.l2_norm}, lr=args.lr,
+            dead_code_every=args.dead_code_every, augment=args.augment, lpips_weight=args.lpips_weight,
+            lpips_net=args.lpips_net,
             lpips_backbone=args.lpips_backbone, gan_weight=args.gan_weight, gan_start=args.gan_start,
             checkpoint_every=args.checkpoint_every, val_every=args.val_every, bf16=not args.fp32,
             num_workers=args.workers, seed=args.seed, progress=not args.quiet,
@@ -126,6 +128,14 @@ def _tokenize(args: argparse.Namespace) -> int:
         f"{meta['shards_skipped']} already done, in {args.store}"
     )
     return 0
+
+
+def _runtime_options(p: argparse.ArgumentParser, batch_size: int) -> None:
+    """Options shared by the commands that run a network."""
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per batch (default {batch_size})")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,8 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder (checkpoints, tokenizer.pt, validation PNGs, TensorBoard)")
     p.add_argument("--preset", default="tiny", help="network preset: tiny (CPU) or paper (~100M parameters)")
     p.add_argument("--max-steps", type=int, default=2000, help="optimizer steps (default 2000)")
-    p.add_argument("--batch-size", type=int, default=8, help="slices per step (default 8)")
     p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
+    p.add_argument("--l2-norm", action="store_true", help="l2-normalised (cosine) code lookup")
+    p.add_argument("--dead-code-every", type=int, default=50, help="steps between dead-code re-initialisations (0: never)")
+    p.add_argument("--augment", action="store_true", help="random flips, small affine transforms and gamma contrast")
     p.add_argument("--lpips-weight", type=float, default=0.0, help="LPIPS perceptual weight (0: off; needs ImageNet backbone weights)")
     p.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"], help="LPIPS backbone")
     p.add_argument("--lpips-backbone", help="path of the torchvision backbone weights (default: torch hub cache)")
@@ -198,11 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gan-start", type=int, default=1000, help="step at which the GAN term starts")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     p.add_argument("--val-every", type=int, default=500, help="steps between validations")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _runtime_options(p, batch_size=8)
     p.set_defaults(func=_train_tokenizer)
 
     p = sub.add_parser(
@@ -215,10 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, help="slice store folder")
     p.add_argument("--split", choices=["training", "validation", "test"], help="only this split (default: all slices)")
     p.add_argument("--max-images", type=int, help="evaluate at most this many slices")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _runtime_options(p, batch_size=16)
     p.set_defaults(func=_evaluate_tokenizer)
 
     p = sub.add_parser(
@@ -229,11 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tokenizer", required=True, help="tokenizer.pt")
     p.add_argument("--store", required=True, help="slice store folder")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    _runtime_options(p, batch_size=32)
     p.add_argument("--force", action="store_true", help="replace tokens made by another tokenizer")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_tokenize)
     return parser
 

@@ -308,7 +308,7 @@ def test_gradients_reach_encoder_and_codebook():
 
 
 def test_loss_falls_on_fixed_batch():
-    m = _tiny(ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1).train()
+    m = _tiny(ch_mult=(1, 1, 1), num_res_blocks=1).train()
     x = _images(4)
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     history = []

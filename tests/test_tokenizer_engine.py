@@ -150,3 +150,79 @@ def test_bundle_training_config_runs_the_same_trainer(synthetic_store, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert load_tokenizer(tmp_path / "run" / "tokenizer.pt").image_size == 64
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "checkpoint_2.pt"
+
+
+class _OffsetModel(torch.nn.Module):
+    """A stand-in tokenizer: scale k uses codes {k, k+1}; decoding adds a known offset."""
+
+    config = {"vocab_size": 16}
+    patch_nums = (1, 2)
+
+    def __init__(self, offset: float):
+        super().__init__()
+        self.offset = offset
+
+    def encode(self, x):
+        b = x.shape[0]
+        return [torch.zeros(b, 1, 1, dtype=torch.long), torch.ones(b, 2, 2, dtype=torch.long) + (torch.arange(4).view(1, 2, 2) % 2)]
+
+    def decode(self, indices):
+        return self._x + self.offset
+
+    def forward_images(self, x):
+        self._x = x
+
+
+def test_evaluate_tokenizer_known_psnr_and_usage(synthetic_store, monkeypatch):
+    from medvar_bundle.engines import tokenizer as tok
+
+    model = _OffsetModel(offset=0.02)
+    real_encode = model.encode
+
+    def encode(x):
+        model.forward_images(x.float())
+        return real_encode(x)
+
+    model.encode = encode
+    store = SliceStore(synthetic_store)
+    metrics = tok.evaluate_tokenizer(model, store, batch_size=8, bf16=False)
+    # PSNR per slice on [0, 1] intensities, from the definition, then averaged over slices
+    expected = []
+    for i in range(len(store)):
+        x = to_model_range(store[i]["image"][None])
+        err = ((x + 0.02).clamp(-1, 1) - x) / 2
+        expected.append(10 * np.log10(1.0 / err.pow(2).mean().item()))
+    assert metrics["psnr"] == pytest.approx(np.mean(expected), rel=1e-4)
+    assert metrics["codebook_usage"] == pytest.approx(3 / 16)  # codes 0, 1, 2
+    counts = metrics["counts"]
+    assert counts[0, 0] == len(store) and counts[1, 1] == counts[1, 2] == 2 * len(store)
+    # perplexity of the histogram {0: n, 1: 2n, 2: 2n}
+    p = np.array([1, 2, 2]) / 5
+    assert metrics["perplexity"] == pytest.approx(float(np.exp(-(p * np.log(p)).sum())))
+    # codes used / codes the scale could use (min of V and its token count): 1 of 16, 2 of 16
+    assert metrics["per_scale_usage"] == pytest.approx([1 / 16, 2 / 16])
+
+
+def test_multiscale_rows_draw_every_scale_evenly():
+    from medvar_bundle.engines.tokenizer import multiscale_rows
+
+    f = torch.randn(2, 32, 4, 4)
+    rows = multiscale_rows(f, (1, 2, 4))
+    assert rows.shape == (3 * 2 * 16, 32)
+    coarse = f.mean(dim=(2, 3))  # scale 1: the area average of each image
+    torch.testing.assert_close(rows[:2], coarse)
+    torch.testing.assert_close(rows[32:34], torch.nn.functional.avg_pool2d(f, 2)[0, :, 0, :].T)
+    torch.testing.assert_close(rows[64:], f.permute(0, 2, 3, 1).reshape(-1, 32))
+
+
+def test_slice_augmentation_keeps_shape_range_and_is_seeded(synthetic_store):
+    from medvar_bundle.engines.common import slice_augmentation
+
+    store = SliceStore(synthetic_store)
+    item = store[3]
+    a = [slice_augmentation(seed=1)(dict(item))["image"] for _ in range(2)]
+    assert a[0].shape == (1, 64, 64) and a[0].dtype == torch.float32
+    assert 0 <= float(a[0].min()) and float(a[0].max()) <= 255
+    torch.testing.assert_close(a[0], a[1])  # same seed, same augmentation
+    outs = [slice_augmentation(seed=s)(dict(item))["image"] for s in range(6)]
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])

@@ -302,12 +302,16 @@ class SliceStore(Dataset):
             self._maps[key] = np.load(f"{self._shard_paths[shard]}.{kind}.npy", mmap_mode="r")
         return self._maps[key]
 
-    def __getitem__(self, index: int) -> dict:
+    def _locate(self, index: int) -> tuple[int, int, int]:
+        """(index, shard, row) of a possibly negative index; IndexError when out of range."""
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a store of {len(self)} slices")
-        shard, row = int(self._shard[index]), int(self._row[index])
+        return index, int(self._shard[index]), int(self._row[index])
+
+    def __getitem__(self, index: int) -> dict:
+        index, shard, row = self._locate(index)
         item = {
             "image": torch.from_numpy(np.array(self._array(shard, "images")[row])),
             "label": torch.from_numpy(np.array(self._array(shard, "labels")[row])),

@@ -52,11 +52,7 @@ class TokenStore(SliceStore):
             raise FileNotFoundError(f"{missing[0]}.tokens.npy missing: tokenization was interrupted; re-run `medvar tokenize`")
 
     def __getitem__(self, index: int) -> dict:
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for a store of {len(self)} slices")
-        shard, row = int(self._shard[index]), int(self._row[index])
+        index, shard, row = self._locate(index)
         item = {
             "tokens": torch.from_numpy(self._array(shard, "tokens")[row].astype(np.int64)),
             "dataset_id": int(self.dataset_ids[index]),

@@ -7,9 +7,21 @@ import os
 import re
 from pathlib import Path
 
+import math
+
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
+from monai.transforms import (
+    CastToTyped,
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    RandAdjustContrastd,
+    RandAffined,
+    RandFlipd,
+    ScaleIntensityRanged,
+)
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..data.store import SliceStore
@@ -20,7 +32,7 @@ CHECKPOINT_PATTERN = re.compile(r"checkpoint_(\d+)\.pt$")
 
 
 def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 slices ``(B, H, W)`` or ``(B, 1, H, W)`` → float ``(B, 1, H, W)`` in [-1, 1]."""
+    """Slices in [0, 255] (uint8 or float), ``(B, H, W)`` or ``(B, 1, H, W)`` → float ``(B, 1, H, W)`` in [-1, 1]."""
     x = images_u8.float()
     if x.ndim == 3:
         x = x.unsqueeze(1)
@@ -32,17 +44,44 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def slice_augmentation(seed: int = 0) -> Compose:
+    """Random in-plane augmentation of store items (MONAI dictionary transforms).
+
+    ``image`` uint8 ``(H, W)`` → float ``(1, H, W)`` in [0, 255]: left–right flip (p 0.5), affine
+    (rotation ±10°, scale ±10 %, translation ±4 % of the side; p 0.5) and gamma contrast
+    (0.7–1.5, p 0.5). Background stays 0, intensities stay in range.
+    """
+    transform = Compose(
+        [
+            EnsureChannelFirstd("image", channel_dim="no_channel"),
+            CastToTyped("image", dtype=torch.float32),
+            RandFlipd("image", prob=0.5, spatial_axis=0),
+            RandAffined(
+                "image", prob=0.5, rotate_range=math.pi / 18, scale_range=0.1, translate_range=0.04,
+                padding_mode="zeros", mode="bilinear",
+            ),
+            ScaleIntensityRanged("image", 0, 255, 0, 1, clip=True),
+            RandAdjustContrastd("image", prob=0.5, gamma=(0.7, 1.5)),
+            ScaleIntensityRanged("image", 0, 1, 0, 255, clip=True),
+            EnsureTyped("image", data_type="tensor", track_meta=False),
+        ]
+    )
+    transform.set_random_state(seed=seed)
+    return transform
+
+
 def store_loader(
     stores, split: str | None, batch_size: int, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
-    drop_last: bool = True, num_replicas: int = 1, rank: int = 0,
+    drop_last: bool = True, num_replicas: int = 1, rank: int = 0, transform=None,
 ) -> DataLoader:
     """A DataLoader over one or several slice stores.
 
     The sampler is a seeded :class:`DistributedSampler` (one replica unless training with DDP);
     MONAI's workflows call ``set_epoch`` on it, so the data order of every epoch is a function of
-    the seed and the epoch alone, and a resumed run sees the same batches as an uninterrupted one.
+    the seed and the epoch alone, and a resumed run sees the same batches as an uninterrupted one
+    (random augmentation, if ``transform`` has any, is not part of that guarantee).
     """
-    dataset = SliceStore(stores, split=split)
+    dataset = SliceStore(stores, split=split, transform=transform)
     if len(dataset) == 0:
         raise ValueError(f"{stores}: no slices in split {split!r}")
     sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
 from ignite.handlers import ProgressBar
 from monai.handlers import StatsHandler, TensorBoardStatsHandler
 from monai.networks.nets import PatchDiscriminator
 from monai.utils import set_determinism
+from torch.utils.tensorboard import SummaryWriter
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from tqdm import tqdm
 
@@ -28,7 +30,7 @@ from ..data.store import SliceStore, atomic_write_json
 from ..losses import PerceptualLoss, load_lpips, pixel_losses
 from ..networks.msvqvae import MultiScaleVQVAE
 from ..visualize import save_reconstructions, save_usage_heatmap
-from .common import attach_checkpoints, autocast, store_loader, to_model_range, to_uint8
+from .common import attach_checkpoints, autocast, slice_augmentation, store_loader, to_model_range, to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -75,14 +77,18 @@ def evaluate_tokenizer(
         (fraction of the V codes used by any token of any scale on this store); ``perplexity``
         (exp of the entropy of the code histogram); ``per_scale_usage`` (codes used / codes that
         scale could use) and ``counts`` (``(K, V)`` hits, for the heatmap); ``num_images``.
+        With ``max_images``, an evenly spaced subset of the store's slices is used.
     """
     model.eval()
     n = len(store) if max_images is None else min(max_images, len(store))
+    # an evenly spaced subset when capped, so every volume of the store is represented
+    order = np.unique(np.linspace(0, len(store) - 1, num=n).round().astype(int)) if n < len(store) else np.arange(n)
+    n = len(order)
     vocab, scales = model.config["vocab_size"], len(model.patch_nums)
     counts = torch.zeros(scales, vocab, dtype=torch.long)
     psnr_sum = ssim_sum = 0.0
     for start in tqdm(range(0, n, batch_size), disable=not progress, desc="evaluate", unit="batch"):
-        batch = torch.stack([store[i]["image"] for i in range(start, min(n, start + batch_size))])
+        batch = torch.stack([store[int(i)]["image"] for i in order[start : start + batch_size]])
         x = to_model_range(batch).to(device).contiguous(memory_format=torch.channels_last)
         with autocast(device, bf16):
             indices = model.encode(x)
@@ -121,6 +127,22 @@ def save_validation_pictures(model: MultiScaleVQVAE, store: SliceStore, counts: 
     save_usage_heatmap(counts, out_dir / "codebook_usage.png", [f"scale {k + 1} ({p}²)" for k, p in enumerate(model.patch_nums)])
 
 
+def multiscale_rows(features: torch.Tensor, patch_nums: Sequence[int]) -> torch.Tensor:
+    """Candidate vectors for re-initialised codes, drawn evenly from every scale's grid.
+
+    ``features`` ``(B, C, H, W)`` are area-downsampled to each scale's ``n_k × n_k`` grid (what
+    the quantizer sees first at that scale); the rows of every scale are repeated up to the row
+    count of the finest one, so coarse scales are not drowned out. Returns ``(N, C)``.
+    """
+    f = features.detach().float()
+    finest = f.shape[0] * f.shape[-2] * f.shape[-1]
+    rows = []
+    for n in patch_nums:
+        r = F.interpolate(f, size=(n, n), mode="area").permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+        rows.append(r.repeat(math.ceil(finest / r.shape[0]), 1)[:finest])
+    return torch.cat(rows)
+
+
 def _hinge_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     return 0.5 * (torch.relu(1 - real).mean() + torch.relu(1 + fake).mean())
 
@@ -145,6 +167,7 @@ def train_tokenizer(
     gan_weight: float = 0.0,
     gan_start: int = 1000,
     dead_code_every: int = 50,
+    augment: bool = False,
     checkpoint_every: int = 200,
     val_every: int = 500,
     val_max_images: int | None = 256,
@@ -160,7 +183,8 @@ def train_tokenizer(
     from the latest one (same step count, optimizer state and data order). Validation on the
     ``validation`` split (PSNR, SSIM, codebook usage, perplexity, PNGs) runs every ``val_every``
     steps and at the end; its figures go to TensorBoard, ``output_dir/metrics.jsonl`` and
-    ``output_dir/validation/``. The final model is ``output_dir/tokenizer.pt``.
+    ``output_dir/validation/``. The final model is ``output_dir/tokenizer.pt``. ``augment`` adds
+    random flips, small affine transforms and gamma contrast (:func:`slice_augmentation`).
 
     Returns:
         Path of ``tokenizer.pt``.
@@ -171,7 +195,8 @@ def train_tokenizer(
     set_determinism(seed=seed)
     perceptual = PerceptualLoss(load_lpips(lpips_net, lpips_backbone)).to(dev) if lpips_weight > 0 else None
 
-    loader = store_loader(dataset_dir, "training", batch_size, num_workers=num_workers, seed=seed)
+    augmentation = slice_augmentation(seed) if augment else None
+    loader = store_loader(dataset_dir, "training", batch_size, num_workers=num_workers, seed=seed, transform=augmentation)
     val_store = SliceStore(dataset_dir, split="validation")
     if len(val_store) == 0:
         logger.warning("no 'validation' split in %s: validating on the training split", dataset_dir)
@@ -218,8 +243,8 @@ def train_tokenizer(
         if dead_code_every and engine.state.iteration % dead_code_every == 0:
             with torch.no_grad(), autocast(dev, bf16):
                 features = model.encode_features(x)
-            logs["reinit_codes"] = model.quantizer.reinit_dead_codes(features)
-        logs.update({k: float(v) for k, v in model.quantizer.usage_stats().items() if k in ("usage", "perplexity")})
+            logs["reinit_codes"] = model.quantizer.reinit_dead_codes(multiscale_rows(features, model.patch_nums))
+        logs.update({k: float(v) for k, v in model.quantizer.usage_stats().items()})  # overall and per scale
         logs["loss"] = loss.item()
         return logs
 
@@ -243,8 +268,8 @@ def train_tokenizer(
         return {k: v for k, v in output.items() if isinstance(v, (int, float))}
 
     StatsHandler(iteration_log=lambda e, i: i % 50 == 0, output_transform=lambda o: o["loss"], name=logger.name).attach(trainer)
-    tb = TensorBoardStatsHandler(log_dir=str(out / "tensorboard"), output_transform=scalars, iteration_log=True, epoch_log=False)
-    tb.attach(trainer)
+    writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+    TensorBoardStatsHandler(summary_writer=writer, output_transform=scalars, iteration_log=True, epoch_log=False).attach(trainer)
 
     def validate(engine: Engine) -> None:
         metrics = evaluate_tokenizer(model, val_store, batch_size, dev, bf16, max_images=val_max_images)
@@ -253,7 +278,7 @@ def train_tokenizer(
         with open(out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
         for k in ("psnr", "ssim", "codebook_usage", "perplexity"):
-            tb._writer.add_scalar(f"val/{k}", metrics[k], engine.state.iteration)
+            writer.add_scalar(f"val/{k}", metrics[k], engine.state.iteration)
         logger.info("step %d: val psnr %.2f dB, ssim %.4f, usage %.1f%%, perplexity %.0f", row["step"], row["psnr"], row["ssim"], 100 * row["codebook_usage"], row["perplexity"])
         save_tokenizer(model, out / TOKENIZER_FILE, engine.state.iteration, {"validation": row})
 
@@ -272,4 +297,5 @@ def train_tokenizer(
     if trainer.state.iteration % val_every or not (out / TOKENIZER_FILE).exists():
         validate(trainer)
     checkpointer(trainer)
+    writer.close()
     return out / TOKENIZER_FILE
