@@ -166,7 +166,8 @@ def test_usage_ema_and_stats_on_hand_built_codebook():
     assert stats["usage/scale_1"] == pytest.approx(4 / 8) and stats["perplexity/scale_1"] == pytest.approx(4)
     assert stats["usage"] == pytest.approx(5 / 8) and stats["perplexity"] == pytest.approx(5)
     freq = torch.tensor([1, 1, 1, 1, 1, 0, 0, 0]) / 5
-    torch.testing.assert_close(q.ema_usage, 0.99 * torch.full((8,), 1 / 8) + 0.01 * freq)
+    d = q.usage_decay
+    torch.testing.assert_close(q.ema_usage, d * torch.full((8,), 1 / 8) + (1 - d) * freq)
     before = q.ema_usage.clone()
     q.eval()(f)  # eval forwards report usage but leave the EMA alone
     assert torch.equal(q.ema_usage, before)

@@ -226,3 +226,23 @@ def test_slice_augmentation_keeps_shape_range_and_is_seeded(synthetic_store):
     torch.testing.assert_close(a[0], a[1])  # same seed, same augmentation
     outs = [slice_augmentation(seed=s)(dict(item))["image"] for s in range(6)]
     assert any(not torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_patchgan_term_switches_on_after_warmup(synthetic_store, tmp_path):
+    out = tmp_path / "gan"
+    train_tokenizer(str(synthetic_store), str(out), max_steps=3, gan_weight=0.1, gan_start=2, **dict(TRAIN_ARGS, val_every=3))
+    ckpt = torch.load(latest_checkpoint(out / "checkpoints"), map_location="cpu", weights_only=False)
+    # the discriminator is checkpointed and was updated from step 2 on (2 optimizer steps)
+    assert {float(s["step"]) for s in ckpt["disc_optimizer"]["state"].values()} == {2.0}
+    assert "discriminator" in ckpt
+
+
+def test_autoencoder_warmup_then_whole_codebook_redrawn(synthetic_store, tmp_path):
+    out = tmp_path / "warm"
+    train_tokenizer(str(synthetic_store), str(out), max_steps=2, ae_warmup=2, **dict(TRAIN_ARGS, val_every=2))
+    state = torch.load(out / "tokenizer.pt", weights_only=False)["state_dict"]
+    codes, usage = state["quantizer.embedding.weight"], state["quantizer.ema_usage"]
+    vocab = codes.shape[0]
+    # VAR's initialisation is uniform(±1/V); after the warm-up every code is an encoder feature vector
+    assert (codes.abs().amax(dim=1) > 1.0 / vocab).all()
+    torch.testing.assert_close(usage, torch.full_like(usage, 1.0 / vocab))

@@ -168,6 +168,7 @@ def train_tokenizer(
     gan_start: int = 1000,
     dead_code_every: int = 50,
     augment: bool = False,
+    ae_warmup: int = 0,
     checkpoint_every: int = 200,
     val_every: int = 500,
     val_max_images: int | None = 256,
@@ -185,6 +186,8 @@ def train_tokenizer(
     steps and at the end; its figures go to TensorBoard, ``output_dir/metrics.jsonl`` and
     ``output_dir/validation/``. The final model is ``output_dir/tokenizer.pt``. ``augment`` adds
     random flips, small affine transforms and gamma contrast (:func:`slice_augmentation`).
+    ``ae_warmup`` > 0 trains encoder and decoder as a plain autoencoder (quantizer bypassed) for
+    that many steps, then re-draws the whole codebook from the learned features and quantizes.
 
     Returns:
         Path of ``tokenizer.pt``.
@@ -214,8 +217,13 @@ def train_tokenizer(
     def step(engine: Engine, batch: dict) -> dict:
         model.train()
         x = to_model_range(batch["image"]).to(dev).contiguous(memory_format=torch.channels_last)
+        warming_up = engine.state.iteration <= ae_warmup
         with autocast(dev, bf16):
-            recon, losses = model(x)
+            if warming_up:  # plain autoencoder: the quantizer is bypassed
+                features = model.encode_features(x)
+                recon, losses = model.decoder(features), {"vq": torch.zeros((), device=dev)}
+            else:
+                recon, losses = model(x)
         terms = pixel_losses(recon, x)
         loss = l1_weight * terms["l1"] + l2_weight * terms["l2"] + vq_weight * losses["vq"].float()
         logs = {"l1": terms["l1"].item(), "l2": terms["l2"].item(), "vq": float(losses["vq"])}
@@ -240,11 +248,16 @@ def train_tokenizer(
             d_loss.backward()
             disc_opt.step()
             logs["d"] = d_loss.item()
-        if dead_code_every and engine.state.iteration % dead_code_every == 0:
+        if warming_up and engine.state.iteration == ae_warmup:
+            # quantization starts next step: every code is re-drawn from the warmed-up features
+            model.quantizer.ema_usage.zero_()
+            logs["reinit_codes"] = model.quantizer.reinit_dead_codes(multiscale_rows(features, model.patch_nums))
+        elif dead_code_every and engine.state.iteration % dead_code_every == 0:
             with torch.no_grad(), autocast(dev, bf16):
                 features = model.encode_features(x)
             logs["reinit_codes"] = model.quantizer.reinit_dead_codes(multiscale_rows(features, model.patch_nums))
-        logs.update({k: float(v) for k, v in model.quantizer.usage_stats().items()})  # overall and per scale
+        if not warming_up:
+            logs.update({k: float(v) for k, v in model.quantizer.usage_stats().items()})  # overall and per scale
         logs["loss"] = loss.item()
         return logs
 

@@ -214,8 +214,8 @@ class MultiScaleVQVAE(nn.Module):
         patch_nums: tuple[int, ...] | None = None,
         beta: float = 0.25,
         l2_norm: bool = False,
-        usage_decay: float = 0.99,
-        dead_threshold: float = 0.01,
+        usage_decay: float = 0.98,
+        dead_threshold: float = 0.1,
     ):
         super().__init__()
         ch_mult = tuple(ch_mult)

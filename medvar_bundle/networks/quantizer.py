@@ -88,7 +88,9 @@ class MultiScaleQuantizer(nn.Module):
         phi_resi_ratio: blend ratio r of every Φ.
         usage_decay: decay of the per-code usage EMA updated by every training forward.
         dead_threshold: a code is dead when its EMA usage frequency falls below
-            ``dead_threshold / V``, i.e. this fraction of uniform usage.
+            ``dead_threshold / V``, i.e. this fraction of uniform usage. With the defaults
+            (0.98, 0.1) a code re-initialised at uniform usage and never picked again counts as
+            dead after ~114 training steps (log 0.1 / log 0.98).
     """
 
     def __init__(
@@ -100,8 +102,8 @@ class MultiScaleQuantizer(nn.Module):
         l2_norm: bool = False,
         num_phi: int = 4,
         phi_resi_ratio: float = 0.5,
-        usage_decay: float = 0.99,
-        dead_threshold: float = 0.01,
+        usage_decay: float = 0.98,
+        dead_threshold: float = 0.1,
     ):
         super().__init__()
         patch_nums = tuple(int(n) for n in patch_nums)
