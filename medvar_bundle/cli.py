@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medvar",
         description="MedVAR: harmonise CT/MRI into a slice store, train next-scale models, generate and evaluate.",
     )
-    parser.add_argument("--log-level", default="WARNING", help="Python logging level (default WARNING)")
+    parser.add_argument("--log-level", default="INFO", help="logging level of medvar's own messages (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING))
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.getLogger("medvar_bundle").setLevel(getattr(logging, str(args.log_level).upper(), logging.INFO))
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
