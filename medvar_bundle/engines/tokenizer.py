@@ -226,7 +226,7 @@ def train_tokenizer(
                 recon, losses = model(x)
         terms = pixel_losses(recon, x)
         loss = l1_weight * terms["l1"] + l2_weight * terms["l2"] + vq_weight * losses["vq"].float()
-        logs = {"l1": terms["l1"].item(), "l2": terms["l2"].item(), "vq": float(losses["vq"])}
+        logs = {"l1": terms["l1"].item(), "l2": terms["l2"].item(), "vq": losses["vq"].detach().item()}
         if perceptual is not None:
             terms["lpips"] = perceptual(recon, x)
             loss = loss + lpips_weight * terms["lpips"]
