@@ -25,7 +25,7 @@ demo: install
 		--batch-size 4 --lr 1e-3 --l2-norm --augment --ae-warmup 150 --val-every 200 --checkpoint-every 100
 	$(BIN)/medvar evaluate-tokenizer --tokenizer $(DEMO)/tokenizer/tokenizer.pt --store $(DEMO)/store \
 		--split validation --quiet | tee $(DEMO)/tokenizer/heldout_metrics.json
-	$(BIN)/medvar tokenize --tokenizer $(DEMO)/tokenizer/tokenizer.pt --store $(DEMO)/store
+	$(BIN)/medvar tokenize --tokenizer $(DEMO)/tokenizer/tokenizer.pt --store $(DEMO)/store --force
 	@echo "demo: store $(DEMO)/store (preview $(DEMO)/store_preview.png); tokenizer $(DEMO)/tokenizer/tokenizer.pt"
 	@echo "      held-out metrics $(DEMO)/tokenizer/heldout_metrics.json, pictures in $(DEMO)/tokenizer/validation/"
 
