@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO ?= runs/demo
 WORKERS ?= 2
-TOKENIZER_STEPS ?= 600
+TOKENIZER_STEPS ?= 800
 
 .PHONY: install demo test bench clean-demo
 
