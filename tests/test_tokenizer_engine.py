@@ -52,8 +52,9 @@ def _weights(path):
 
 def test_resume_after_sigkill_continues_the_same_run(synthetic_store, tmp_path):
     """A run killed after its step-4 checkpoint resumes at step 4 and ends exactly as an
-    uninterrupted run: same step count, weights and optimizer state."""
-    kwargs = dict(TRAIN_ARGS, val_every=100)
+    uninterrupted run: same step count, weights and optimizer state. The store has 16 training
+    slices, so with batch 4 an epoch is 4 steps and every checkpoint falls on an epoch boundary."""
+    kwargs = dict(TRAIN_ARGS, val_every=100, checkpoint_every=4)
     reference = train_tokenizer(str(synthetic_store), str(tmp_path / "ref"), max_steps=8, **kwargs)
 
     out = tmp_path / "killed"

@@ -78,8 +78,9 @@ def store_loader(
 
     The sampler is a seeded :class:`DistributedSampler` (one replica unless training with DDP);
     MONAI's workflows call ``set_epoch`` on it, so the data order of every epoch is a function of
-    the seed and the epoch alone, and a resumed run sees the same batches as an uninterrupted one
-    (random augmentation, if ``transform`` has any, is not part of that guarantee).
+    the seed and the epoch alone: a run resumed from a checkpoint on an epoch boundary sees the
+    same batches as an uninterrupted one (mid-epoch, Ignite restarts the epoch's iterator; random
+    augmentation, if ``transform`` has any, is not checkpointed).
     """
     dataset = SliceStore(stores, split=split, transform=transform)
     if len(dataset) == 0:

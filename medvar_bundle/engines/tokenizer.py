@@ -181,7 +181,8 @@ def train_tokenizer(
 
     Checkpoints (network, optimizer, trainer state) go to ``output_dir/checkpoints`` every
     ``checkpoint_every`` steps and at the end; a run started on a folder with checkpoints resumes
-    from the latest one (same step count, optimizer state and data order). Validation on the
+    from the latest one (same step count and optimizer state; same data order from an epoch
+    boundary, see :func:`~medvar_bundle.engines.common.store_loader`). Validation on the
     ``validation`` split (PSNR, SSIM, codebook usage, perplexity, PNGs) runs every ``val_every``
     steps and at the end; its figures go to TensorBoard, ``output_dir/metrics.jsonl`` and
     ``output_dir/validation/``. The final model is ``output_dir/tokenizer.pt``. ``augment`` adds
