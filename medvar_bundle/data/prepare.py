@@ -26,10 +26,16 @@ from .transforms import DEFAULT_CT_WINDOW, MODALITIES, SLICE_SIZE, NoSlicesError
 MAX_ERROR_CHARS = 300
 
 
-def describe_error(exc: BaseException) -> str:
-    """One line for users: the innermost cause of a (MONAI-wrapped) exception."""
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost ``__cause__`` of an exception (MONAI's Compose wraps transform errors)."""
     while exc.__cause__ is not None:
         exc = exc.__cause__
+    return exc
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for users: the innermost cause of a (MONAI-wrapped) exception."""
+    exc = root_cause(exc)
     text = " ".join(str(exc).split())
     if "cannot find a suitable reader" in text:
         return "unreadable: no image reader could open it (corrupt, truncated or not a NIfTI/NRRD/MHA/DICOM file)"
@@ -76,10 +82,7 @@ class PreparedVolumes(Dataset):
         try:
             d = self.transform({k: item.get(k) for k in ("image", "label", "modality", "ct_window")})
         except Exception as exc:  # every failure is reported, none stops the corpus
-            cause = exc
-            while cause.__cause__ is not None:
-                cause = cause.__cause__
-            status = "skipped" if isinstance(cause, NoSlicesError) else "failed"
+            status = "skipped" if isinstance(root_cause(exc), NoSlicesError) else "failed"
             return {**out, "status": status, "error": describe_error(exc)}
         out["images"] = np.ascontiguousarray(np.moveaxis(d["image"][0], -1, 0))
         if "label" in d:
@@ -173,8 +176,11 @@ def prepare_store(
             todo.append(item)
 
     report_file = out / "reports" / f"rank{rank:03d}-of-{world_size:03d}.json"
-    write_store_index(out, declared)  # the store is readable from the start, and after every shard
-    writer = ShardWriter(out, shard_size=shard_size, rank=rank, on_commit=lambda: write_store_index(out, declared))
+    # the store is readable from the start and after every shard; manifest.csv is written at the end
+    write_store_index(out, declared, manifest=False)
+    writer = ShardWriter(
+        out, shard_size=shard_size, rank=rank, on_commit=lambda: write_store_index(out, declared, manifest=False)
+    )
     loader = DataLoader(
         PreparedVolumes(todo, size=size, **pipeline_kwargs),
         batch_size=None,

@@ -205,11 +205,14 @@ def manifest_rows(root: str | os.PathLike, registry: dict) -> list[dict]:
     return rows
 
 
-def write_store_index(root: str | os.PathLike, declared: dict[str, dict] | None = None) -> dict:
-    """Rewrite ``datasets.json`` and ``manifest.csv`` from the committed shards; returns the registry."""
+def write_store_index(root: str | os.PathLike, declared: dict[str, dict] | None = None, manifest: bool = True) -> dict:
+    """Rewrite ``datasets.json`` (and, with ``manifest``, ``manifest.csv``) from the committed
+    shards; returns the registry."""
     root = Path(root)
     registry = build_registry(root, declared)
     atomic_write_json(root / "datasets.json", registry)
+    if not manifest:
+        return registry
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS)
     writer.writeheader()
