@@ -79,7 +79,7 @@ def tokenize_store(
     Returns:
         ``tokens.json`` content plus ``shards_written`` and ``shards_skipped``.
     """
-    from ..engines.common import autocast, to_model_range
+    from ..engines.common import autocast, model_input
     from ..engines.tokenizer import load_tokenizer
 
     root = Path(store)
@@ -98,7 +98,7 @@ def tokenize_store(
         raise ValueError(f"vocabulary of {vocab} codes does not fit uint16 token shards")
     meta = {
         "tokenizer": str(tokenizer_path), "tokenizer_sha256": digest, "patch_nums": list(model.patch_nums),
-        "vocab_size": vocab, "tokens_per_image": int(sum(p * p for p in model.patch_nums)),
+        "vocab_size": vocab, "tokens_per_image": model.num_tokens,
     }
     atomic_write_json(meta_file, meta)
     manifests = [m for m in read_shard_manifests(root) if m["num_slices"]]
@@ -113,10 +113,9 @@ def tokenize_store(
         images = np.load(root / SHARD_DIR / f"{m['shard']}.images.npy", mmap_mode="r")
         rows = []
         for start in range(0, len(images), batch_size):
-            x = to_model_range(torch.from_numpy(np.array(images[start : start + batch_size]))).to(device)
+            x = model_input(torch.from_numpy(np.array(images[start : start + batch_size])), device)
             with autocast(device, bf16):
-                indices = model.encode(x.contiguous(memory_format=torch.channels_last))
-            rows.append(torch.cat([i.flatten(1) for i in indices], dim=1).cpu().numpy().astype(np.uint16))
+                rows.append(model.tokens_flat(model.encode(x)).cpu().numpy().astype(np.uint16))
             bar.update(len(x))
         atomic_save_npy(target, np.concatenate(rows))
         written += 1

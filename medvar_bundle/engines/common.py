@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from pathlib import Path
-
-import math
 
 import torch
 from ignite.engine import Engine, Events
@@ -37,6 +36,12 @@ def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
     if x.ndim == 3:
         x = x.unsqueeze(1)
     return x / 127.5 - 1.0
+
+
+def model_input(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Slices in [0, 255] → the tokenizer's input: ``(B, 1, H, W)`` in [-1, 1] on ``device``,
+    ``channels_last`` (the fast layout for convolutions under bf16 on CPU)."""
+    return to_model_range(images).to(device).contiguous(memory_format=torch.channels_last)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

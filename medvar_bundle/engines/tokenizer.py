@@ -30,7 +30,7 @@ from ..data.store import SliceStore, atomic_write_json
 from ..losses import PerceptualLoss, load_lpips, pixel_losses
 from ..networks.msvqvae import MultiScaleVQVAE
 from ..visualize import save_reconstructions, save_usage_heatmap
-from .common import attach_checkpoints, autocast, slice_augmentation, store_loader, to_model_range, to_uint8
+from .common import attach_checkpoints, autocast, model_input, slice_augmentation, store_loader, to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def evaluate_tokenizer(
     psnr_sum = ssim_sum = 0.0
     for start in tqdm(range(0, n, batch_size), disable=not progress, desc="evaluate", unit="batch"):
         batch = torch.stack([store[int(i)]["image"] for i in order[start : start + batch_size]])
-        x = to_model_range(batch).to(device).contiguous(memory_format=torch.channels_last)
+        x = model_input(batch, device)
         with autocast(device, bf16):
             indices = model.encode(x)
             recon = model.decode(indices)
@@ -120,7 +120,7 @@ def save_validation_pictures(model: MultiScaleVQVAE, store: SliceStore, counts: 
     """``reconstructions.png`` (originals above reconstructions) and ``codebook_usage.png``."""
     pick = np.linspace(0, len(store) - 1, num=min(n, len(store))).astype(int)
     batch = torch.stack([store[int(i)]["image"] for i in pick])
-    x = to_model_range(batch).to(device).contiguous(memory_format=torch.channels_last)
+    x = model_input(batch, device)
     with torch.no_grad(), autocast(device, bf16):
         recon = model.decode(model.encode(x))
     save_reconstructions(batch.numpy(), to_uint8(recon)[:, 0].cpu().numpy(), out_dir / "reconstructions.png")
@@ -217,7 +217,7 @@ def train_tokenizer(
 
     def step(engine: Engine, batch: dict) -> dict:
         model.train()
-        x = to_model_range(batch["image"]).to(dev).contiguous(memory_format=torch.channels_last)
+        x = model_input(batch["image"], dev)
         warming_up = engine.state.iteration <= ae_warmup
         with autocast(dev, bf16):
             if warming_up:  # plain autoencoder: the quantizer is bypassed
