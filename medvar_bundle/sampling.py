@@ -1,0 +1,152 @@
+"""Next-scale generation (paper Alg. 3): one transformer pass per scale, CFG ramp, top-k/top-p.
+
+Scale ``k`` (0-based, K scales) is sampled from logits ``(1+t_k)·cond − t_k·uncond`` with
+``t_k = cfg·k/(K−1)`` — no guidance at the first scale, full guidance at the last — where the
+conditional and unconditional (null dataset id) halves run as one batch. With the KV cache each
+pass runs over only the new scale's ``n_k²`` tokens; without it (``use_cache=False``, for checks
+and benchmarks) every pass recomputes all tokens so far under the block-causal mask. Both give the
+same tokens for the same seed.
+
+Randomness comes only from the ``torch.Generator`` passed in, so a seed fixes the images for a
+given batch composition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from medvar_bundle.engines.common import autocast, to_uint8
+from medvar_bundle.networks.msvqvae import MultiScaleVQVAE
+from medvar_bundle.networks.transformer import KVCache, NextScaleTransformer
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How tokens are drawn; the defaults are the paper's ablation best (Table 4).
+
+    Attributes:
+        cfg: classifier-free guidance strength at the last scale (≥ 0; 0 = purely conditional).
+        top_k: keep only the k most likely codes (≥ 1; ≥ V keeps all).
+        top_p: then keep the smallest set of codes whose probability reaches top_p (0 < p ≤ 1).
+        temperature: logits are divided by it before truncation (> 0).
+    """
+
+    cfg: float = 4.0
+    top_k: int = 900
+    top_p: float = 0.95
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.cfg >= 0:
+            raise ValueError(f"cfg must be >= 0, got {self.cfg}")
+        if int(self.top_k) != self.top_k or self.top_k < 1:
+            raise ValueError(f"top-k must be an integer >= 1, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+def guided_logits(cond: Tensor, uncond: Tensor, t: float) -> Tensor:
+    """Classifier-free guidance ``(1+t)·cond − t·uncond`` (exactly ``cond`` at ``t = 0``)."""
+    return cond if t == 0 else (1 + t) * cond - t * uncond
+
+
+def sample_top_k_top_p(logits: Tensor, top_k: int, top_p: float, generator: torch.Generator, temperature: float = 1.0) -> Tensor:
+    """Draw one code per position: logits ``(B, l, V)`` -> ids ``(B, l)`` long.
+
+    Top-k first, then top-p (nucleus) on what remains; at least the most likely code survives.
+    """
+    B, L, V = logits.shape
+    logits = logits.float() / temperature
+    if top_k < V:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a code when the codes more likely than it already reach top_p
+        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop_sorted[..., 0] = False
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    probs = logits.softmax(dim=-1).view(B * L, V)
+    return torch.multinomial(probs, 1, generator=generator).view(B, L)
+
+
+@torch.no_grad()
+def generate_tokens(
+    transformer: NextScaleTransformer,
+    tokenizer: MultiScaleVQVAE,
+    dataset_id: Tensor,
+    options: SamplingOptions,
+    generator: torch.Generator,
+    use_cache: bool = True,
+    bf16: bool = True,
+    return_stages: bool = False,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Sample K token maps for a batch of dataset ids.
+
+    Args:
+        transformer, tokenizer: matching networks (same V, C_vae and scales), in eval mode.
+        dataset_id: ``(B,)`` long; ``transformer.null_id`` samples unconditionally.
+        options: guidance and truncation.
+        generator: the only source of randomness (on the transformer's device).
+        use_cache: KV cache (one pass over the new tokens per scale) or full recomputation.
+        bf16: bf16 autocast for the transformer (the quantizer's f̂ stays fp32).
+        return_stages: also return the running f̂ ``(B, C_vae, H, W)`` after every scale.
+
+    Returns:
+        Token maps ``[(B, n_k, n_k)]`` and the list of running f̂ (empty unless ``return_stages``).
+    """
+    device = dataset_id.device
+    patch_nums, K = transformer.patch_nums, len(transformer.patch_nums)
+    B = dataset_id.shape[0]
+    guided = options.cfg > 0
+    ids = torch.cat([dataset_id, torch.full_like(dataset_id, transformer.null_id)]) if guided else dataset_id
+    cache = KVCache() if use_cache else None
+    f_hat = torch.zeros(B, tokenizer.quantizer.embed_dim, patch_nums[-1], patch_nums[-1], device=device)
+    indices, stages, chunks = [], [], []
+    start = 0
+    with autocast(device, bf16):
+        cond = transformer.condition(ids)
+        x = transformer.start_tokens(cond)
+        for k, n in enumerate(patch_nums):
+            chunks.append(x)
+            if use_cache:
+                logits = transformer.forward_scale(x, cond, cache)
+            else:
+                logits = transformer.forward_prefix(torch.cat(chunks, dim=1), cond)[:, start:]
+            start += n * n
+            t = options.cfg * k / max(K - 1, 1)
+            logits = guided_logits(logits[:B], logits[B:], t) if guided else logits
+            idx = sample_top_k_top_p(logits, options.top_k, options.top_p, generator, options.temperature).view(B, n, n)
+            indices.append(idx)
+            f_hat, next_input = tokenizer.next_autoregressive_input(k, f_hat, tokenizer.quantizer.embed(idx))
+            if return_stages:
+                stages.append(f_hat)
+            if k < K - 1:
+                x = transformer.embed_inputs(next_input.flatten(2).transpose(1, 2), start)
+                x = x.repeat(2, 1, 1) if guided else x
+    return indices, stages
+
+
+@torch.no_grad()
+def generate_images(
+    transformer: NextScaleTransformer,
+    tokenizer: MultiScaleVQVAE,
+    dataset_id: Tensor,
+    options: SamplingOptions,
+    generator: torch.Generator,
+    bf16: bool = True,
+    progression: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Sample slices: uint8 images ``(B, S, S)`` and, with ``progression``, the coarse-to-fine
+    decodings of f̂ after every scale ``(B, K, S, S)`` uint8 (else None)."""
+    indices, stages = generate_tokens(transformer, tokenizer, dataset_id, options, generator, bf16=bf16, return_stages=progression)
+    with autocast(dataset_id.device, bf16):
+        images = to_uint8(tokenizer.decode(indices))[:, 0]
+        steps = torch.stack([to_uint8(tokenizer.fhat_to_image(f))[:, 0] for f in stages], dim=1) if progression else None
+    return images, steps
