@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from monai.transforms import Resize  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from .data.store import atomic_write_bytes  # noqa: E402
 from .data.transforms import DEFAULT_CT_WINDOW  # noqa: E402
@@ -183,21 +183,20 @@ def _check_stack(images_u8) -> np.ndarray:
 
 
 def _resize_in_plane(values: np.ndarray, shape_xy: tuple[int, int]) -> np.ndarray:
-    """Resize float ``(N, S, S)`` slices to ``(N, X, Y)`` keeping the field of view.
+    """Resize float ``(N, S, S)`` slices to ``(N, X, Y)`` over the same field of view.
 
     Pixel-centre aligned (``align_corners=False``), like ``prepare``'s resizing: area averaging
-    when no axis grows, otherwise bilinear with anti-aliasing on any shrinking axis.
+    (an exact box filter) when no axis grows, otherwise bilinear, anti-aliased along any axis that
+    shrinks. Both keep a constant image constant up to the border.
     """
     if tuple(values.shape[1:]) == tuple(shape_xy):
         return values
-    shrink = all(o <= i for o, i in zip(shape_xy, values.shape[1:]))
-    resize = (
-        Resize(shape_xy, mode="area")
-        if shrink
-        else Resize(shape_xy, mode="bilinear", align_corners=False, anti_aliasing=True)
-    )
-    out = resize(torch.from_numpy(values.astype(np.float32)))  # slices act as channels: (N, X, Y)
-    return np.asarray(out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else out, dtype=np.float64)
+    x = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))[:, None]  # (N, 1, S, S)
+    if all(o <= i for o, i in zip(shape_xy, values.shape[1:])):
+        out = F.interpolate(x, size=shape_xy, mode="area")
+    else:
+        out = F.interpolate(x, size=shape_xy, mode="bilinear", align_corners=False, antialias=True)
+    return out[:, 0].double().numpy()
 
 
 def write_slice_stack(

@@ -1,0 +1,103 @@
+"""Generation from a self-contained model file: NIfTI geometry, seeds, and bad requests."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medvar_bundle.inference import generate
+from medvar_bundle.model_file import MODEL_FILE, ModelMismatchError, load_model, save_model
+from medvar_bundle.networks import MultiScaleVQVAE
+from medvar_bundle.networks.transformer import NextScaleTransformer
+
+REGISTRY = {
+    "abdomen_ct": {"id": 0, "modality": "CT", "anatomy": "abdomen", "num_slices": 10, "num_volumes": 2,
+                   "spacing": [0.8, 0.75, 5.0], "matrix": [512, 480, 40], "ct_window": [40.0, 400.0]},
+    "brain_mr": {"id": 1, "modality": "MR", "anatomy": "brain", "num_slices": 10, "num_volumes": 2,
+                 "spacing": [1.0, 1.0, 1.5], "matrix": [192, 256, 120], "ct_window": None},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    torch.manual_seed(0)
+    tokenizer = MultiScaleVQVAE.from_preset("tiny", image_size=64)
+    transformer = NextScaleTransformer(num_datasets=2, depth=1, patch_nums=tokenizer.patch_nums)
+    return save_model(tmp_path_factory.mktemp("model") / MODEL_FILE, tokenizer, transformer, REGISTRY, step=3)
+
+
+def test_model_file_is_self_contained(model_path):
+    model = load_model(model_path)
+    assert model.datasets == REGISTRY and model.step == 3
+    assert model.tokenizer.patch_nums == model.transformer.patch_nums == (1, 2, 3, 4)
+    assert not model.transformer.training and not model.tokenizer.training
+
+
+def test_generate_writes_spaced_nifti_stacks(model_path, tmp_path):
+    summary = generate(model_path, None, num=5, out_dir=tmp_path, batch_size=2, seed=1, progress=False, progression=True)
+    assert set(summary["datasets"]) == {"abdomen_ct", "brain_mr"}
+    ct = nib.load(tmp_path / "abdomen_ct.nii.gz")
+    assert ct.shape == (64, 64, 5) and ct.get_data_dtype() == np.int16
+    # in-plane: the median field of view over 64 pixels; through-plane: the median slice spacing
+    assert np.allclose(ct.header.get_zooms(), (0.8 * 512 / 64, 0.75 * 480 / 64, 5.0))
+    assert nib.aff2axcodes(ct.affine) == ("R", "A", "S")
+    hu = np.asarray(ct.dataobj)
+    assert hu.min() >= 40 - 200 and hu.max() <= 40 + 200  # inside the dataset's window
+    mr = nib.load(tmp_path / "brain_mr.nii.gz")
+    assert mr.get_data_dtype() == np.uint8 and np.allclose(mr.header.get_zooms(), (3.0, 4.0, 1.5))
+    for name in ("abdomen_ct.png", "brain_mr.png", "brain_mr_progression.png", "summary.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert json.loads((tmp_path / "summary.json").read_text())["seed"] == 1
+
+
+def test_resample_original_restores_the_median_matrix(model_path, tmp_path):
+    generate(model_path, "brain_mr", num=2, out_dir=tmp_path, resample_original=True, progress=False)
+    mr = nib.load(tmp_path / "brain_mr.nii.gz")
+    assert mr.shape == (192, 256, 2) and np.allclose(mr.header.get_zooms(), (1.0, 1.0, 1.5))
+
+
+def test_same_seed_same_slices_whatever_else_is_generated(model_path, tmp_path):
+    generate(model_path, ["brain_mr"], num=3, out_dir=tmp_path / "a", seed=5, progress=False)
+    generate(model_path, ["brain_mr"], num=3, out_dir=tmp_path / "b", seed=5, progress=False)
+    generate(model_path, ["brain_mr"], num=3, out_dir=tmp_path / "c", seed=6, progress=False)
+    a, b, c = (np.asarray(nib.load(tmp_path / d / "brain_mr.nii.gz").dataobj) for d in "abc")
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(datasets="liver"), "unknown dataset 'liver'; this model knows: abdomen_ct, brain_mr"),
+        (dict(num=0), "--num must be a positive number"),
+        (dict(cfg=-0.5), "cfg must be >= 0"),
+        (dict(top_p=0.0), "top-p must be in"),
+        (dict(top_k=0), "top-k must be an integer >= 1"),
+    ],
+)
+def test_bad_requests_fail_before_any_output(model_path, tmp_path, kwargs, message):
+    args = dict(datasets="brain_mr", num=2, out_dir=tmp_path / "out", progress=False) | kwargs
+    with pytest.raises(ValueError) as err:
+        generate(model_path, **args)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_unwritable_output_is_found_before_sampling(model_path, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(PermissionError, match="not writable"):
+        generate(model_path, "brain_mr", num=1, out_dir=blocker / "out", progress=False)
+
+
+def test_mismatched_tokenizer_and_transformer_are_refused(tmp_path):
+    tokenizer = MultiScaleVQVAE.from_preset("tiny", image_size=64)
+    transformer = NextScaleTransformer(num_datasets=2, depth=1, patch_nums=tokenizer.patch_nums, vocab_size=1024)
+    with pytest.raises(ModelMismatchError, match="tokenizer vocab_size=4096, transformer vocab_size=1024"):
+        save_model(tmp_path / MODEL_FILE, tokenizer, transformer, REGISTRY)
+    good = NextScaleTransformer(num_datasets=3, depth=1, patch_nums=tokenizer.patch_nums)
+    with pytest.raises(ModelMismatchError, match=r"registry ids \[0, 1\] do not match the transformer's 3"):
+        save_model(tmp_path / MODEL_FILE, tokenizer, good, REGISTRY)
