@@ -131,6 +131,30 @@ def _tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .engines.transformer import train_transformer
+
+    for name in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "val_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    if not 0 <= args.cond_drop < 1:
+        raise UserError(f"--cond-drop must be in [0, 1), got {args.cond_drop}")
+    try:
+        path = train_transformer(
+            args.store, args.out, tokenizer=args.tokenizer, max_steps=args.max_steps, batch_size=args.batch_size,
+            device=args.device, preset=args.preset, lr=args.lr, warmup_steps=args.warmup, grad_accum=args.grad_accum,
+            cond_drop=args.cond_drop, checkpoint_every=args.checkpoint_every, val_every=args.val_every,
+            bf16=not args.fp32, num_workers=args.workers, seed=args.seed, progress=not args.quiet,
+            distributed=int(os.environ.get("WORLD_SIZE", 1)) > 1,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    print(f"medvar train: wrote {path}")
+    return 0
+
+
 def _runtime_options(p: argparse.ArgumentParser, batch_size: int) -> None:
     """Options shared by the commands that run a network."""
     p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per batch (default {batch_size})")
@@ -216,6 +240,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     _runtime_options(p, batch_size=8)
     p.set_defaults(func=_train_tokenizer)
+
+    p = sub.add_parser(
+        "train",
+        help="train the next-scale transformer on tokenized slice stores",
+        description="Train the dataset-conditioned next-scale transformer (teacher forcing, cross-entropy over all "
+        "scales) on the tokens of one or more stores (run `medvar tokenize` first); validate on the validation split "
+        "and write RUN/model.pt, the one file generation needs. Re-running on the same --out resumes. Under torchrun "
+        "(WORLD_SIZE > 1) every process trains on its share of each batch with DistributedDataParallel.",
+    )
+    p.add_argument("--store", required=True, action="extend", nargs="+", help="tokenized slice store folder(s); repeatable")
+    p.add_argument("--tokenizer", help="tokenizer.pt that made the tokens (default: the one recorded in the store's tokens.json)")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, model.pt, metrics.jsonl, TensorBoard)")
+    p.add_argument("--preset", default="tiny", help="network preset: tiny, small (CPU); d16, d20, d24, d30 (paper)")
+    p.add_argument("--max-steps", type=int, default=2000, help="optimizer steps (default 2000)")
+    p.add_argument("--lr", type=float, default=1e-4, help="base learning rate per 256 images of global batch (default 1e-4)")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay (default 100)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step (default 1)")
+    p.add_argument("--cond-drop", type=float, default=0.1, help="probability of dropping the dataset id (default 0.1)")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    p.add_argument("--val-every", type=int, default=500, help="steps between validations (each rewrites model.pt)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    _runtime_options(p, batch_size=16)
+    p.set_defaults(func=_train)
 
     p = sub.add_parser(
         "evaluate-tokenizer",

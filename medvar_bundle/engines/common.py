@@ -6,9 +6,13 @@ import logging
 import math
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.transforms import (
@@ -78,22 +82,33 @@ def slice_augmentation(seed: int = 0) -> Compose:
 def store_loader(
     stores, split: str | None, batch_size: int, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
     drop_last: bool = True, num_replicas: int = 1, rank: int = 0, transform=None,
+    dataset_class: type[SliceStore] = SliceStore,
 ) -> DataLoader:
     """A DataLoader over one or several slice stores.
 
-    The sampler is a seeded :class:`DistributedSampler` (one replica unless training with DDP);
-    MONAI's workflows call ``set_epoch`` on it, so the data order of every epoch is a function of
-    the seed and the epoch alone: a run resumed from a checkpoint on an epoch boundary sees the
-    same batches as an uninterrupted one (mid-epoch, Ignite restarts the epoch's iterator; random
-    augmentation, if ``transform`` has any, is not checkpointed).
+    ``dataset_class`` reads the stores: :class:`SliceStore` (images) or a subclass such as
+    :class:`~medvar_bundle.data.tokens.TokenStore` (token ids). The sampler is a seeded
+    :class:`DistributedSampler` (one replica unless training with DDP); MONAI's workflows call
+    ``set_epoch`` on it, so the data order of every epoch is a function of the seed and the epoch
+    alone: a run resumed from a checkpoint on an epoch boundary sees the same batches as an
+    uninterrupted one (mid-epoch, Ignite restarts the epoch's iterator; random augmentation, if
+    ``transform`` has any, is not checkpointed).
     """
-    dataset = SliceStore(stores, split=split, transform=transform)
+    dataset = dataset_class(stores, split=split, transform=transform)
     if len(dataset) == 0:
         raise ValueError(f"{stores}: no slices in split {split!r}")
     sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
     if drop_last and len(sampler) < batch_size:
         raise ValueError(f"{stores}: {len(sampler)} slices in split {split!r}, fewer than one batch of {batch_size}")
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last)
+
+
+def evenly_spaced(total: int, limit: int | None) -> np.ndarray:
+    """Indices of at most ``limit`` items spread evenly over ``range(total)``: all of them when
+    ``limit`` is None or not below ``total`` (a capped evaluation still sees every volume)."""
+    if limit is None or limit >= total:
+        return np.arange(total)
+    return np.unique(np.linspace(0, total - 1, num=limit).round().astype(int))
 
 
 def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
@@ -134,3 +149,29 @@ def autocast(device: torch.device | str, enabled: bool):
     """bf16 autocast on CPU or CUDA (a no-op context when disabled)."""
     device_type = torch.device(device).type
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@contextmanager
+def process_group(distributed: bool, device: str | torch.device) -> Iterator[tuple[int, int, torch.device]]:
+    """The distributed setting of a training run, as ``(rank, world_size, device)``.
+
+    With ``distributed`` and no process group yet, one is initialised from torchrun's environment
+    (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) — NCCL for a CUDA ``device``, gloo
+    otherwise — and destroyed on exit; a group the caller initialised is used and left alone. In a
+    group, a CUDA device without an index becomes ``cuda:$LOCAL_RANK`` and the device is made the
+    current one. Outside a group: ``(0, 1, device)``.
+    """
+    dev = torch.device(device)
+    created = distributed and not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    try:
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        if dev.type == "cuda" and dist.is_initialized():
+            if dev.index is None:
+                dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(dev)
+        yield rank, world_size, dev
+    finally:
+        if created:
+            dist.destroy_process_group()

@@ -30,7 +30,7 @@ from ..data.store import SliceStore, atomic_write_json
 from ..losses import PerceptualLoss, load_lpips, pixel_losses
 from ..networks.msvqvae import MultiScaleVQVAE
 from ..visualize import save_reconstructions, save_usage_heatmap
-from .common import attach_checkpoints, autocast, model_input, slice_augmentation, store_loader, to_uint8
+from .common import attach_checkpoints, autocast, evenly_spaced, model_input, slice_augmentation, store_loader, to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +80,7 @@ def evaluate_tokenizer(
         With ``max_images``, an evenly spaced subset of the store's slices is used.
     """
     model.eval()
-    n = len(store) if max_images is None else min(max_images, len(store))
-    # an evenly spaced subset when capped, so every volume of the store is represented
-    order = np.unique(np.linspace(0, len(store) - 1, num=n).round().astype(int)) if n < len(store) else np.arange(n)
+    order = evenly_spaced(len(store), max_images)
     n = len(order)
     vocab, scales = model.config["vocab_size"], len(model.patch_nums)
     counts = torch.zeros(scales, vocab, dtype=torch.long)

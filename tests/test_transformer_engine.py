@@ -1,0 +1,183 @@
+"""Transformer training on MONAI/Ignite engines: loss, resume after SIGKILL, model file, DDP, configs, CLI."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from medvar_bundle.cli import main
+from medvar_bundle.data.tokens import TokenStore, tokenize_store
+from medvar_bundle.engines.common import latest_checkpoint
+from medvar_bundle.engines.tokenizer import save_tokenizer
+from medvar_bundle.engines.transformer import train_transformer, warmup_cosine
+from medvar_bundle.model_file import load_model
+from medvar_bundle.networks.msvqvae import MultiScaleVQVAE
+
+from conftest import build_synthetic_store
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 64
+NET = {"depth": 1, "width": 64, "heads": 4}
+# 16 training slices, batch 4: an epoch is 4 steps
+ARGS = dict(batch_size=4, model_overrides=NET, warmup_steps=2, progress=False)
+# one exact fp32 step: peak lr 1e-3 at a global batch of 4 (Adam's first step moves every weight by about the lr)
+EXACT = dict(ARGS, max_steps=1, lr=0.064, bf16=False, cond_drop=0.0, warmup_steps=1, val_every=100)
+# networks this small run fastest on one thread, above all on a shared 2-core machine
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """A 64×64 store (16 training, 16 validation slices, 2 datasets) tokenized by a random tiny tokenizer (V = 64)."""
+    root = tmp_path_factory.mktemp("tokens")
+    store = build_synthetic_store(root)
+    torch.manual_seed(0)
+    tokenizer = save_tokenizer(MultiScaleVQVAE.from_preset("tiny", image_size=64, vocab_size=VOCAB), root / "tokenizer.pt", 0)
+    tokenize_store(tokenizer, store, progress=False)
+    return store
+
+
+def _state(path) -> dict:
+    return load_model(path).transformer.state_dict()
+
+
+def test_loss_falls_and_model_file_is_self_contained(store, tmp_path):
+    out = tmp_path / "run"
+    path = train_transformer(str(store), str(out), max_steps=30, lr=1.0, checkpoint_every=10, val_every=15, **dict(ARGS, model_overrides={**NET, "depth": 2}))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    loss = [e.value for e in events.Scalars("loss")]
+    assert len(loss) == 30 and loss[0] == pytest.approx(math.log(VOCAB), abs=0.1)
+    assert sum(loss[-5:]) / 5 < 0.6 * sum(loss[:5]) / 5, loss
+    lr = [e.value for e in events.Scalars("lr")]
+    peak = 1.0 * 4 / 256  # lr per 256 images × global batch
+    assert lr[:2] == pytest.approx([0.5 * peak, peak]) and lr[-1] == pytest.approx(warmup_cosine(29, 2, 30, 0.01) * peak)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [15, 30] and len(rows[0]["ce_per_scale"]) == 4 and rows[0]["num_images"] == 16
+    assert latest_checkpoint(out / "checkpoints").name == "checkpoint_30.pt"
+
+    model = load_model(path)  # tokenizer, transformer and registry: nothing else needed
+    assert path == out / "model.pt" and model.step == 30 and model.extra["validation"]["step"] == 30
+    assert model.datasets == TokenStore(store).datasets and model.transformer.num_datasets == 2
+    assert model.transformer.config["depth"] == 2 and model.tokenizer.config["vocab_size"] == VOCAB
+
+
+def test_warmup_cosine_schedule():
+    assert [warmup_cosine(s, 4, 10, 0.1) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert warmup_cosine(7, 4, 10, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert warmup_cosine(10, 4, 10, 0.1) == pytest.approx(0.1) == warmup_cosine(50, 4, 10, 0.1)
+
+
+def test_resume_after_sigkill_continues_the_same_run(store, tmp_path):
+    """A run SIGKILLed right after its step-4 checkpoint (an epoch boundary) resumes at step 4 and
+    ends exactly as an uninterrupted 8-step run, conditional dropout included."""
+    kwargs = dict(ARGS, max_steps=8, lr=1.0, checkpoint_every=4, val_every=100)
+    reference = train_transformer(str(store), str(tmp_path / "ref"), **kwargs)
+    out = tmp_path / "killed"
+    code = (
+        "import os, signal\n"
+        "from ignite.engine import Events\n"
+        "from medvar_bundle.engines import transformer as T\n"
+        "attach = T.attach_checkpoints\n"
+        "def attach_then_die(engine, *args):\n"
+        "    saver = attach(engine, *args)  # saves first, then this handler kills the process\n"
+        "    engine.add_event_handler(Events.ITERATION_COMPLETED(once=4), lambda e: os.kill(os.getpid(), signal.SIGKILL))\n"
+        "    return saver\n"
+        "T.attach_checkpoints = attach_then_die\n"
+        f"T.train_transformer({str(store)!r}, {str(out)!r}, **{kwargs!r})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=ONE_THREAD)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert latest_checkpoint(out / "checkpoints").name == "checkpoint_4.pt" and not (out / "model.pt").exists()
+
+    resumed = train_transformer(str(store), str(out), **kwargs)
+    final = torch.load(latest_checkpoint(out / "checkpoints"), map_location="cpu", weights_only=False)
+    ref = torch.load(latest_checkpoint(tmp_path / "ref" / "checkpoints"), map_location="cpu", weights_only=False)
+    assert final["trainer"]["iteration"] == 8 and final["scheduler"]["last_epoch"] == 8
+    assert {float(s["step"]) for s in final["optimizer"]["state"].values()} == {8.0}
+    for key, weight in _state(reference).items():
+        torch.testing.assert_close(_state(resumed)[key], weight, msg=f"{key} differs after resume")
+    for k, state in ref["optimizer"]["state"].items():
+        torch.testing.assert_close(final["optimizer"]["state"][k]["exp_avg_sq"], state["exp_avg_sq"])
+
+
+def _bundle_run(config_files: list[str], store: Path, out: Path, *extra: str, launcher: tuple[str, ...] = ()) -> None:
+    files = [str(ROOT / "configs" / f) for f in config_files]
+    cmd = [
+        sys.executable, *launcher, "-m", "monai.bundle", "run", "training", "--config_file", str(files),
+        "--meta_file", str(ROOT / "configs" / "metadata.json"), "--logging_file", str(ROOT / "configs" / "logging.conf"),
+        "--dataset_dir", str(store), "--output_dir", str(out), "--model_overrides", json.dumps(NET), *extra,
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=ONE_THREAD)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_one_ddp_step_equals_the_single_process_step(store, tmp_path):
+    """torchrun with multi_gpu_train.yaml (2 gloo processes × 2 slices) takes the same optimizer step
+    as one process on the same global batch of 4, and as 2 accumulated micro-batches of 2."""
+    single = train_transformer(str(store), str(tmp_path / "single"), **EXACT)
+    accumulated = train_transformer(str(store), str(tmp_path / "accum"), **dict(EXACT, batch_size=2, grad_accum=2))
+    _bundle_run(
+        ["train.yaml", "multi_gpu_train.yaml"], store, tmp_path / "ddp",
+        "--max_steps", "1", "--batch_size", "2", "--lr", str(EXACT["lr"]), "--bf16", "False", "--cond_drop", "0.0",
+        "--warmup_steps", "1", "--val_every", "100",
+        launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
+    )  # fmt: skip
+    initial = _state(train_transformer(str(store), str(tmp_path / "init"), **dict(EXACT, lr=0.0)))
+    reference = _state(single)
+    assert max(float((reference[k] - initial[k]).abs().max()) for k in reference) > 5e-4  # the step moved the weights
+    for other in (_state(accumulated), _state(tmp_path / "ddp" / "model.pt")):
+        for key, weight in reference.items():
+            torch.testing.assert_close(other[key], weight, atol=1e-6, rtol=0, msg=key)
+    assert latest_checkpoint(tmp_path / "ddp" / "checkpoints").name == "checkpoint_1.pt"
+
+
+def test_bundle_training_config_runs_the_same_trainer(store, tmp_path):
+    out = tmp_path / "run"
+    _bundle_run(["train.yaml"], store, out, "--max_steps", "2", "--batch_size", "4", "--val_every", "2", "--checkpoint_every", "2")
+    model = load_model(out / "model.pt")
+    assert model.step == 2 and model.transformer.config["width"] == 64
+    assert latest_checkpoint(out / "checkpoints").name == "checkpoint_2.pt"
+
+
+def test_cli_trains(store, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--store", str(store), "--out", str(out), "--max-steps", "2", "--batch-size", "4", "--quiet"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip() == f"medvar train: wrote {out / 'model.pt'}"
+    assert load_model(out / "model.pt").transformer.config["depth"] == 4  # the tiny preset
+
+
+@pytest.mark.parametrize("case", ["missing store", "no tokens", "other tokenizer", "bad value"])
+def test_cli_bad_input_is_one_line(case, store, synthetic_store, tmp_path, capsys):
+    args = ["train", "--store", str(store), "--out", str(tmp_path / "run"), "--quiet"]
+    if case == "missing store":
+        args[2], expected = str(tmp_path / "nowhere"), "not a slice store"
+    elif case == "no tokens":
+        args[2], expected = str(synthetic_store), "no tokens; run `medvar tokenize"
+    elif case == "other tokenizer":
+        blob = torch.load(store.parent / "tokenizer.pt", weights_only=False)
+        torch.save({**blob, "step": 1}, tmp_path / "other.pt")
+        args += ["--tokenizer", str(tmp_path / "other.pt")]
+        expected = "is not the tokenizer that made the tokens"
+    else:
+        args += ["--grad-accum", "0"]
+        expected = "--grad-accum must be >= 1"
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("medvar train: error: ") and expected in err[0], err
+    assert not (tmp_path / "run").exists()
