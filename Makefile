@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 DEMO ?= runs/demo
 WORKERS ?= 2
 TOKENIZER_STEPS ?= 800
+TRANSFORMER_STEPS ?= 150
+SAMPLES ?= 16
 
 .PHONY: install demo test bench clean-demo
 
@@ -26,8 +28,13 @@ demo: install
 	$(BIN)/medvar evaluate-tokenizer --tokenizer $(DEMO)/tokenizer/tokenizer.pt --store $(DEMO)/store \
 		--split validation --quiet | tee $(DEMO)/tokenizer/heldout_metrics.json
 	$(BIN)/medvar tokenize --tokenizer $(DEMO)/tokenizer/tokenizer.pt --store $(DEMO)/store --force
+	$(BIN)/medvar train --store $(DEMO)/store --tokenizer $(DEMO)/tokenizer/tokenizer.pt --out $(DEMO)/transformer \
+		--preset tiny --max-steps $(TRANSFORMER_STEPS) --batch-size 16 --lr 0.016 --warmup 20 --val-every 50 --checkpoint-every 50
+	$(BIN)/medvar generate --model $(DEMO)/transformer/model.pt --num $(SAMPLES) --out $(DEMO)/samples --progression
 	@echo "demo: store $(DEMO)/store (preview $(DEMO)/store_preview.png); tokenizer $(DEMO)/tokenizer/tokenizer.pt"
-	@echo "      held-out metrics $(DEMO)/tokenizer/heldout_metrics.json, pictures in $(DEMO)/tokenizer/validation/"
+	@echo "      held-out tokenizer metrics $(DEMO)/tokenizer/heldout_metrics.json, pictures in $(DEMO)/tokenizer/validation/"
+	@echo "      model (tokenizer + transformer + dataset registry, all generation needs): $(DEMO)/transformer/model.pt"
+	@echo "      synthetic slices: NIfTI stacks and PNG grids in $(DEMO)/samples/"
 
 test: install
 	$(BIN)/python -m pytest -q

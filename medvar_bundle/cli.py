@@ -86,7 +86,7 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
     try:
         path = train_tokenizer(
             args.store, args.out, max_steps=args.max_steps, batch_size=args.batch_size, device=args.device,
-            preset=args.preset, model_overrides={"l2_norm": args.l2_norm}, lr=args.lr,
+            preset=args.preset, model_overrides={"l2_norm": args.l2_norm}, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
             dead_code_every=args.dead_code_every, augment=args.augment, ae_warmup=args.ae_warmup,
             lpips_weight=args.lpips_weight,
             lpips_net=args.lpips_net,
@@ -147,11 +147,29 @@ def _train(args: argparse.Namespace) -> int:
             device=args.device, preset=args.preset, lr=args.lr, warmup_steps=args.warmup, grad_accum=args.grad_accum,
             cond_drop=args.cond_drop, checkpoint_every=args.checkpoint_every, val_every=args.val_every,
             bf16=not args.fp32, num_workers=args.workers, seed=args.seed, progress=not args.quiet,
-            distributed=int(os.environ.get("WORLD_SIZE", 1)) > 1,
+            distributed=int(os.environ.get("WORLD_SIZE", 1)) > 1, loss_weighting=args.loss_weighting,
         )
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from None
     print(f"medvar train: wrote {path}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .inference import generate
+
+    try:
+        summary = generate(
+            args.model, args.dataset, args.num, args.out, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+            temperature=args.temperature, seed=args.seed, batch_size=args.batch_size, device=args.device,
+            bf16=not args.fp32, resample_original=args.resample_original, progression=args.progression,
+            progress=not args.quiet,
+        )
+    except (FileNotFoundError, ValueError, PermissionError) as exc:
+        raise UserError(str(exc)) from None
+    for name, info in summary["datasets"].items():
+        print(f"medvar generate: {name}: {args.num} slices ({info['seconds_per_image']:.2f} s/slice) -> {info['files']['nifti']}")
+    print(f"medvar generate: PNG grids and summary.json in {args.out}")
     return 0
 
 
@@ -225,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", help="network preset: tiny (CPU) or paper (~100M parameters)")
     p.add_argument("--max-steps", type=int, default=2000, help="optimizer steps (default 2000)")
     p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
+    p.add_argument(
+        "--min-lr-ratio", type=float, default=1.0,
+        help="cosine decay of the learning rate to this fraction of --lr at --max-steps (default 1: constant)",
+    )
     p.add_argument("--l2-norm", action="store_true", help="l2-normalised (cosine) code lookup")
     p.add_argument("--dead-code-every", type=int, default=50, help="steps between dead-code re-initialisations (0: never)")
     p.add_argument("--augment", action="store_true", help="random flips, small affine transforms and gamma contrast")
@@ -258,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay (default 100)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step (default 1)")
     p.add_argument("--cond-drop", type=float, default=0.1, help="probability of dropping the dataset id (default 0.1)")
+    p.add_argument(
+        "--loss-weighting", choices=["scale", "token"], default="scale",
+        help="scale: every scale's mean cross-entropy counts the same (default); token: every token the same (VAR)",
+    )
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     p.add_argument("--val-every", type=int, default=500, help="steps between validations (each rewrites model.pt)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
@@ -289,6 +315,27 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_options(p, batch_size=32)
     p.add_argument("--force", action="store_true", help="replace tokens made by another tokenizer")
     p.set_defaults(func=_tokenize)
+    p = sub.add_parser(
+        "generate",
+        help="sample synthetic slices per dataset into NIfTI stacks (mm affine) and PNG grids",
+        description="Sample slices with the next-scale transformer from one self-contained model.pt and write, per "
+        "dataset, NAME.nii.gz (256x256xN; in-plane spacing = the dataset's median field of view / 256, slice "
+        "spacing = its median slice spacing; CT in int16 Hounsfield units, MR in the normalised 8-bit range), "
+        "NAME.png (a grid) and summary.json. Same --seed and --batch-size give the same slices.",
+    )
+    p.add_argument("--model", required=True, help="model.pt written by `medvar train`")
+    p.add_argument("--dataset", nargs="+", help="dataset name(s) of the model's registry (default: all)")
+    p.add_argument("--num", type=int, default=16, help="slices per dataset (default 16)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance at the last scale, >= 0 (default 4)")
+    p.add_argument("--top-k", type=int, default=900, help="keep the k most likely codes, >= 1 (default 900)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass in (0, 1] (default 0.95)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature, > 0 (default 1)")
+    p.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    p.add_argument("--resample-original", action="store_true", help="resample in-plane to the dataset's median original matrix")
+    p.add_argument("--progression", action="store_true", help="also write NAME_progression.png (coarse to fine)")
+    _runtime_options(p, batch_size=16)
+    p.set_defaults(func=_generate)
     return parser
 
 

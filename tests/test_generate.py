@@ -101,3 +101,34 @@ def test_mismatched_tokenizer_and_transformer_are_refused(tmp_path):
     good = NextScaleTransformer(num_datasets=3, depth=1, patch_nums=tokenizer.patch_nums)
     with pytest.raises(ModelMismatchError, match=r"registry ids \[0, 1\] do not match the transformer's 3"):
         save_model(tmp_path / MODEL_FILE, tokenizer, good, REGISTRY)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--dataset", "liver"], "unknown dataset 'liver'; this model knows: abdomen_ct, brain_mr"),
+        (["--num", "-3"], "--num must be a positive number of slices, got -3"),
+        (["--cfg", "-1"], "cfg must be >= 0, got -1.0"),
+        (["--top-k", "0"], "top-k must be an integer >= 1, got 0"),
+        (["--top-p", "1.5"], "top-p must be in (0, 1], got 1.5"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(model_path, tmp_path, capsys, extra, message):
+    from medvar_bundle.cli import main
+
+    assert main(["generate", "--model", str(model_path), "--out", str(tmp_path / "out"), "--quiet", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"medvar generate: error: {message}"
+
+
+def test_cli_generate_and_truncated_model_file(model_path, tmp_path, capsys):
+    from medvar_bundle.cli import main
+
+    assert main(["generate", "--model", str(model_path), "--dataset", "abdomen_ct", "--num", "2", "--out", str(tmp_path), "--quiet"]) == 0
+    assert "abdomen_ct: 2 slices" in capsys.readouterr().out
+    assert nib.load(tmp_path / "abdomen_ct.nii.gz").shape == (64, 64, 2)
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(model_path.read_bytes()[:1000])
+    assert main(["generate", "--model", str(broken), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"medvar generate: error: {broken}: not a readable MedVAR model file") and "\n" not in err

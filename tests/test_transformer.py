@@ -179,3 +179,14 @@ def test_same_seed_same_images_and_progression(models):
 def test_bad_sampling_options(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
         SamplingOptions(**kwargs)
+
+
+def test_token_loss_weights_known_answer():
+    from medvar_bundle.networks.transformer import token_loss_weights
+
+    w = token_loss_weights((1, 2), "scale")
+    assert torch.allclose(w, torch.tensor([0.5, 0.125, 0.125, 0.125, 0.125]))
+    assert torch.allclose(token_loss_weights((1, 2), "token"), torch.full((5,), 0.2))
+    assert torch.isclose(token_loss_weights(PATCH_NUMS).sum(), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="loss weighting must be one of"):
+        token_loss_weights((1, 2), "pixel")

@@ -15,7 +15,8 @@ from medvar_bundle.cli import main
 from medvar_bundle.data.tokens import TokenStore, tokenize_store
 from medvar_bundle.engines.common import latest_checkpoint
 from medvar_bundle.engines.tokenizer import save_tokenizer
-from medvar_bundle.engines.transformer import train_transformer, warmup_cosine
+from medvar_bundle.engines.common import warmup_cosine
+from medvar_bundle.engines.transformer import train_transformer
 from medvar_bundle.model_file import load_model
 from medvar_bundle.networks.msvqvae import MultiScaleVQVAE
 

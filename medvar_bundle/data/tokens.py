@@ -97,7 +97,7 @@ def tokenize_store(
     if vocab > np.iinfo(np.uint16).max + 1:
         raise ValueError(f"vocabulary of {vocab} codes does not fit uint16 token shards")
     meta = {
-        "tokenizer": str(tokenizer_path), "tokenizer_sha256": digest, "patch_nums": list(model.patch_nums),
+        "tokenizer": str(Path(tokenizer_path).resolve()), "tokenizer_sha256": digest, "patch_nums": list(model.patch_nums),
         "vocab_size": vocab, "tokens_per_image": model.num_tokens,
     }
     atomic_write_json(meta_file, meta)

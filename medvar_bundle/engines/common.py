@@ -111,6 +111,16 @@ def evenly_spaced(total: int, limit: int | None) -> np.ndarray:
     return np.unique(np.linspace(0, total - 1, num=limit).round().astype(int))
 
 
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier of the optimizer step that follows ``step`` completed steps
+    (:class:`~torch.optim.lr_scheduler.LambdaLR`'s count): linear warm-up ``(step + 1) / warmup_steps``,
+    then a cosine from 1 down to ``min_lr_ratio`` at ``max_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
     """The ``checkpoint_<step>.pt`` with the highest step in ``folder``, or None."""
     found = []

@@ -6,6 +6,7 @@ configs/train_tokenizer.yaml`` both call :func:`train_tokenizer`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ from ignite.handlers import ProgressBar
 from monai.handlers import StatsHandler, TensorBoardStatsHandler
 from monai.networks.nets import PatchDiscriminator
 from monai.utils import set_determinism
+from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.tensorboard import SummaryWriter
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from tqdm import tqdm
@@ -30,7 +32,7 @@ from ..data.store import SliceStore, atomic_write_json
 from ..losses import PerceptualLoss, load_lpips, pixel_losses
 from ..networks.msvqvae import MultiScaleVQVAE
 from ..visualize import save_reconstructions, save_usage_heatmap
-from .common import attach_checkpoints, autocast, evenly_spaced, model_input, slice_augmentation, store_loader, to_uint8
+from .common import attach_checkpoints, autocast, evenly_spaced, model_input, slice_augmentation, store_loader, to_uint8, warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +156,7 @@ def train_tokenizer(
     preset: str = "tiny",
     model_overrides: dict | None = None,
     lr: float = 2e-4,
+    min_lr_ratio: float = 1.0,
     weight_decay: float = 0.0,
     grad_clip: float = 1.0,
     l1_weight: float = 1.0,
@@ -185,7 +188,8 @@ def train_tokenizer(
     steps and at the end; its figures go to TensorBoard, ``output_dir/metrics.jsonl`` and
     ``output_dir/validation/``. The final model is ``output_dir/tokenizer.pt``. ``augment`` adds
     random flips, small affine transforms and gamma contrast (:func:`slice_augmentation`).
-    ``ae_warmup`` > 0 trains encoder and decoder as a plain autoencoder (quantizer bypassed) for
+    The learning rate follows a cosine from ``lr`` down to ``min_lr_ratio · lr`` at ``max_steps``
+    (1.0: constant). ``ae_warmup`` > 0 trains encoder and decoder as a plain autoencoder (quantizer bypassed) for
     that many steps, then re-draws the whole codebook from the learned features and quantizes.
 
     Returns:
@@ -208,6 +212,7 @@ def train_tokenizer(
     model = MultiScaleVQVAE.from_preset(preset, image_size=image_size, **(model_overrides or {})).to(dev)
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.5, 0.9), weight_decay=weight_decay)
+    scheduler = LambdaLR(optimizer, functools.partial(warmup_cosine, warmup_steps=0, max_steps=max_steps, min_lr_ratio=min_lr_ratio))
     disc = disc_opt = None
     if gan_weight > 0:
         disc = PatchDiscriminator(spatial_dims=2, num_layers_d=3, channels=64, in_channels=1, out_channels=1).to(dev)
@@ -239,7 +244,9 @@ def train_tokenizer(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+        logs["lr"] = optimizer.param_groups[0]["lr"]
         optimizer.step()
+        scheduler.step()
         if use_gan:
             with autocast(dev, bf16):
                 d_loss = _hinge_d_loss(disc(x)[-1].float(), disc(recon.detach())[-1].float())
@@ -271,7 +278,7 @@ def train_tokenizer(
         iteration_update=step,
         epoch_length=epoch_length,
     )
-    save_dict = {"network": model, "optimizer": optimizer, "trainer": trainer}
+    save_dict = {"network": model, "optimizer": optimizer, "scheduler": scheduler, "trainer": trainer}
     if disc is not None:
         save_dict.update(discriminator=disc, disc_optimizer=disc_opt)
     checkpointer = attach_checkpoints(trainer, save_dict, out / "checkpoints", checkpoint_every)

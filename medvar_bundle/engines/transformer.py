@@ -39,8 +39,8 @@ from torch.utils.tensorboard import SummaryWriter
 from ..data.tokens import TOKENS_META, TokenStore, file_digest
 from ..model_file import MODEL_FILE, save_model
 from ..networks.msvqvae import MultiScaleVQVAE
-from ..networks.transformer import NextScaleTransformer, scale_of_positions
-from .common import attach_checkpoints, autocast, evenly_spaced, process_group, store_loader
+from ..networks.transformer import NextScaleTransformer, scale_of_positions, token_loss_weights
+from .common import attach_checkpoints, autocast, evenly_spaced, process_group, store_loader, warmup_cosine
 from .tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -69,16 +69,6 @@ def resolve_tokenizer(store: TokenStore, tokenizer: str | os.PathLike | None = N
             "pass that one or re-tokenize with `medvar tokenize --force`"
         )
     return path
-
-
-def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """Learning-rate multiplier of the optimizer step that follows ``step`` completed steps
-    (:class:`~torch.optim.lr_scheduler.LambdaLR`'s count): linear warm-up ``(step + 1) / warmup_steps``,
-    then a cosine from 1 down to ``min_lr_ratio`` at ``max_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def teacher_forced_loss(
@@ -190,11 +180,14 @@ def train_transformer(
     seed: int = 0,
     progress: bool = True,
     distributed: bool = False,
+    loss_weighting: str = "scale",
 ) -> Path:
     """Train the next-scale transformer on the tokens of one or several (tokenized) slice stores.
 
-    Teacher forcing: the loss is the cross-entropy of all L tokens (680 at 256²), averaged over
-    tokens and images. AdamW (``betas``, ``weight_decay`` on weight matrices only) at a peak
+    Teacher forcing: the loss is the cross-entropy of all L tokens (680 at 256²), weighted by
+    :func:`~medvar_bundle.networks.transformer.token_loss_weights` — by default every scale's mean
+    cross-entropy counts the same (``loss_weighting="scale"``; ``"token"`` weighs every token the
+    same, as VAR) — and averaged over images. AdamW (``betas``, ``weight_decay`` on weight matrices only) at a peak
     learning rate ``lr · global_batch / 256``, ``global_batch = batch_size · world_size ·
     grad_accum``, after a linear warm-up of ``warmup_steps`` and down a cosine to
     ``min_lr_ratio · peak`` at ``max_steps`` (:func:`warmup_cosine`); bf16 autocast; gradient
@@ -256,6 +249,7 @@ def train_transformer(
         )
         schedule = functools.partial(warmup_cosine, warmup_steps=warmup_steps, max_steps=max_steps, min_lr_ratio=min_lr_ratio)
         scheduler = LambdaLR(optimizer, schedule)
+        weights = token_loss_weights(transformer.patch_nums, loss_weighting).to(dev)
         if main:
             logger.info(
                 "transformer %.1fM parameters; global batch %d (%d × %d processes × %d accumulated), peak lr %.3g",
@@ -267,13 +261,16 @@ def train_transformer(
             model.train()
             _reseed(seed, engine.state.iteration, rank)
             stats = TokenStats(transformer.patch_nums, dev)
+            objective = 0.0
             optimizer.zero_grad(set_to_none=True)
             micro_batches = zip(batch["tokens"].to(dev).split(batch_size), batch["dataset_id"].to(dev).split(batch_size))
             for i, (tokens, ids) in enumerate(micro_batches):
                 sync = i == grad_accum - 1 or model is transformer  # DDP all-reduces after the last micro-batch
                 with nullcontext() if sync else model.no_sync():
                     ce, logits = teacher_forced_loss(tok, model, tokens, ids, bf16)
-                    (ce.mean() / grad_accum).backward()
+                    loss = (ce * weights).sum(1).mean()
+                    (loss / grad_accum).backward()
+                objective += loss.item() / grad_accum
                 stats.add(ce, logits, tokens)
             grad_norm = float(nn.utils.clip_grad_norm_(transformer.parameters(), grad_clip))
             lr_now = optimizer.param_groups[0]["lr"]
@@ -282,7 +279,7 @@ def train_transformer(
             if dist.is_initialized():
                 dist.all_reduce(stats.sums)  # figures of the global batch
             figures = {k: v for k, v in stats.summary().items() if not k.endswith("_per_scale")}
-            return {"loss": figures.pop("ce"), **figures, "lr": lr_now, "grad_norm": grad_norm}
+            return {"loss": objective, **figures, "lr": lr_now, "grad_norm": grad_norm}
 
         epoch_length = len(loader)
         trainer = SupervisedTrainer(

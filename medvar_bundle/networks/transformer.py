@@ -61,6 +61,23 @@ def block_causal_mask(patch_nums: tuple[int, ...]) -> Tensor:
     return scale[None, :] <= scale[:, None]
 
 
+LOSS_WEIGHTINGS = ("scale", "token")
+
+
+def token_loss_weights(patch_nums: tuple[int, ...], weighting: str = "scale") -> Tensor:
+    """Weights ``(L,)`` (summing to 1) of the per-token cross-entropies in the training loss.
+
+    ``"scale"``: every scale counts the same (each token of scale k weighs ``1 / (K·n_k²)``), i.e.
+    the per-scale mean cross-entropies summed over scales, divided by K. ``"token"``: every token
+    counts the same (VAR's choice), so the last scale (256 of 680 tokens) dominates and the coarse
+    scales that fix the anatomy's layout (1 + 4 + 9 tokens) get 2 % of the gradient.
+    """
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
+    sizes = torch.tensor([n * n for n in patch_nums], dtype=torch.float32)
+    per_scale = 1.0 / (len(patch_nums) * sizes) if weighting == "scale" else torch.full_like(sizes, 1.0 / sizes.sum().item())
+    return per_scale[scale_of_positions(patch_nums)]
+
 @dataclass
 class KVCache:
     """Keys and values of the tokens seen so far, per block: ``(B, heads, L_seen, head_dim)`` each.
