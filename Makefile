@@ -42,6 +42,7 @@ test: install
 bench: install
 	$(BIN)/python scripts/bench_prepare.py
 	$(BIN)/python scripts/bench_tokenizer.py
+	$(BIN)/python scripts/bench_sampler.py
 
 clean-demo:
 	rm -rf $(DEMO)
