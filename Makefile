@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 DEMO ?= runs/demo
 WORKERS ?= 2
 TOKENIZER_STEPS ?= 800
-TRANSFORMER_STEPS ?= 150
+# transformer: tiny preset, batch 8, peak LR 3e-3 (--lr is per 256 images: 0.096 x 8/256)
+TRANSFORMER_STEPS ?= 250
 SAMPLES ?= 16
 
 .PHONY: install demo test bench clean-demo
@@ -24,12 +25,12 @@ demo: install
 	$(BIN)/medvar prepare --datalist $(DEMO)/data/datalist.json --out $(DEMO)/store --workers $(WORKERS)
 	$(BIN)/medvar preview --store $(DEMO)/store --out $(DEMO)/store_preview.png
 	$(BIN)/medvar train-tokenizer --store $(DEMO)/store --out $(DEMO)/tokenizer --max-steps $(TOKENIZER_STEPS) \
-		--batch-size 4 --lr 1e-3 --l2-norm --augment --ae-warmup 150 --val-every 200 --checkpoint-every 100
+		--batch-size 4 --lr 1e-3 --min-lr-ratio 0.05 --l2-norm --augment --ae-warmup 150 --val-every 200 --checkpoint-every 100
 	$(BIN)/medvar evaluate-tokenizer --tokenizer $(DEMO)/tokenizer/tokenizer.pt --store $(DEMO)/store \
 		--split validation --quiet | tee $(DEMO)/tokenizer/heldout_metrics.json
 	$(BIN)/medvar tokenize --tokenizer $(DEMO)/tokenizer/tokenizer.pt --store $(DEMO)/store --force
 	$(BIN)/medvar train --store $(DEMO)/store --tokenizer $(DEMO)/tokenizer/tokenizer.pt --out $(DEMO)/transformer \
-		--preset tiny --max-steps $(TRANSFORMER_STEPS) --batch-size 16 --lr 0.016 --warmup 20 --val-every 50 --checkpoint-every 50
+		--preset tiny --max-steps $(TRANSFORMER_STEPS) --batch-size 8 --lr 0.096 --warmup 20 --val-every 125 --checkpoint-every 50
 	$(BIN)/medvar generate --model $(DEMO)/transformer/model.pt --num $(SAMPLES) --out $(DEMO)/samples --progression
 	@echo "demo: store $(DEMO)/store (preview $(DEMO)/store_preview.png); tokenizer $(DEMO)/tokenizer/tokenizer.pt"
 	@echo "      held-out tokenizer metrics $(DEMO)/tokenizer/heldout_metrics.json, pictures in $(DEMO)/tokenizer/validation/"

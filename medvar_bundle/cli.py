@@ -155,6 +155,30 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_baseline(args: argparse.Namespace) -> int:
+    from .engines.ddpm import train_ddpm
+
+    for name in ("max_steps", "batch_size", "checkpoint_every", "val_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    if not 0 <= args.cond_drop < 1:
+        raise UserError(f"--cond-drop must be in [0, 1), got {args.cond_drop}")
+    try:
+        path = train_ddpm(
+            args.store, args.out, max_steps=args.max_steps, batch_size=args.batch_size, device=args.device,
+            preset=args.preset, lr=args.lr, warmup_steps=args.warmup, cond_drop=args.cond_drop,
+            checkpoint_every=args.checkpoint_every, val_every=args.val_every, bf16=not args.fp32,
+            num_workers=args.workers, seed=args.seed, progress=not args.quiet,
+            distributed=int(os.environ.get("WORLD_SIZE", 1)) > 1,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    print(f"medvar train-baseline: wrote {path}")
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from .inference import generate
 
@@ -290,6 +314,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     _runtime_options(p, batch_size=16)
     p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "train-baseline",
+        help="train the DDPM baseline (MONAI DiffusionModelUNet) on slice stores",
+        description="Train the dataset-conditioned DDPM baseline of the paper's comparison (epsilon prediction, 1000 "
+        "training timesteps, conditional dropout for classifier-free guidance) on the training split of one or more "
+        "slice stores; validate (noise MSE) on the validation split and write RUN/baseline.pt. Re-running on the same "
+        "--out resumes. Under torchrun (WORLD_SIZE > 1) every process trains on its share with DistributedDataParallel.",
+    )
+    p.add_argument("--store", required=True, action="extend", nargs="+", help="slice store folder(s); repeatable")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, baseline.pt, metrics.jsonl, TensorBoard)")
+    p.add_argument("--preset", default="tiny", help="network preset: tiny, small (CPU); ddpm-s, ddpm-l (paper)")
+    p.add_argument("--max-steps", type=int, default=2000, help="optimizer steps (default 2000)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (default 1e-4)")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay (default 100)")
+    p.add_argument("--cond-drop", type=float, default=0.1, help="probability of dropping the dataset id (default 0.1)")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    p.add_argument("--val-every", type=int, default=500, help="steps between validations (each rewrites baseline.pt)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    _runtime_options(p, batch_size=8)
+    p.set_defaults(func=_train_baseline)
 
     p = sub.add_parser(
         "evaluate-tokenizer",

@@ -5,8 +5,8 @@ reached against this machine's measured bf16 matmul peak.
 Untrained weights (speed does not depend on them); CFG on (the conditional and unconditional
 halves run as one batch of 2B, as in real use), top-k 900, top-p 0.95. The transformer is timed
 alone (tokens) and with the tokenizer's decoder (images); FLOPs are counted with
-``torch.utils.flop_counter`` over one sampling run (matmuls and attention; the tokenizer is not
-counted).
+``torch.utils.flop_counter`` over the sampling of one image (matmuls and attention; the tokenizer is
+not counted).
 
     .venv/bin/python scripts/bench_sampler.py [--preset d16] [--batches 1 16] [--repeats 1] [--json]
 """
@@ -57,9 +57,10 @@ def time_sampling(transformer, tokenizer, batch: int, bf16: bool, use_cache: boo
     return (time.perf_counter() - start) / repeats
 
 
-def count_flops(transformer, tokenizer, batch: int, use_cache: bool) -> int:
-    """FLOPs of one sampling run of the transformer (the tokenizer's f̂ updates are negligible)."""
-    ids = torch.zeros(batch, dtype=torch.long)
+def flops_per_image(transformer, tokenizer, use_cache: bool) -> int:
+    """FLOPs of sampling one image with the transformer (counted at batch 1; the cost is linear in
+    the batch; the tokenizer's f̂ updates are negligible and not counted)."""
+    ids = torch.zeros(1, dtype=torch.long)
     with FlopCounterMode(display=False) as counter:
         generate_tokens(transformer, tokenizer, ids, OPTIONS, torch.Generator().manual_seed(0), use_cache, bf16=False)
     return counter.get_total_flops()
@@ -80,9 +81,9 @@ def main() -> None:
     transformer = NextScaleTransformer.from_preset(args.preset, num_datasets=3).eval()
     params = sum(p.numel() for p in transformer.parameters())
     peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
+    flops = {cache: flops_per_image(transformer, tokenizer, cache) for cache in (True, False)}
     rows = []
     for batch in args.batches:
-        flops = {cache: count_flops(transformer, tokenizer, batch, cache) for cache in (True, False)}
         for bf16 in (True, False):
             if not bf16 and batch in args.skip_fp32_batches:
                 continue
@@ -92,9 +93,9 @@ def main() -> None:
                 seconds = time_sampling(transformer, tokenizer, batch, bf16, cache, args.repeats, decode=False)
                 row = dict(
                     batch=batch, dtype="bf16" if bf16 else "fp32", kv_cache=cache, s_per_batch=seconds,
-                    s_per_image=seconds / batch, images_per_s=batch / seconds, flops_per_image=flops[cache] / batch,
-                    tflops=flops[cache] / seconds / 1e12,
-                    peak_fraction=flops[cache] / seconds / (peak_bf16 if bf16 else peak_fp32),
+                    s_per_image=seconds / batch, images_per_s=batch / seconds, flops_per_image=flops[cache],
+                    tflops=flops[cache] * batch / seconds / 1e12,
+                    peak_fraction=flops[cache] * batch / seconds / (peak_bf16 if bf16 else peak_fp32),
                 )  # fmt: skip
                 if cache:
                     total = time_sampling(transformer, tokenizer, batch, bf16, cache, args.repeats, decode=True)

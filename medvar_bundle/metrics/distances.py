@@ -1,0 +1,160 @@
+"""Distances between two sets of features: Fréchet distance (FID, RadFID), KID, CMMD.
+
+All functions take NumPy-compatible float arrays ``(N, D)`` (one row per image) and compute in
+float64. They know nothing about the network that made the features; see
+:mod:`medvar_bundle.metrics.extractors` for that.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy import linalg
+
+
+def _features(features: ArrayLike, name: str) -> np.ndarray:
+    """``features`` as a float64 ``(N, D)`` array with at least two rows."""
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"{name}: expected features of shape (N >= 2, D), got {x.shape}")
+    return x
+
+
+def feature_statistics(features: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``(D,)`` and covariance ``(D, D)`` (unbiased, ``N - 1``) of features ``(N, D)``."""
+    x = _features(features, "features")
+    return x.mean(axis=0), np.atleast_2d(np.cov(x, rowvar=False))
+
+
+def frechet_distance(
+    mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike, eps: float = 1e-6
+) -> float:
+    """Fréchet distance between the Gaussians N(mu1, sigma1) and N(mu2, sigma2).
+
+    ``||mu1 - mu2||² + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^½)``, in squared feature units,
+    computed as pytorch-fid does: ``scipy.linalg.sqrtm`` of the product; if that is not finite
+    (singular product) ``eps`` is added to both diagonals and it is retried; a complex result
+    from round-off is reduced to its real part, unless its diagonal has an imaginary component
+    above 1e-3, which means the covariances are not valid and raises ``ValueError``.
+
+    Args:
+        mu1, mu2: means ``(D,)``.
+        sigma1, sigma2: covariances ``(D, D)``.
+        eps: diagonal offset for the singular case.
+    """
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"mismatched statistics: mu {mu1.shape}/{mu2.shape}, sigma {sigma1.shape}/{sigma2.shape}")
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(mu1.size) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"sqrtm(sigma1 sigma2) has imaginary component {np.max(np.abs(covmean.imag)):.3g}")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def frechet_distance_from_features(features_real: ArrayLike, features_fake: ArrayLike) -> float:
+    """:func:`frechet_distance` of the Gaussians fitted to two feature sets ``(N, D)``, ``(M, D)``
+    (FID with InceptionV3 pool3 features, RadFID with RadImageNet features)."""
+    return frechet_distance(*feature_statistics(features_real), *feature_statistics(features_fake))
+
+
+def _poly_mmd2(x: np.ndarray, y: np.ndarray, degree: int, gamma: float, coef0: float) -> float:
+    """Unbiased MMD² of two equal-size samples ``(m, D)`` under ``k(a, b) = (gamma a·b + coef0)^degree``."""
+    m = x.shape[0]
+    k_xx = (gamma * x @ x.T + coef0) ** degree
+    k_yy = (gamma * y @ y.T + coef0) ** degree
+    k_xy = (gamma * x @ y.T + coef0) ** degree
+    within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+    return float(within - 2 * k_xy.mean())
+
+
+def kid(
+    features_real: ArrayLike,
+    features_fake: ArrayLike,
+    subsets: int = 100,
+    subset_size: int = 1000,
+    degree: int = 3,
+    gamma: float | None = None,
+    coef0: float = 1.0,
+    seed: int | np.random.Generator = 0,
+) -> tuple[float, float]:
+    """Kernel Inception Distance (Bińkowski et al. 2018): mean and std of the unbiased MMD²
+    under the polynomial kernel ``(gamma a·b + coef0)^degree`` over random subsets.
+
+    Each of ``subsets`` rounds draws ``subset_size`` rows without replacement from each set (as
+    torchmetrics / torch-fidelity do). When a set has fewer rows than ``subset_size``, the size
+    shrinks to ``min(N, M)`` with a warning. Unbiased: two samples of one distribution give ≈ 0
+    (values can be slightly negative). Unitless (squared kernel units).
+
+    Args:
+        features_real, features_fake: ``(N, D)`` and ``(M, D)``.
+        subsets: number of random subsets averaged.
+        subset_size: rows per subset and set.
+        degree, gamma, coef0: kernel parameters; ``gamma`` defaults to ``1 / D``.
+        seed: seed or generator for the subset draws.
+
+    Returns:
+        ``(mean, std)`` over the subsets.
+    """
+    x, y = _features(features_real, "features_real"), _features(features_fake, "features_fake")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"feature dimensions differ: {x.shape[1]} vs {y.shape[1]}")
+    n = min(x.shape[0], y.shape[0])
+    if subset_size > n:
+        warnings.warn(
+            f"KID: subset_size {subset_size} exceeds the smaller feature set ({n} rows); using subsets of {n}",
+            stacklevel=2,
+        )
+        subset_size = n
+    gamma = 1.0 / x.shape[1] if gamma is None else gamma
+    rng = np.random.default_rng(seed)
+    scores = [
+        _poly_mmd2(
+            x[rng.choice(x.shape[0], subset_size, replace=False)],
+            y[rng.choice(y.shape[0], subset_size, replace=False)],
+            degree, gamma, coef0,
+        )
+        for _ in range(subsets)
+    ]
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _mean_rbf(a: np.ndarray, b: np.ndarray, gamma: float, chunk: int = 2048) -> float:
+    """Mean of ``exp(-gamma ||a_i - b_j||²)`` over all pairs, ``chunk`` rows of ``a`` at a time."""
+    b_sq = (b * b).sum(axis=1)
+    total = 0.0
+    for start in range(0, a.shape[0], chunk):
+        block = a[start : start + chunk]
+        sq = (block * block).sum(axis=1)[:, None] + b_sq[None, :] - 2 * block @ b.T
+        total += float(np.exp(-gamma * sq).sum())
+    return total / (a.shape[0] * b.shape[0])
+
+
+def cmmd(emb_real: ArrayLike, emb_fake: ArrayLike, sigma: float = 10.0, scale: float = 1000.0) -> float:
+    """CMMD (Jayasumana et al. 2024): MMD² between CLIP image embeddings under a Gaussian RBF
+    kernel ``exp(-||a - b||² / (2 sigma²))``, times ``scale``.
+
+    As in the reference implementation (google-research/cmmd): embeddings are l2-normalised
+    first, and the estimator is the biased (V-statistic, minimum-variance) one including the
+    diagonal, so identical sets give exactly 0. Embeddings that are already normalised are
+    unaffected.
+
+    Args:
+        emb_real, emb_fake: ``(N, D)`` and ``(M, D)`` CLIP image embeddings (D = 768 for
+            ViT-L/14-336).
+        sigma: kernel bandwidth (10 in CMMD).
+        scale: output multiplier (1000 in CMMD).
+    """
+    x, y = _features(emb_real, "emb_real"), _features(emb_fake, "emb_fake")
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    y = y / np.linalg.norm(y, axis=1, keepdims=True)
+    gamma = 1.0 / (2 * sigma**2)
+    return scale * (_mean_rbf(x, x, gamma) + _mean_rbf(y, y, gamma) - 2 * _mean_rbf(x, y, gamma))
