@@ -5,6 +5,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from medvar_bundle.data import prepare_store
 
@@ -44,3 +45,15 @@ def build_synthetic_store(root: Path, size: int = 64, volumes: int = 4, seed: in
 def synthetic_store(tmp_path_factory) -> Path:
     """A read-only 64×64 store: 2 datasets, 16 training and 16 validation slices. Do not write into it."""
     return build_synthetic_store(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty torch hub cache and a network that refuses every download."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def refuse(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    return tmp_path / "torch" / "hub" / "checkpoints"

@@ -29,18 +29,6 @@ from medvar_bundle.metrics.backbones import ClipVisionTransformer, KerasResNet50
 from medvar_bundle.weights import MissingWeightsError
 
 
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    """An empty torch hub cache and a network that refuses every download."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-
-    def refuse(*args, **kwargs):
-        raise OSError("network unreachable")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-    return tmp_path / "torch" / "hub" / "checkpoints"
-
-
 def smooth_slices(rng: np.random.Generator, n: int, size: int = 64) -> np.ndarray:
     """Independent smooth random uint8 slices ``(n, size, size)``."""
     noise = gaussian_filter(rng.normal(size=(n, size, size)), sigma=(0, 3, 3))

@@ -8,17 +8,6 @@ from medvar_bundle.losses import PerceptualLoss, load_lpips
 from medvar_bundle.weights import MissingWeightsError, resolve_weights
 
 
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-
-    def refuse(*args, **kwargs):
-        raise OSError("network unreachable")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-    return tmp_path / "torch" / "hub" / "checkpoints"
-
-
 def test_lpips_loads_a_configured_backbone_file(tmp_path, offline_hub):
     torch.manual_seed(0)
     weights = torchvision.models.alexnet(weights=None).state_dict()

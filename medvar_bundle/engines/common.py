@@ -121,6 +121,12 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: fl
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def reseed(seed: int, step: int, rank: int) -> None:
+    """Seed torch's global generator from (seed, step, rank), so the random draws of a step
+    (conditional dropout, stochastic depth) are the same in a resumed run as in an uninterrupted one."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
+
+
 def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
     """The ``checkpoint_<step>.pt`` with the highest step in ``folder``, or None."""
     found = []

@@ -31,8 +31,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from ..baselines.ddpm import BASELINE_FILE, ConditionalDDPM, save_baseline
 from ..data.store import SliceStore
-from .common import attach_checkpoints, autocast, evenly_spaced, model_input, process_group, store_loader, warmup_cosine
-from .transformer import _reseed
+from .common import attach_checkpoints, autocast, evenly_spaced, model_input, process_group, reseed, store_loader, warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +183,7 @@ def train_ddpm(
 
         def step(engine: Engine, batch: dict) -> dict:
             model.train()
-            _reseed(seed, engine.state.iteration, rank)
+            reseed(seed, engine.state.iteration, rank)
             images, ids = model_input(batch["image"], dev), batch["dataset_id"].to(dev)
             noise = torch.randn_like(images)
             timesteps = torch.randint(0, T, (images.shape[0],), device=dev)

@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -40,7 +39,7 @@ from ..data.tokens import TOKENS_META, TokenStore, file_digest
 from ..model_file import MODEL_FILE, save_model
 from ..networks.msvqvae import MultiScaleVQVAE
 from ..networks.transformer import NextScaleTransformer, scale_of_positions, token_loss_weights
-from .common import attach_checkpoints, autocast, evenly_spaced, process_group, store_loader, warmup_cosine
+from .common import attach_checkpoints, autocast, evenly_spaced, process_group, reseed, store_loader, warmup_cosine
 from .tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -149,12 +148,6 @@ def evaluate_transformer(
     return {**stats.summary(), "num_images": len(indices)}
 
 
-def _reseed(seed: int, step: int, rank: int) -> None:
-    """Seed torch's global generator from (seed, step, rank), so the random draws of a step
-    (conditional dropout, stochastic depth) are the same in a resumed run as in an uninterrupted one."""
-    torch.manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
-
-
 def train_transformer(
     dataset_dir: str | Sequence[str],
     output_dir: str,
@@ -259,7 +252,7 @@ def train_transformer(
 
         def step(engine: Engine, batch: dict) -> dict:
             model.train()
-            _reseed(seed, engine.state.iteration, rank)
+            reseed(seed, engine.state.iteration, rank)
             stats = TokenStats(transformer.patch_nums, dev)
             objective = 0.0
             optimizer.zero_grad(set_to_none=True)
