@@ -197,6 +197,64 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_generation
+    from .evaluation.report import format_cell
+    from .weights import MissingWeightsError
+
+    try:
+        report = evaluate_generation(
+            args.real, args.fake, args.out, labels=args.label, datasets=args.datasets,
+            inception_weights=args.inception_weights, radimagenet_weights=args.radimagenet_weights,
+            clip_weights=args.clip_weights, allow_download=not args.no_download, max_slices=args.max_slices,
+            heldout_split=args.heldout_split, quality_metric=args.quality_metric, seed=args.seed, device=args.device,
+            batch_size=args.batch_size,
+        )
+    except (MissingWeightsError, FileNotFoundError, ValueError, PermissionError) as exc:
+        raise UserError(str(exc)) from None
+    q = report["efficiency"]["q"]
+    for label, rows in report["rows"].items():
+        overall = rows["overall"]
+        print(f"medvar evaluate: {label}: {q} {format_cell(q, overall[q])}, efficiency {format_cell(q, overall['efficiency'])}")
+    print(f"medvar evaluate: report.md, report.csv, report.json and PNGs in {args.out}")
+    return 0
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from .evaluation import ablate, parse_grid
+    from .weights import MissingWeightsError
+
+    try:
+        result = ablate(
+            args.model, args.real, args.dataset, args.num, args.out, grid=parse_grid(args.grid) if args.grid else None,
+            seed=args.seed, inception_weights=args.inception_weights, radimagenet_weights=args.radimagenet_weights,
+            clip_weights=args.clip_weights, allow_download=not args.no_download, max_slices=args.max_slices,
+            heldout_split=args.heldout_split, quality_metric=args.quality_metric, batch_size=args.batch_size,
+            device=args.device, bf16=not args.fp32, progress=not args.quiet,
+        )
+    except (MissingWeightsError, FileNotFoundError, ValueError, PermissionError) as exc:
+        raise UserError(str(exc)) from None
+    for row in result["rows"]:
+        print(f"medvar ablate: {row['description']}: {result['metric']} {row['value']:.4g} (Δ {row['delta']:+.4g})")
+    print(f"medvar ablate: ablation.md, ablation.csv, ablation.json in {args.out}")
+    return 0
+
+
+def _evaluation_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by `evaluate` and `ablate`: extractor weights and the real reference sets."""
+    for key, metrics in (("inception", "FID/KID"), ("radimagenet", "RadFID"), ("clip", "CMMD")):
+        p.add_argument(
+            f"--{key}-weights", help=f"{metrics} extractor weights (default: the torch hub cache; without them {metrics} is null)"
+        )
+    p.add_argument("--no-download", action="store_true", help="never try to download extractor weights")
+    p.add_argument("--max-slices", type=int, help="at most this many slices per set (training, held-out, generated)")
+    p.add_argument("--heldout-split", default="validation", choices=["validation", "test"], help="real split of the floor")
+    p.add_argument(
+        "--quality-metric", default="power_spectrum", choices=["power_spectrum", "histogram"],
+        help="efficiency Q without FID weights (default power_spectrum)",
+    )
+
+
 def _runtime_options(p: argparse.ArgumentParser, batch_size: int) -> None:
     """Options shared by the commands that run a network."""
     p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per batch (default {batch_size})")
@@ -382,6 +440,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progression", action="store_true", help="also write NAME_progression.png (coarse to fine)")
     _runtime_options(p, batch_size=16)
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="score generated folders against a slice store (FID/KID/RadFID/CMMD, weight-free metrics, efficiency)",
+        description="Score folders of `medvar generate` per dataset against the training split of a slice store, "
+        "beside the real floor (held-out vs training). FID/KID, RadFID and CMMD need extractor weights (null with a "
+        "note without them); histogram, power-spectrum, MS-SSIM diversity and memorisation always. Writes report.json, "
+        "report.md, report.csv, tradeoff.png (metric vs s/image, bubble area = parameters) and samples_NAME.png.",
+    )
+    p.add_argument("--real", required=True, help="slice store folder")
+    p.add_argument("--fake", required=True, nargs="+", help="folder(s) written by `medvar generate`")
+    p.add_argument("--label", nargs="+", help="one method name per --fake folder (default: the folder names)")
+    p.add_argument("--datasets", nargs="+", help="datasets to evaluate (default: every store dataset a folder holds)")
+    p.add_argument("--out", required=True, help="report folder")
+    _evaluation_options(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the slice subsets (default 0)")
+    p.add_argument("--batch-size", type=int, default=32, help="slices per extractor batch (default 32)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser(
+        "ablate",
+        help="sampling ablation (paper Table 4): CFG, top-k, top-p with one seed, metric and delta per setting",
+        description="Generate one dataset under each sampling setting with the same seed and score every setting "
+        "with `medvar evaluate`'s metrics: FID with --inception-weights, else --quality-metric. Without --grid the "
+        "paper's cumulative rows (Baseline, + top-p 0.95, + top-k 900, + CFG 4); with --grid every combination. "
+        "Writes ablation.md/.csv/.json, one folder per setting and evaluation/.",
+    )
+    p.add_argument("--model", required=True, help="model.pt written by `medvar train`")
+    p.add_argument("--real", required=True, help="slice store holding the dataset's training and held-out slices")
+    p.add_argument("--dataset", required=True, help="dataset name")
+    p.add_argument("--num", type=int, default=64, help="slices per setting (default 64)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--grid", nargs="+", metavar="KEY=V1,V2",
+        help="settings as cfg=0,4 top_k=0,900 top_p=1,0.95 (top_k 0 = all codes; left-out options stay plain)",
+    )
+    p.add_argument("--seed", type=int, default=42, help="generation seed for every setting (default 42)")
+    _evaluation_options(p)
+    _runtime_options(p, batch_size=16)
+    p.set_defaults(func=_ablate)
     return parser
 
 

@@ -1,0 +1,182 @@
+"""The evaluation report: JSON, Markdown and CSV tables shaped like the paper's Tables 1–3, the
+Fig. 7-style trade-off plot and side-by-side sample grids.
+
+``report["rows"][method][dataset or "overall"]`` is a flat dict ``column → value`` (None = not
+computed or not applicable); the floor row is named :data:`FLOOR`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from medvar_bundle.data.store import atomic_write_bytes, atomic_write_json  # noqa: E402
+from medvar_bundle.visualize import save_figure, save_grid  # noqa: E402
+
+FLOOR = "real (held-out vs train)"
+OVERALL = "overall"
+
+COLUMNS = {
+    "seconds_per_image": "s/image",
+    "parameters": "Params",
+    "efficiency": "Efficiency",
+    "fid": "FID",
+    "radfid": "RadFID",
+    "kid": "KID",
+    "kid_std": "KID std",
+    "cmmd": "CMMD",
+    "histogram": "Hist. W1",
+    "power_spectrum": "PSD dist.",
+    "ms_ssim": "MS-SSIM",
+    "memorisation": "Memorisation",
+    "num_slices": "N",
+}
+"""Column key → table header, in table order (Table 1: time, parameters, efficiency, then metrics)."""
+
+METRICS = ("efficiency", "fid", "radfid", "kid", "cmmd", "histogram", "power_spectrum", "ms_ssim", "memorisation")
+"""Columns that get their own method × dataset table (Tables 2–3)."""
+
+PLOTTED = ("fid", "radfid", "kid", "cmmd", "histogram", "power_spectrum")
+"""Quality metrics drawn against seconds per image."""
+
+LEGEND = """\
+- FID, KID (InceptionV3), RadFID (RadImageNet), CMMD (CLIP): distances to the training split, lower is better.
+- Hist. W1: Wasserstein-1 distance of the pixel-intensity histograms, in 8-bit levels.
+- PSD dist.: mean |difference| of the log10 radially averaged power spectra, in decades (blur, missing texture).
+- MS-SSIM: mean MS-SSIM between random pairs of one set; lower = more diverse; compare with the real row.
+- Memorisation: median distance of generated slices to their nearest training slice over that of held-out
+  slices; about 1 = as novel as new patients, much less than 1 = copies of training slices.
+- Efficiency: Q · log10(1 + P)^γ (paper eq. 4), P = s/image from the folder's summary.json.
+- The real row scores held-out slices (other patients) against the training split: the floor a perfect
+  generator reaches at that sample size. Overall = mean over datasets."""
+
+
+def format_cell(key: str, value) -> str:
+    """A table cell: ``—`` for None, parameters as 310M / 2.0B, seconds with an ``s``."""
+    if value is None:
+        return "—"
+    if key == "parameters":
+        for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+            if value >= size:
+                return f"{value / size:.3g}{unit}"
+        return str(value)
+    if key == "num_slices":
+        return str(value)
+    return f"{value:.3g}s" if key == "seconds_per_image" else f"{value:.4g}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def report_markdown(report: dict) -> str:
+    """``report.md``: settings, the overall table (Table 1), one method × dataset table per metric
+    with a value (Tables 2–3), notes and a legend."""
+    rows, names = report["rows"], report["datasets"]
+    eff = report["efficiency"]
+    sizes = f"at most {report['max_slices']}" if report["max_slices"] else "all"
+    parts = [
+        "# MedVAR generation report",
+        f"Real store `{report['real']}`: training split as reference, `{report['heldout_split']}` split as the real floor; "
+        f"{sizes} slices of each set (seed {report['seed']}). "
+        f"Efficiency Q = {COLUMNS[eff['q']]}, γ = {eff['gamma']}.",
+        "## Overall",
+        markdown_table(
+            ["Method", *COLUMNS.values()],
+            [[label, *(format_cell(k, r[OVERALL].get(k)) for k in COLUMNS)] for label, r in rows.items()],
+        ),
+    ]
+    for key in METRICS:
+        if any(row and row.get(key) is not None for per_dataset in rows.values() for row in per_dataset.values()):
+            table = [[label, *(format_cell(key, (r[n] or {}).get(key)) for n in [*names, OVERALL])] for label, r in rows.items()]
+            parts += [f"## {COLUMNS[key]} per dataset", markdown_table(["Method", *names, OVERALL], table)]
+    parts += ["## Notes", "\n".join(f"- {note}" for note in report["notes"]) or "- none", "## Columns", LEGEND]
+    return "\n\n".join(parts) + "\n"
+
+
+def report_csv(report: dict) -> str:
+    """``report.csv``: one row per method and dataset (``overall`` included), raw values."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["method", "dataset", *COLUMNS])
+    for label, per_dataset in report["rows"].items():
+        for name, row in per_dataset.items():
+            writer.writerow([label, name, *("" if row is None or row.get(k) is None else row[k] for k in COLUMNS)])
+    return buffer.getvalue()
+
+
+def plot_tradeoff(report: dict, path: str | os.PathLike) -> Path | None:
+    """Fig. 7 style: each overall metric against seconds per image (log x), one bubble per method
+    with area ∝ parameters (a fixed size where unknown), the real floor as a dashed line.
+
+    Returns:
+        The PNG, or None when no method has both a time and a metric value.
+    """
+    rows = report["rows"]
+    methods = [label for label in rows if label != FLOOR and rows[label][OVERALL].get("seconds_per_image")]
+    metrics = [m for m in PLOTTED if any(rows[label][OVERALL].get(m) is not None for label in methods)]
+    if not metrics:
+        return None
+    known = [rows[label][OVERALL]["parameters"] for label in methods if rows[label][OVERALL]["parameters"]]
+    largest = max(known, default=1)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for label in methods:
+            row = rows[label][OVERALL]
+            if row.get(metric) is None:
+                continue
+            area = 1200 * row["parameters"] / largest if row["parameters"] else 80
+            ax.scatter(row["seconds_per_image"], row[metric], s=max(area, 20), alpha=0.5, edgecolors="k")
+            ax.annotate(
+                label, (row["seconds_per_image"], row[metric]), xytext=(0, 9), textcoords="offset points", fontsize=7, ha="center"
+            )
+        floor = rows[FLOOR][OVERALL].get(metric)
+        if floor is not None:
+            ax.axhline(floor, color="grey", linestyle="--", linewidth=1, label="real floor")
+            ax.legend(fontsize=7, loc="best")
+        ax.set_xscale("log")
+        ax.margins(x=0.3, y=0.2)
+        ax.set_xlabel("seconds per image")
+        ax.set_ylabel(COLUMNS[metric])
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle("Quality vs inference time (bubble area ∝ parameters)", fontsize=10)
+    return save_figure(fig, path)
+
+
+def write_report(report: dict, samples: dict[str, list[tuple[str, np.ndarray]]], out_dir: str | os.PathLike) -> dict:
+    """Write the PNGs, ``report.md``, ``report.csv`` and last ``report.json`` into ``out_dir``.
+
+    Args:
+        report: the report (see the module docstring); ``report["files"]`` is filled in.
+        samples: dataset → ``(row title, uint8 slices (n, S, S))`` for its sample grid.
+
+    Returns:
+        ``report``.
+    """
+    out = Path(out_dir)
+    files = {
+        f"samples_{name}": save_grid([list(s) for _, s in rows], out / f"samples_{name}.png", [t for t, _ in rows], name).name
+        for name, rows in samples.items()
+    }
+    tradeoff = plot_tradeoff(report, out / "tradeoff.png")
+    if tradeoff is None:
+        report["notes"].append("no trade-off plot: no method has both s/image and a metric")
+    else:
+        files["tradeoff"] = tradeoff.name
+    report["files"] = files | {"markdown": "report.md", "csv": "report.csv"}
+    atomic_write_bytes(out / "report.md", report_markdown(report).encode())
+    atomic_write_bytes(out / "report.csv", report_csv(report).encode())
+    atomic_write_json(out / "report.json", report)
+    return report
+

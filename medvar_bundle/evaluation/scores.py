@@ -1,0 +1,464 @@
+"""Generated folders against a real slice store: every metric per dataset, beside the real floor.
+
+A *generated folder* is what ``medvar generate`` writes: ``NAME.nii.gz`` per dataset (256×256×N;
+CT in int16 HU, MR uint8), ``summary.json`` (``datasets.NAME.seconds_per_image`` and, when the
+writer records it, ``parameters``: the sampling network's parameter count).
+
+Reference sets, per dataset: the store's *training* split is the reference every set is scored
+against; the *held-out* split (validation, other patients) stands in for a perfect generator, so
+``metric(training, held-out)`` is the real-vs-real floor at that sample size
+(:func:`~medvar_bundle.metrics.real_vs_real_floor`), computed here by the same scoring function as
+the generated sets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medvar_bundle.data.store import SPLITS, SliceStore
+from medvar_bundle.data.transforms import NormalizeByModalityd, QuantizeUint8d
+from medvar_bundle.io import check_writable
+from medvar_bundle.metrics import (
+    FeatureExtractor,
+    cmmd,
+    efficiency,
+    feature_statistics,
+    frechet_distance_from_features,
+    histogram_distance,
+    kid,
+    load_clip,
+    load_inception,
+    load_radimagenet,
+    memorisation_ratio,
+    ms_ssim_diversity,
+    power_spectrum_distance,
+    store_slices,
+)
+from medvar_bundle.weights import MissingWeightsError
+
+from .report import FLOOR, OVERALL, write_report
+
+logger = logging.getLogger(__name__)
+
+QUALITY_METRICS = {"power_spectrum": power_spectrum_distance, "histogram": histogram_distance}
+"""Weight-free metrics that can stand in for FID as the efficiency's ``Q``."""
+
+EXTRACTORS = {"inception": (load_inception, "FID, KID"), "radimagenet": (load_radimagenet, "RadFID"), "clip": (load_clip, "CMMD")}
+"""Extractor name → (loader, the metrics it enables)."""
+
+MS_SSIM_MIN_SIDE = 161
+"""MS-SSIM's 5 scales with an 11-pixel window need slices larger than 160 pixels."""
+
+AVERAGED = (
+    "fid", "kid", "kid_std", "radfid", "cmmd", "histogram", "power_spectrum", "ms_ssim", "memorisation", "seconds_per_image",
+)  # fmt: skip
+"""Columns whose overall value is the mean over datasets."""
+
+GRID_SLICES = 8
+
+
+# --------------------------------------------------------------------------------------------
+# generated folders
+# --------------------------------------------------------------------------------------------
+
+
+def read_generated(path: str | os.PathLike, entry: dict) -> np.ndarray:
+    """A ``NAME.nii.gz`` of ``medvar generate`` back to the sampler's uint8 slices ``(N, S, S)``.
+
+    MR stacks hold the uint8 slices as they are. CT stacks hold Hounsfield units; the dataset's
+    window ``entry["ct_window"]`` is applied again exactly as ``prepare`` did (clip to the window,
+    scale to [0, 1], round to 255 levels), which returns the sampled levels unchanged for windows of
+    255 HU or wider (the int16 rounding moves a level by less than half a step).
+
+    Args:
+        path: the NIfTI stack ``(S, S, N)``.
+        entry: the dataset's ``datasets.json`` entry (``modality``, ``ct_window``).
+    """
+    data = np.asarray(nib.load(path).dataobj)
+    if data.ndim != 3:
+        raise ValueError(f"{path}: expected a stack (S, S, N) of generated slices, got shape {data.shape}")
+    slices = np.ascontiguousarray(np.moveaxis(data, -1, 0))
+    if entry.get("modality") == "MR":
+        if slices.dtype != np.uint8:
+            raise ValueError(f"{path}: MR stacks of `medvar generate` are uint8, got {slices.dtype}")
+        return slices
+    windowed = NormalizeByModalityd()({"image": slices.astype(np.float32), **entry})
+    return QuantizeUint8d("image")(windowed)["image"]
+
+
+@dataclass(frozen=True)
+class GeneratedFolder:
+    """One method's output folder.
+
+    Attributes:
+        label: the method's name in the tables (the folder name unless given).
+        path: the folder.
+        summary: its ``summary.json`` ({} when absent).
+        datasets: names with a ``NAME.nii.gz``.
+    """
+
+    label: str
+    path: Path
+    summary: dict
+    datasets: tuple[str, ...]
+
+    @property
+    def parameters(self) -> int | None:
+        """Parameter count of the sampling network (``summary.json`` key ``parameters``)."""
+        return self.summary.get("parameters")
+
+    def seconds_per_image(self, dataset: str) -> float | None:
+        return self.summary.get("datasets", {}).get(dataset, {}).get("seconds_per_image")
+
+
+def read_generated_folder(path: str | os.PathLike, label: str | None = None) -> GeneratedFolder:
+    """Find the stacks and the summary of one generated folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such folder of generated slices")
+    datasets = tuple(sorted(p.name.removesuffix(".nii.gz") for p in path.glob("*.nii.gz")))
+    if not datasets:
+        raise ValueError(f"{path}: no NAME.nii.gz stacks (the output of `medvar generate`)")
+    summary_file = path / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    return GeneratedFolder(label or path.resolve().name, path, summary, datasets)
+
+
+def random_subset(slices: np.ndarray, max_slices: int | None, seed: int) -> np.ndarray:
+    """At most ``max_slices`` rows of ``slices`` ``(N, ...)``, drawn at random and kept in order
+    (the selection :func:`~medvar_bundle.metrics.store_slices` makes)."""
+    if max_slices is None or max_slices >= len(slices):
+        return slices
+    return slices[np.sort(np.random.default_rng(seed).choice(len(slices), max_slices, replace=False))]
+
+
+# --------------------------------------------------------------------------------------------
+# metrics
+# --------------------------------------------------------------------------------------------
+
+
+def frechet_distance_low_rank(features_real: np.ndarray, features_fake: np.ndarray) -> float:
+    """Fréchet distance of the Gaussians fitted to two feature sets ``(N, D)``, ``(M, D)``.
+
+    Equal to :func:`~medvar_bundle.metrics.frechet_distance_from_features`, but when the smaller
+    set has ``m ≤ D`` rows its covariance is ``BᵀB`` with ``B`` its centred rows ``/ √(m-1)``
+    ``(m, D)``, and the non-zero eigenvalues of ``Σ_big BᵀB`` are those of the ``m × m`` matrix
+    ``B Σ_big Bᵀ``; so ``tr((Σ1 Σ2)^½)`` is the sum of their square roots — exact, and minutes
+    faster than a ``D × D`` ``sqrtm`` at D = 2048 (which also needs a diagonal offset when ``N < D``).
+    Larger sets fall back to the ``sqrtm`` form.
+    """
+    x, y = np.asarray(features_real, np.float64), np.asarray(features_fake, np.float64)
+    big, small = (x, y) if len(x) >= len(y) else (y, x)
+    if len(small) > x.shape[1]:
+        return frechet_distance_from_features(x, y)
+    mu_big, sigma_big = feature_statistics(big)
+    centred = (small - small.mean(axis=0)) / np.sqrt(len(small) - 1)
+    eigenvalues = np.linalg.eigvalsh(centred @ sigma_big @ centred.T)
+    diff = mu_big - small.mean(axis=0)
+    trace_sqrt = np.sqrt(np.clip(eigenvalues, 0, None)).sum()
+    return float(diff @ diff + np.trace(sigma_big) + np.sum(centred * centred) - 2 * trace_sqrt)
+
+
+@dataclass
+class SliceSet:
+    """uint8 slices ``(N, S, S)`` and their features ``(N, D)`` per extractor name."""
+
+    slices: np.ndarray
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def score(train: SliceSet, heldout: SliceSet, fake: SliceSet) -> dict:
+    """Every metric of ``fake`` against the training reference of one dataset.
+
+    Feature metrics are None when their extractor is not loaded; ``ms_ssim`` (the diversity of
+    ``fake`` itself) is None for slices of 160 pixels or less. With ``fake = heldout`` this is the
+    real-vs-real floor (its ``memorisation`` is 1 by definition and its ``ms_ssim`` the diversity
+    of real slices).
+
+    Returns:
+        ``num_slices``; ``fid``, ``kid``, ``kid_std`` (InceptionV3), ``radfid`` (RadImageNet),
+        ``cmmd`` (CLIP); ``histogram`` (8-bit levels), ``power_spectrum`` (decades), ``ms_ssim``,
+        ``memorisation`` (see :mod:`medvar_bundle.metrics`).
+    """
+    ref, gen = train.features, fake.features
+    row: dict = {"num_slices": len(fake.slices), "fid": None, "kid": None, "kid_std": None}
+    if "inception" in ref:
+        row["fid"] = frechet_distance_low_rank(ref["inception"], gen["inception"])
+        size = min(1000, len(train.slices), len(fake.slices))
+        row["kid"], row["kid_std"] = kid(ref["inception"], gen["inception"], subset_size=size)
+    row["radfid"] = frechet_distance_low_rank(ref["radimagenet"], gen["radimagenet"]) if "radimagenet" in ref else None
+    row["cmmd"] = cmmd(ref["clip"], gen["clip"]) if "clip" in ref else None
+    row["histogram"] = histogram_distance(train.slices, fake.slices)
+    row["power_spectrum"] = power_spectrum_distance(train.slices, fake.slices)
+    row["ms_ssim"] = ms_ssim_diversity(fake.slices) if fake.slices.shape[-1] >= MS_SSIM_MIN_SIDE else None
+    row["memorisation"] = memorisation_ratio(fake.slices, train.slices, heldout.slices)
+    return row
+
+
+def macro_average(rows: Sequence[dict | None]) -> dict:
+    """The overall row: per column the mean over datasets (``num_slices``: the sum); None where a
+    dataset or a value is missing, so overall values always cover the same datasets."""
+    out = {}
+    for column in ("num_slices", *AVERAGED):
+        values = [None if row is None else row.get(column) for row in rows]
+        if any(v is None for v in values):
+            out[column] = None
+        else:
+            out[column] = int(np.sum(values)) if column == "num_slices" else float(np.mean(values))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def load_extractors(
+    paths: dict[str, str | os.PathLike | None], allow_download: bool, device: str
+) -> tuple[dict[str, FeatureExtractor], list[str]]:
+    """Load every extractor whose weights can be found.
+
+    An extractor whose weights are not configured and not found is left out with a note (also
+    logged as one warning line); a configured path that does not exist raises
+    :class:`~medvar_bundle.weights.MissingWeightsError` (the user asked for that metric).
+
+    Args:
+        paths: extractor name (``inception``, ``radimagenet``, ``clip``) → configured file or None.
+    """
+    loaded, notes = {}, []
+    for name, (load, metrics) in EXTRACTORS.items():
+        try:
+            loaded[name] = load(paths.get(name), allow_download).to(device)
+        except MissingWeightsError as err:
+            if paths.get(name):
+                raise
+            notes.append(f"{metrics}: null (no weights): {err}")
+            logger.warning(notes[-1])
+    return loaded, notes
+
+
+@dataclass
+class Evaluator:
+    """A real store, the loaded extractors and the evaluation settings (see :func:`evaluate_generation`)."""
+
+    real: Path
+    registry: dict
+    extractors: dict[str, FeatureExtractor]
+    notes: list[str]
+    max_slices: int | None = None
+    heldout_split: str = "validation"
+    quality_metric: str = "power_spectrum"
+    gamma: float = 0.1
+    seed: int = 0
+    batch_size: int = 32
+
+    @property
+    def q_metric(self) -> str:
+        """The efficiency's ``Q``: FID when InceptionV3 weights are loaded, else the weight-free one."""
+        return "fid" if "inception" in self.extractors else self.quality_metric
+
+    def slice_set(self, slices: np.ndarray) -> SliceSet:
+        return SliceSet(slices, {name: ex.extract(slices, self.batch_size) for name, ex in self.extractors.items()})
+
+    def dataset_names(self, folders: Sequence[GeneratedFolder], requested: Sequence[str] | None, notes: list[str]) -> list[str]:
+        """The datasets to evaluate: ``requested``, or every store dataset some folder holds
+        (others are skipped with a note)."""
+        held = {name for folder in folders for name in folder.datasets}
+        if requested:
+            unknown = [n for n in requested if n not in self.registry]
+            if unknown:
+                raise ValueError(f"dataset(s) {unknown} not in the store {self.real}; it has: {', '.join(sorted(self.registry))}")
+            missing = [n for n in requested if n not in held]
+            if missing:
+                raise ValueError(f"no generated folder holds {', '.join(f'{n}.nii.gz' for n in missing)}")
+            return list(requested)
+        if not held & set(self.registry):
+            raise ValueError(f"no generated stack is a dataset of the store {self.real} ({', '.join(sorted(self.registry))})")
+        skipped = sorted(held - set(self.registry))
+        if skipped:
+            notes.append(f"skipped {', '.join(skipped)}: not datasets of the store {self.real}")
+        return sorted(held & set(self.registry))
+
+    def evaluate(
+        self,
+        fake_dirs: Sequence[str | os.PathLike],
+        out_dir: str | os.PathLike,
+        labels: Sequence[str] | None = None,
+        datasets: Sequence[str] | None = None,
+    ) -> dict:
+        """Score every generated folder on every dataset, write the report, return ``report.json``."""
+        if labels is not None and len(labels) != len(fake_dirs):
+            raise ValueError(f"{len(labels)} labels for {len(fake_dirs)} generated folders")
+        folders = [read_generated_folder(d, labels[i] if labels else None) for i, d in enumerate(fake_dirs)]
+        if len({f.label for f in folders}) != len(folders):
+            raise ValueError(f"generated folders share a label ({', '.join(f.label for f in folders)}); give one --label each")
+        notes = list(self.notes)
+        names = self.dataset_names(folders, datasets, notes)
+        for folder in folders:
+            if not folder.summary:
+                notes.append(f"{folder.label}: no summary.json, so no s/image and no efficiency")
+            elif folder.parameters is None:
+                notes.append(f"{folder.label}: summary.json has no 'parameters'; its bubble has a fixed size")
+        check_writable(out_dir)
+
+        rows: dict[str, dict[str, dict | None]] = {folder.label: {} for folder in folders} | {FLOOR: {}}
+        samples: dict[str, list[tuple[str, np.ndarray]]] = {}
+        for name in names:
+            scored, samples[name] = self._score_dataset(name, folders)
+            for label, row in scored.items():
+                rows[label][name] = row
+        if any(rows[FLOOR][name]["ms_ssim"] is None for name in names):
+            notes.append(f"MS-SSIM: null, it needs slices of at least {MS_SSIM_MIN_SIDE} pixels (5 scales, 11-pixel window)")
+        parameters = {folder.label: folder.parameters for folder in folders} | {FLOOR: None}
+        for label, per_dataset in rows.items():
+            per_dataset[OVERALL] = macro_average([per_dataset[n] for n in names])
+            for row in per_dataset.values():
+                if row is not None:
+                    self._add_efficiency(row, parameters[label])
+        report = {
+            "real": str(self.real), "heldout_split": self.heldout_split, "max_slices": self.max_slices, "seed": self.seed,
+            "datasets": names, "methods": {f.label: str(f.path) for f in folders},
+            "efficiency": {"q": self.q_metric, "p": "seconds_per_image", "gamma": self.gamma, "log": "log10"},
+            "notes": notes, "rows": rows,
+        }  # fmt: skip
+        return write_report(report, samples, out_dir)
+
+    def _score_dataset(
+        self, name: str, folders: Sequence[GeneratedFolder]
+    ) -> tuple[dict[str, dict | None], list[tuple[str, np.ndarray]]]:
+        """One dataset: the row of each folder (None without a stack of it) and of the floor, and
+        the sample-grid rows ``(title, uint8 (n, S, S))``, held-out real slices first."""
+        train, heldout = (
+            self.slice_set(store_slices(self.real, split, name, self.max_slices, self.seed))
+            for split in ("training", self.heldout_split)
+        )
+        logger.info("evaluate %s: %d training, %d %s slices", name, len(train.slices), len(heldout.slices), self.heldout_split)
+        rows: dict[str, dict | None] = {}
+        samples = [(f"real ({self.heldout_split})", heldout.slices[:GRID_SLICES])]
+        for folder in folders:
+            rows[folder.label] = None
+            if name in folder.datasets:
+                slices = self._fake_slices(folder, name, train.slices.shape[1:])
+                rows[folder.label] = score(train, heldout, self.slice_set(slices)) | {
+                    "seconds_per_image": folder.seconds_per_image(name)
+                }
+                samples.append((folder.label, slices[:GRID_SLICES]))
+        rows[FLOOR] = score(train, heldout, heldout)
+        return rows, samples
+
+    def _fake_slices(self, folder: GeneratedFolder, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A folder's slices of one dataset (a subset of ``max_slices``), checked against the
+        store's slice ``shape`` ``(S, S)``."""
+        slices = random_subset(read_generated(folder.path / f"{name}.nii.gz", self.registry[name]), self.max_slices, self.seed)
+        if slices.shape[1:] != shape or len(slices) < 2:
+            raise ValueError(
+                f"{folder.path / name}.nii.gz: need at least 2 slices of {shape[0]}×{shape[1]} like the store, "
+                f"got {len(slices)} of {slices.shape[1]}×{slices.shape[2]} (generated with --resample-original?)"
+            )
+        logger.info("evaluate %s: %s (%d slices)", name, folder.label, len(slices))
+        return slices
+
+    def _add_efficiency(self, row: dict, parameters: int | None) -> None:
+        """``row["efficiency"] = Q · log10(1 + P)^γ`` (None without Q or P) and ``row["parameters"]``."""
+        q, p = row.get(self.q_metric), row.get("seconds_per_image")
+        row["parameters"] = parameters
+        row["efficiency"] = efficiency(q, p, self.gamma) if q is not None and p else None
+
+
+def load_evaluator(
+    real: str | os.PathLike,
+    inception_weights: str | os.PathLike | None = None,
+    radimagenet_weights: str | os.PathLike | None = None,
+    clip_weights: str | os.PathLike | None = None,
+    allow_download: bool = True,
+    max_slices: int | None = None,
+    heldout_split: str = "validation",
+    quality_metric: str = "power_spectrum",
+    seed: int = 0,
+    device: str = "cpu",
+    batch_size: int = 32,
+) -> Evaluator:
+    """Check the settings and load the extractors, before any long work (arguments as
+    :func:`evaluate_generation`)."""
+    registry = SliceStore(real).datasets
+    if quality_metric not in QUALITY_METRICS:
+        raise ValueError(f"--quality-metric must be one of {', '.join(QUALITY_METRICS)}, got {quality_metric!r}")
+    if heldout_split not in SPLITS or heldout_split == "training":
+        raise ValueError(f"--heldout-split must be validation or test, got {heldout_split!r}")
+    if max_slices is not None and max_slices < 2:
+        raise ValueError(f"--max-slices must be >= 2, got {max_slices}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    paths = {"inception": inception_weights, "radimagenet": radimagenet_weights, "clip": clip_weights}
+    extractors, notes = load_extractors(paths, allow_download, device)
+    return Evaluator(
+        Path(real), registry, extractors, notes, max_slices, heldout_split, quality_metric, seed=seed, batch_size=batch_size
+    )
+
+
+def evaluate_generation(
+    real: str | os.PathLike,
+    fake_dirs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    labels: Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
+    inception_weights: str | os.PathLike | None = None,
+    radimagenet_weights: str | os.PathLike | None = None,
+    clip_weights: str | os.PathLike | None = None,
+    allow_download: bool = True,
+    max_slices: int | None = None,
+    heldout_split: str = "validation",
+    quality_metric: str = "power_spectrum",
+    seed: int = 0,
+    device: str = "cpu",
+    batch_size: int = 32,
+) -> dict:
+    """Evaluate generated folders against a real slice store (paper §5.2, Tables 1–3, Fig. 7).
+
+    Per dataset, every generated set and the held-out real set are scored against the training
+    split with :func:`score`; the held-out row is the real-vs-real floor. FID/KID, RadFID and CMMD
+    need their extractor weights: missing weights make those metrics null with a note (and one
+    warning line), an explicit path that does not exist raises ``MissingWeightsError``. The
+    overall row is the mean over datasets (every dataset weighs the same). Efficiency is
+    ``Q · log10(1 + P)^0.1`` with ``P`` the folder's seconds per image and ``Q`` the FID, or
+    ``quality_metric`` when there are no InceptionV3 weights.
+
+    Writes to ``out_dir``: ``report.json`` (written last), ``report.md`` (the overall table and
+    one method × dataset table per metric), ``report.csv`` (one row per method and dataset),
+    ``tradeoff.png`` (metrics vs s/image, bubble area ∝ parameters, log x) and
+    ``samples_NAME.png`` (held-out real slices above each method's).
+
+    Args:
+        real: the slice store.
+        fake_dirs: folders written by ``medvar generate`` (or in its format).
+        out_dir: the report folder.
+        labels: one method name per folder (default: the folder names).
+        datasets: datasets to evaluate (default: every store dataset some folder holds).
+        inception_weights, radimagenet_weights, clip_weights: extractor weight files
+            (default: the torch hub cache, else a download when ``allow_download``).
+        max_slices: at most this many slices of each set (training, held-out, each generated
+            one), drawn with ``seed``; the floor is most comparable when generated and held-out
+            sets have the same size.
+        heldout_split: the real split standing in for a perfect generator.
+        quality_metric: the weight-free ``Q`` without FID: ``power_spectrum`` (default: sees
+            blur and missing texture, like the paper's comparison of sampling steps) or ``histogram``.
+        seed: seed of the subsets.
+        device: where the extractors run.
+        batch_size: slices per extractor batch.
+
+    Returns:
+        The report (as in ``report.json``): ``rows[method][dataset or "overall"]`` → column → value.
+    """
+    evaluator = load_evaluator(
+        real, inception_weights, radimagenet_weights, clip_weights, allow_download, max_slices, heldout_split,
+        quality_metric, seed, device, batch_size,
+    )  # fmt: skip
+    return evaluator.evaluate(fake_dirs, out_dir, labels, datasets)

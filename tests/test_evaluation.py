@@ -1,0 +1,160 @@
+"""`medvar evaluate` / `medvar ablate`: generated folders scored against the synthetic 64² store
+beside the real floor, with and without (random, locally saved) extractor weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from medvar_bundle.cli import main
+from medvar_bundle.data.store import SliceStore
+from medvar_bundle.evaluation import ablation_settings, evaluate_generation, read_generated
+from medvar_bundle.evaluation.report import FLOOR
+from medvar_bundle.evaluation.scores import frechet_distance_low_rank
+from medvar_bundle.inference import generate
+from medvar_bundle.io import write_slice_stack
+from medvar_bundle.metrics import efficiency, frechet_distance_from_features, store_slices
+from medvar_bundle.metrics.backbones import ClipVisionTransformer, fid_inception_v3
+from medvar_bundle.model_file import MODEL_FILE, save_model
+from medvar_bundle.networks import MultiScaleVQVAE
+from medvar_bundle.networks.transformer import NextScaleTransformer
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHT_FREE = ("histogram", "power_spectrum", "memorisation")
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory, synthetic_store):
+    torch.manual_seed(0)
+    registry = SliceStore(synthetic_store).datasets
+    tokenizer = MultiScaleVQVAE.from_preset("tiny", image_size=64)
+    transformer = NextScaleTransformer(num_datasets=len(registry), depth=1, patch_nums=tokenizer.patch_nums)
+    return save_model(tmp_path_factory.mktemp("model") / MODEL_FILE, tokenizer, transformer, registry)
+
+
+@pytest.fixture(scope="module")
+def generated(model_path, tmp_path_factory):
+    """A `medvar generate` folder: 6 slices of each dataset."""
+    out = tmp_path_factory.mktemp("generated") / "tiny"
+    generate(model_path, None, num=6, out_dir=out, batch_size=6, seed=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def heldout_folder(synthetic_store, tmp_path_factory):
+    """The store's held-out slices written as a generated folder (no summary.json)."""
+    out = tmp_path_factory.mktemp("heldout") / "heldout"
+    for name, entry in SliceStore(synthetic_store).datasets.items():
+        write_slice_stack(store_slices(synthetic_store, "validation", name), entry, out / f"{name}.nii.gz")
+    return out
+
+
+def test_weight_free_report_with_the_real_floor(synthetic_store, generated, heldout_folder, tmp_path, offline_hub):
+    tiny = shutil.copytree(generated, tmp_path / "tiny")
+    summary = json.loads((tiny / "summary.json").read_text())
+    (tiny / "summary.json").write_text(json.dumps(summary | {"parameters": 5_000_000}))
+    report = evaluate_generation(synthetic_store, [tiny, heldout_folder], tmp_path, allow_download=False)
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    rows = report["rows"]
+    assert list(rows) == ["tiny", "heldout", FLOOR] and report["datasets"] == ["set0", "set1"]
+    for name in ("set0", "set1", "overall"):
+        assert all(rows["tiny"][name][m] is not None for m in WEIGHT_FREE)
+        assert rows["tiny"][name]["fid"] is rows["tiny"][name]["cmmd"] is None
+        # known answer: the held-out slices as a "method" score exactly the floor
+        for metric in WEIGHT_FREE:
+            assert rows["heldout"][name][metric] == pytest.approx(rows[FLOOR][name][metric], abs=1e-12)
+    assert rows[FLOOR]["set0"]["memorisation"] == pytest.approx(1.0)
+    overall = rows["tiny"]["overall"]
+    assert overall["histogram"] == pytest.approx(np.mean([rows["tiny"][n]["histogram"] for n in ("set0", "set1")]))
+    assert overall["efficiency"] == pytest.approx(efficiency(overall["power_spectrum"], overall["seconds_per_image"]))
+    assert overall["parameters"] == 5_000_000 and rows["heldout"]["overall"]["efficiency"] is None  # no summary.json
+    notes = " ".join(report["notes"])
+    assert "pt_inception-2015-12-05-6726825d.pth" in notes and "MS-SSIM: null" in notes and "heldout: no summary.json" in notes
+    for name in ("report.md", "report.csv", "tradeoff.png", "samples_set0.png", "samples_set1.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| real (held-out vs train) |" in markdown and "| 5M |" in markdown
+    assert len((tmp_path / "report.csv").read_text().splitlines()) == 1 + 3 * 3
+
+
+def test_ct_stacks_read_back_to_the_sampled_levels(tmp_path):
+    entry = {"modality": "CT", "spacing": [0.8, 0.8, 5.0], "matrix": [512, 512, 40], "ct_window": [40.0, 400.0]}
+    levels = np.random.default_rng(0).integers(0, 256, size=(3, 32, 32), dtype=np.uint8)
+    np.testing.assert_array_equal(read_generated(write_slice_stack(levels, entry, tmp_path / "ct.nii.gz"), entry), levels)
+
+
+def test_low_rank_frechet_distance_equals_the_sqrtm_form():
+    rng = np.random.default_rng(1)
+    real, fake = rng.normal(size=(40, 12)), rng.normal(0.3, 1.5, size=(9, 12))
+    assert frechet_distance_low_rank(real, fake) == pytest.approx(frechet_distance_from_features(real, fake), rel=1e-6)
+    assert frechet_distance_low_rank(fake, real) == pytest.approx(frechet_distance_from_features(real, fake), rel=1e-6)
+
+
+def test_a_missing_explicit_weights_file_is_one_line_and_exit_2(synthetic_store, generated, tmp_path, capsys):
+    missing = tmp_path / "nope.pth"
+    args = ["evaluate", "--real", str(synthetic_store), "--fake", str(generated), "--out", str(tmp_path / "out")]
+    assert main([*args, "--clip-weights", str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("medvar evaluate: error:") and str(missing) in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_locally_saved_extractor_weights_give_fid_kid_and_cmmd(synthetic_store, generated, tmp_path, offline_hub):
+    torch.manual_seed(0)
+    torch.save(fid_inception_v3().state_dict(), tmp_path / "inception.pth")
+    clip = ClipVisionTransformer(image_size=28, patch_size=14, width=64, layers=2, heads=1, embed_dim=32)
+    torch.save(clip.state_dict(), tmp_path / "clip.pth")
+    out = tmp_path / "out"
+    assert main([
+        "evaluate", "--real", str(synthetic_store), "--fake", str(generated), "--out", str(out), "--datasets", "set0",
+        "--max-slices", "6", "--inception-weights", str(tmp_path / "inception.pth"), "--clip-weights", str(tmp_path / "clip.pth"),
+    ]) == 0  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert report["efficiency"]["q"] == "fid"
+    for label in ("tiny", FLOOR):
+        row = report["rows"][label]["set0"]
+        assert row["fid"] > 0 and row["kid"] is not None and row["cmmd"] >= 0 and row["radfid"] is None
+        assert row["num_slices"] == 6
+    tiny = report["rows"]["tiny"]["set0"]
+    assert tiny["efficiency"] == pytest.approx(efficiency(tiny["fid"], tiny["seconds_per_image"]))
+    assert any("RadImageNet-ResNet50_notop.pth" in note for note in report["notes"])
+
+
+def test_paper_ablation_rows_are_cumulative():
+    rows = ablation_settings()
+    assert [label for label, _ in rows] == ["Baseline", "+ top-p", "+ top-k", "+ CFG"]
+    assert rows[0][1] == {"cfg": 0.0, "top_k": 0, "top_p": 1.0} and rows[-1][1] == {"cfg": 4.0, "top_k": 900, "top_p": 0.95}
+    with pytest.raises(ValueError, match="options must be cfg, top_k, top_p"):
+        ablation_settings({"beam": [1, 2]})
+
+
+def test_ablation_on_a_two_setting_grid(model_path, synthetic_store, tmp_path, offline_hub):
+    out = tmp_path / "ablation"
+    assert main([
+        "ablate", "--model", str(model_path), "--real", str(synthetic_store), "--dataset", "set0", "--num", "4",
+        "--out", str(out), "--grid", "cfg=0,4", "--no-download", "--quiet", "--batch-size", "4",
+    ]) == 0  # fmt: skip
+    result = json.loads((out / "ablation.json").read_text())
+    assert result["metric"] == "power_spectrum" and result["parameters"] > 0
+    assert [(r["description"], r["cfg"]) for r in result["rows"]] == [("Baseline", 0.0), ("cfg=4", 4.0)]
+    assert result["rows"][0]["delta"] == 0.0 and result["rows"][0]["top_k"] == 0
+    assert (out / "00_Baseline" / "set0.nii.gz").is_file() and (out / "evaluation" / "report.json").is_file()
+    assert "| Baseline |" in (out / "ablation.md").read_text() and len((out / "ablation.csv").read_text().splitlines()) == 3
+
+
+def test_bundle_config_runs_the_same_function(synthetic_store, heldout_folder, tmp_path, offline_hub):
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "evaluate.yaml"))
+    parser.update({
+        "real": str(synthetic_store), "fake_dirs": [str(heldout_folder)], "output_dir": str(tmp_path),
+        "datasets": ["set1"], "allow_download": False,
+    })  # fmt: skip
+    parser.get_parsed_content("evaluate")
+    rows = json.loads((tmp_path / "report.json").read_text())["rows"]
+    assert rows["heldout"]["set1"]["histogram"] == pytest.approx(rows[FLOOR]["set1"]["histogram"])
