@@ -30,7 +30,6 @@ from medvar_bundle.metrics import (
     FeatureExtractor,
     cmmd,
     efficiency,
-    feature_statistics,
     frechet_distance_from_features,
     histogram_distance,
     kid,
@@ -145,28 +144,6 @@ def random_subset(slices: np.ndarray, max_slices: int | None, seed: int) -> np.n
 # --------------------------------------------------------------------------------------------
 
 
-def frechet_distance_low_rank(features_real: np.ndarray, features_fake: np.ndarray) -> float:
-    """Fréchet distance of the Gaussians fitted to two feature sets ``(N, D)``, ``(M, D)``.
-
-    Equal to :func:`~medvar_bundle.metrics.frechet_distance_from_features`, but when the smaller
-    set has ``m ≤ D`` rows its covariance is ``BᵀB`` with ``B`` its centred rows ``/ √(m-1)``
-    ``(m, D)``, and the non-zero eigenvalues of ``Σ_big BᵀB`` are those of the ``m × m`` matrix
-    ``B Σ_big Bᵀ``; so ``tr((Σ1 Σ2)^½)`` is the sum of their square roots — exact, and minutes
-    faster than a ``D × D`` ``sqrtm`` at D = 2048 (which also needs a diagonal offset when ``N < D``).
-    Larger sets fall back to the ``sqrtm`` form.
-    """
-    x, y = np.asarray(features_real, np.float64), np.asarray(features_fake, np.float64)
-    big, small = (x, y) if len(x) >= len(y) else (y, x)
-    if len(small) > x.shape[1]:
-        return frechet_distance_from_features(x, y)
-    mu_big, sigma_big = feature_statistics(big)
-    centred = (small - small.mean(axis=0)) / np.sqrt(len(small) - 1)
-    eigenvalues = np.linalg.eigvalsh(centred @ sigma_big @ centred.T)
-    diff = mu_big - small.mean(axis=0)
-    trace_sqrt = np.sqrt(np.clip(eigenvalues, 0, None)).sum()
-    return float(diff @ diff + np.trace(sigma_big) + np.sum(centred * centred) - 2 * trace_sqrt)
-
-
 @dataclass
 class SliceSet:
     """uint8 slices ``(N, S, S)`` and their features ``(N, D)`` per extractor name."""
@@ -191,10 +168,10 @@ def score(train: SliceSet, heldout: SliceSet, fake: SliceSet) -> dict:
     ref, gen = train.features, fake.features
     row: dict = {"num_slices": len(fake.slices), "fid": None, "kid": None, "kid_std": None}
     if "inception" in ref:
-        row["fid"] = frechet_distance_low_rank(ref["inception"], gen["inception"])
+        row["fid"] = frechet_distance_from_features(ref["inception"], gen["inception"])
         size = min(1000, len(train.slices), len(fake.slices))
         row["kid"], row["kid_std"] = kid(ref["inception"], gen["inception"], subset_size=size)
-    row["radfid"] = frechet_distance_low_rank(ref["radimagenet"], gen["radimagenet"]) if "radimagenet" in ref else None
+    row["radfid"] = frechet_distance_from_features(ref["radimagenet"], gen["radimagenet"]) if "radimagenet" in ref else None
     row["cmmd"] = cmmd(ref["clip"], gen["clip"]) if "clip" in ref else None
     row["histogram"] = histogram_distance(train.slices, fake.slices)
     row["power_spectrum"] = power_spectrum_distance(train.slices, fake.slices)
