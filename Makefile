@@ -10,7 +10,7 @@ TOKENIZER_STEPS ?= 800
 TRANSFORMER_STEPS ?= 250
 SAMPLES ?= 16
 
-.PHONY: install demo test bench clean-demo
+.PHONY: install demo test bench compare clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ bench: install
 	$(BIN)/python scripts/bench_prepare.py
 	$(BIN)/python scripts/bench_tokenizer.py
 	$(BIN)/python scripts/bench_sampler.py
+
+compare: install
+	$(BIN)/python scripts/compare.py --store $(DEMO)/store --tokenizer $(DEMO)/tokenizer/tokenizer.pt --out $(DEMO)/compare
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from .benchmark import add_bench_parser
+
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 
@@ -481,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluation_options(p)
     _runtime_options(p, batch_size=16)
     p.set_defaults(func=_ablate)
+    add_bench_parser(sub)
     return parser
 
 

@@ -57,7 +57,8 @@ def generate(
     Hounsfield units, MR in the normalised 8-bit range; see :func:`~medvar_bundle.io.write_slice_stack`),
     ``NAME.png`` (a grid of the slices) and, with ``progression``, ``NAME_progression.png`` (the
     image after every scale, coarse to fine, for up to 8 samples). ``summary.json`` records the
-    options, the seed, timings and the files. Every argument is checked before sampling starts.
+    options, the seed, the transformer's parameter count, timings and the files. Every argument
+    is checked before sampling starts.
 
     Args:
         model: a model file written by :func:`~medvar_bundle.model_file.save_model`.
@@ -80,7 +81,8 @@ def generate(
     patch_nums = loaded.tokenizer.patch_nums
     summary = {
         "model": str(model), "num": num, "seed": seed, "batch_size": batch_size, "device": device, "bf16": bf16,
-        "cfg": cfg, "top_k": top_k, "top_p": top_p, "temperature": temperature, "datasets": {},
+        "cfg": cfg, "top_k": top_k, "top_p": top_p, "temperature": temperature,
+        "parameters": sum(p.numel() for p in loaded.transformer.parameters()), "datasets": {},
     }  # fmt: skip
     bar = tqdm(total=num * len(names), disable=not progress, desc="generate", unit="slice")
     for j, name in enumerate(names):

@@ -5,8 +5,9 @@ reached against this machine's measured bf16 matmul peak.
 Untrained weights (speed does not depend on them); CFG on (the conditional and unconditional
 halves run as one batch of 2B, as in real use), top-k 900, top-p 0.95. The transformer is timed
 alone (tokens) and with the tokenizer's decoder (images); FLOPs are counted with
-``torch.utils.flop_counter`` over the sampling of one image (matmuls and attention; the tokenizer is
-not counted).
+``torch.utils.flop_counter`` over the sampling of one image's tokens (matmuls, convolutions and
+attention; the tokenizer's decoder is not counted). The timing and counting functions live in
+:mod:`medvar_bundle.benchmark`, which `medvar bench` (MedVAR vs the DDPM baseline) uses too.
 
     .venv/bin/python scripts/bench_sampler.py [--preset d16] [--batches 1 16] [--repeats 1] [--json]
 """
@@ -15,55 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from medvar_bundle.engines.common import autocast
+from medvar_bundle.benchmark import SAMPLING, flops_per_image, matmul_peak, time_sampling
 from medvar_bundle.networks.msvqvae import MultiScaleVQVAE
 from medvar_bundle.networks.transformer import NextScaleTransformer
-from medvar_bundle.sampling import SamplingOptions, generate_tokens
-
-OPTIONS = SamplingOptions(cfg=4.0, top_k=900, top_p=0.95)
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 4096, repeats: int = 5) -> float:
-    """Measured FLOP/s of an n×n×n matmul in ``dtype`` (the best of ``repeats``)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
-def time_sampling(transformer, tokenizer, batch: int, bf16: bool, use_cache: bool, repeats: int, decode: bool) -> float:
-    """Mean seconds per batch (after one warm-up run)."""
-    ids = torch.zeros(batch, dtype=torch.long)
-
-    def once() -> None:
-        indices, _ = generate_tokens(transformer, tokenizer, ids, OPTIONS, torch.Generator().manual_seed(0), use_cache, bf16)
-        if decode:
-            with torch.no_grad(), autocast("cpu", bf16):
-                tokenizer.decode(indices)
-
-    once()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        once()
-    return (time.perf_counter() - start) / repeats
-
-
-def flops_per_image(transformer, tokenizer, use_cache: bool) -> int:
-    """FLOPs of sampling one image with the transformer (counted at batch 1; the cost is linear in
-    the batch; the tokenizer's f̂ updates are negligible and not counted)."""
-    ids = torch.zeros(1, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter:
-        generate_tokens(transformer, tokenizer, ids, OPTIONS, torch.Generator().manual_seed(0), use_cache, bf16=False)
-    return counter.get_total_flops()
 
 
 def main() -> None:
@@ -103,8 +61,8 @@ def main() -> None:
                 rows.append(row)
     result = dict(
         preset=args.preset, parameters=params, tokenizer=args.tokenizer_preset, threads=torch.get_num_threads(),
-        matmul_peak_tflops={"bf16": peak_bf16 / 1e12, "fp32": peak_fp32 / 1e12}, cfg=OPTIONS.cfg, top_k=OPTIONS.top_k,
-        top_p=OPTIONS.top_p, rows=rows, weights="untrained (timing only)",
+        matmul_peak_tflops={"bf16": peak_bf16 / 1e12, "fp32": peak_fp32 / 1e12}, **SAMPLING, rows=rows,
+        weights="untrained (timing only)",
     )  # fmt: skip
     for batch in args.batches:
         by = {(r["dtype"], r["kv_cache"]): r["s_per_image"] for r in rows if r["batch"] == batch}
@@ -116,7 +74,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     print(f"{args.preset}: {params / 1e6:.1f}M parameters, 256x256, {result['threads']} threads, untrained weights, "
-          f"cfg {OPTIONS.cfg}, top-k {OPTIONS.top_k}, top-p {OPTIONS.top_p}")
+          f"cfg {SAMPLING['cfg']}, top-k {SAMPLING['top_k']}, top-p {SAMPLING['top_p']}")
     print(f"matmul peak: bf16 {peak_bf16 / 1e12:.2f} TFLOP/s, fp32 {peak_fp32 / 1e12:.2f} TFLOP/s")
     print(f"{'batch':>5} {'dtype':>5} {'cache':>5} {'s/image':>8} {'img/s':>7} {'+decode s/img':>13} {'TFLOP/s':>8} {'of peak':>8}")
     for r in rows:

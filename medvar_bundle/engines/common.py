@@ -6,7 +6,8 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -159,6 +160,39 @@ def attach_checkpoints(engine: Engine, save_dict: dict, folder: str | os.PathLik
     )
     engine.add_event_handler(Events.ITERATION_COMPLETED(every=every), handler)
     return handler
+
+
+def attach_time_budget(
+    engine: Engine, max_seconds: float | None, start: float | None = None, clock: Callable[[], float] = time.monotonic
+) -> None:
+    """Terminate ``engine`` once ``max_seconds`` of wall-clock time have passed since ``start``.
+
+    Checked at every ``ITERATION_COMPLETED``: the iteration that crosses the budget completes (and
+    the handlers of that event still run), then the engine stops as after its last step, so the
+    caller's end-of-training validation and save follow. Under an initialised process group, rank
+    0's clock decides for every rank (all stop at the same step; one small broadcast per step).
+
+    Args:
+        engine: the trainer.
+        max_seconds: the budget (> 0); None attaches nothing.
+        start: the moment the budget starts, a reading of ``clock`` (default: now).
+        clock: seconds, monotonic (tests pass a fake one).
+    """
+    if max_seconds is None:
+        return
+    if not max_seconds > 0:
+        raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
+    start = clock() if start is None else start
+
+    def _check(engine: Engine) -> None:
+        spent = [clock() - start >= max_seconds]
+        if dist.is_initialized():
+            dist.broadcast_object_list(spent, src=0)
+        if spent[0]:
+            logger.info("time budget of %.0f s spent at step %d: stopping", max_seconds, engine.state.iteration)
+            engine.terminate()
+
+    engine.add_event_handler(Events.ITERATION_COMPLETED, _check)
 
 
 def autocast(device: torch.device | str, enabled: bool):

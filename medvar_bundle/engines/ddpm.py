@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,7 +32,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 from ..baselines.ddpm import BASELINE_FILE, ConditionalDDPM, save_baseline
 from ..data.store import SliceStore
-from .common import attach_checkpoints, autocast, evenly_spaced, model_input, process_group, reseed, store_loader, warmup_cosine
+from .common import (
+    attach_checkpoints, attach_time_budget, autocast, evenly_spaced, model_input, process_group, reseed, store_loader, warmup_cosine,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +121,7 @@ def train_ddpm(
     seed: int = 0,
     progress: bool = True,
     distributed: bool = False,
+    max_seconds: float | None = None,
 ) -> Path:
     """Train the dataset-conditioned DDPM baseline on the slices of one or several stores.
 
@@ -138,6 +142,10 @@ def train_ddpm(
         distributed: run under DDP (as does an already initialised process group); a group is
             initialised from torchrun's environment if needed (NCCL on CUDA, gloo on CPU). Only
             rank 0 logs, writes TensorBoard, checkpoints and ``baseline.pt``.
+        max_seconds: wall-clock training budget in seconds, counted from the start of this call
+            (:func:`~medvar_bundle.engines.common.attach_time_budget`): training stops after the step
+            that spends it, then the end-of-training validation, save and checkpoint run as after
+            ``max_steps``. None: no budget.
 
     Checkpoints (network, optimizer, LR scheduler, trainer state) go to ``output_dir/checkpoints``
     every ``checkpoint_every`` steps and at the end; a run started on a folder with checkpoints
@@ -151,6 +159,7 @@ def train_ddpm(
     Returns:
         Path of ``output_dir/baseline.pt``.
     """
+    started = time.monotonic()
     out = Path(output_dir)
     with process_group(distributed, device) as (rank, world_size, dev):
         main = rank == 0
@@ -215,6 +224,8 @@ def train_ddpm(
         def _stop_at_max_steps(engine: Engine) -> None:
             if engine.state.iteration >= max_steps:
                 engine.terminate()
+
+        attach_time_budget(trainer, max_seconds, started)
 
         if main:
             out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -39,7 +40,9 @@ from ..data.tokens import TOKENS_META, TokenStore, file_digest
 from ..model_file import MODEL_FILE, save_model
 from ..networks.msvqvae import MultiScaleVQVAE
 from ..networks.transformer import NextScaleTransformer, scale_of_positions, token_loss_weights
-from .common import attach_checkpoints, autocast, evenly_spaced, process_group, reseed, store_loader, warmup_cosine
+from .common import (
+    attach_checkpoints, attach_time_budget, autocast, evenly_spaced, process_group, reseed, store_loader, warmup_cosine,
+)
 from .tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -174,6 +177,7 @@ def train_transformer(
     progress: bool = True,
     distributed: bool = False,
     loss_weighting: str = "scale",
+    max_seconds: float | None = None,
 ) -> Path:
     """Train the next-scale transformer on the tokens of one or several (tokenized) slice stores.
 
@@ -197,6 +201,10 @@ def train_transformer(
         distributed: run under DDP (as does an already initialised process group); a group is
             initialised from torchrun's environment if needed (NCCL on CUDA, gloo on CPU). Only
             rank 0 logs, writes TensorBoard, checkpoints and ``model.pt``.
+        max_seconds: wall-clock training budget in seconds, counted from the start of this call
+            (:func:`~medvar_bundle.engines.common.attach_time_budget`): training stops after the step
+            that spends it, then the end-of-training validation, save and checkpoint run as after
+            ``max_steps``. None: no budget.
 
     Checkpoints (network, optimizer, LR scheduler, trainer state) go to ``output_dir/checkpoints``
     every ``checkpoint_every`` steps and at the end; a run started on a folder with checkpoints
@@ -212,6 +220,7 @@ def train_transformer(
     Returns:
         Path of ``output_dir/model.pt``.
     """
+    started = time.monotonic()
     out = Path(output_dir)
     with process_group(distributed, device) as (rank, world_size, dev):
         main = rank == 0
@@ -293,6 +302,8 @@ def train_transformer(
         def _stop_at_max_steps(engine: Engine) -> None:
             if engine.state.iteration >= max_steps:
                 engine.terminate()
+
+        attach_time_budget(trainer, max_seconds, started)
 
         if main:
             out.mkdir(parents=True, exist_ok=True)
