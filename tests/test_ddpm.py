@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ignite.engine import Events
 from monai.networks.schedulers import DDPMScheduler
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -15,6 +16,7 @@ from torch import nn
 from medvar_bundle.baselines import DDPM_PRESETS, ConditionalDDPM, load_baseline, sample, save_baseline
 from medvar_bundle.cli import main
 from medvar_bundle.data import SliceStore
+from medvar_bundle.engines import common
 from medvar_bundle.engines import ddpm as engine
 from medvar_bundle.engines.common import latest_checkpoint, to_model_range
 from medvar_bundle.networks.transformer import NextScaleTransformer
@@ -131,18 +133,18 @@ def test_interrupted_run_resumes_to_the_same_weights(synthetic_store, tmp_path, 
     kwargs = dict(ARGS, max_steps=8, lr=3e-3, checkpoint_every=4, val_every=100)
     reference = load_baseline(engine.train_ddpm(str(synthetic_store), str(tmp_path / "ref"), **kwargs)).model.state_dict()
 
-    attach = engine.attach_checkpoints
+    attach = common.attach_checkpoints
 
     def attach_then_stop(trainer, *args):
         saver = attach(trainer, *args)  # saves first, then this handler stops the run
-        trainer.add_event_handler(engine.Events.ITERATION_COMPLETED(once=4), lambda e: e.terminate())
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=4), lambda e: e.terminate())
         return saver
 
-    monkeypatch.setattr(engine, "attach_checkpoints", attach_then_stop)
+    monkeypatch.setattr(common, "attach_checkpoints", attach_then_stop)
     out = tmp_path / "stopped"
     engine.train_ddpm(str(synthetic_store), str(out), **kwargs)
     assert latest_checkpoint(out / "checkpoints").name == "checkpoint_4.pt"
-    monkeypatch.setattr(engine, "attach_checkpoints", attach)
+    monkeypatch.setattr(common, "attach_checkpoints", attach)
 
     resumed = load_baseline(engine.train_ddpm(str(synthetic_store), str(out), **kwargs))
     assert resumed.step == 8

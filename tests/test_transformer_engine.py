@@ -13,9 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from medvar_bundle.cli import main
 from medvar_bundle.data.tokens import TokenStore, tokenize_store
-from medvar_bundle.engines.common import latest_checkpoint
+from medvar_bundle.engines.common import latest_checkpoint, warmup_cosine
 from medvar_bundle.engines.tokenizer import save_tokenizer
-from medvar_bundle.engines.common import warmup_cosine
 from medvar_bundle.engines.transformer import train_transformer
 from medvar_bundle.model_file import load_model
 from medvar_bundle.networks.msvqvae import MultiScaleVQVAE
@@ -92,13 +91,13 @@ def test_resume_after_sigkill_continues_the_same_run(store, tmp_path):
     code = (
         "import os, signal\n"
         "from ignite.engine import Events\n"
-        "from medvar_bundle.engines import transformer as T\n"
-        "attach = T.attach_checkpoints\n"
+        "from medvar_bundle.engines import common as C, transformer as T\n"
+        "attach = C.attach_checkpoints\n"
         "def attach_then_die(engine, *args):\n"
         "    saver = attach(engine, *args)  # saves first, then this handler kills the process\n"
         "    engine.add_event_handler(Events.ITERATION_COMPLETED(once=4), lambda e: os.kill(os.getpid(), signal.SIGKILL))\n"
         "    return saver\n"
-        "T.attach_checkpoints = attach_then_die\n"
+        "C.attach_checkpoints = attach_then_die\n"
         f"T.train_transformer({str(store)!r}, {str(out)!r}, **{kwargs!r})\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=ONE_THREAD)

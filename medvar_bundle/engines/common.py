@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
+from monai.engines import SupervisedTrainer
 from monai.transforms import (
     CastToTyped,
     Compose,
@@ -225,3 +226,51 @@ def process_group(distributed: bool, device: str | torch.device) -> Iterator[tup
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def step_trainer(
+    iteration_update: Callable[[Engine, dict], dict],
+    loader: DataLoader,
+    network: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    max_steps: int,
+    state: dict,
+    checkpoint_dir: str | os.PathLike,
+    checkpoint_every: int,
+    max_seconds: float | None = None,
+    started: float | None = None,
+) -> tuple[SupervisedTrainer, Checkpoint]:
+    """A MONAI :class:`SupervisedTrainer` whose iterations are optimizer steps, resumable and bounded.
+
+    ``iteration_update`` does one step; ``network`` is what the trainer runs (possibly wrapped in
+    DDP). ``state`` (network, optimizer, schedulers, ...) plus the trainer itself is checkpointed
+    every ``checkpoint_every`` steps into ``checkpoint_dir`` and loaded back from the latest
+    checkpoint there (:func:`attach_checkpoints`). The run stops after ``max_steps`` steps — also
+    when resumed from a run with another ``max_steps`` — or once ``max_seconds`` of wall-clock time
+    have passed since ``started`` (:func:`attach_time_budget`).
+
+    Returns:
+        The trainer and the checkpoint handler (call it with the trainer to save at the end).
+    """
+    epoch_length = len(loader)
+    trainer = SupervisedTrainer(
+        device=device,
+        max_epochs=math.ceil(max_steps / epoch_length),
+        train_data_loader=loader,
+        network=network,
+        optimizer=optimizer,
+        loss_function=None,
+        iteration_update=iteration_update,
+        epoch_length=epoch_length,
+    )
+    checkpointer = attach_checkpoints(trainer, {**state, "trainer": trainer}, checkpoint_dir, checkpoint_every)
+    trainer.state.max_epochs = math.ceil(max_steps / epoch_length)  # not the resumed run's
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _stop_at_max_steps(engine: Engine) -> None:
+        if engine.state.iteration >= max_steps:
+            engine.terminate()
+
+    attach_time_budget(trainer, max_seconds, started)
+    return trainer, checkpointer

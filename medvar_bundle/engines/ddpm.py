@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +19,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
-from monai.engines import SupervisedTrainer
 from monai.handlers import StatsHandler, TensorBoardStatsHandler
 from monai.networks.schedulers import DDPMScheduler
 from monai.utils import set_determinism
@@ -33,7 +31,7 @@ from torch.utils.tensorboard import SummaryWriter
 from ..baselines.ddpm import BASELINE_FILE, ConditionalDDPM, save_baseline
 from ..data.store import SliceStore
 from .common import (
-    attach_checkpoints, attach_time_budget, autocast, evenly_spaced, model_input, process_group, reseed, store_loader, warmup_cosine,
+    autocast, evenly_spaced, model_input, process_group, reseed, step_trainer, store_loader, warmup_cosine,
 )
 
 logger = logging.getLogger(__name__)
@@ -205,27 +203,11 @@ def train_ddpm(
             lr_scheduler.step()
             return {"loss": loss.item(), "lr": lr_now, "grad_norm": grad_norm}
 
-        epoch_length = len(loader)
-        trainer = SupervisedTrainer(
-            device=dev,
-            max_epochs=math.ceil(max_steps / epoch_length),
-            train_data_loader=loader,
-            network=model,
-            optimizer=optimizer,
-            loss_function=None,
-            iteration_update=step,
-            epoch_length=epoch_length,
-        )
-        save_dict = {"network": network, "optimizer": optimizer, "scheduler": lr_scheduler, "trainer": trainer}
-        checkpointer = attach_checkpoints(trainer, save_dict, out / "checkpoints", checkpoint_every)
-        trainer.state.max_epochs = math.ceil(max_steps / epoch_length)  # not the resumed run's
-
-        @trainer.on(Events.ITERATION_COMPLETED)
-        def _stop_at_max_steps(engine: Engine) -> None:
-            if engine.state.iteration >= max_steps:
-                engine.terminate()
-
-        attach_time_budget(trainer, max_seconds, started)
+        trainer, checkpointer = step_trainer(
+            step, loader, model, optimizer, dev, max_steps,
+            {"network": network, "optimizer": optimizer, "scheduler": lr_scheduler},
+            out / "checkpoints", checkpoint_every, max_seconds, started,
+        )  # fmt: skip
 
         if main:
             out.mkdir(parents=True, exist_ok=True)

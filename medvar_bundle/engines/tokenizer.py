@@ -18,7 +18,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
-from monai.engines import SupervisedTrainer
 from ignite.handlers import ProgressBar
 from monai.handlers import StatsHandler, TensorBoardStatsHandler
 from monai.networks.nets import PatchDiscriminator
@@ -32,7 +31,7 @@ from ..data.store import SliceStore, atomic_write_json
 from ..losses import PerceptualLoss, load_lpips, pixel_losses
 from ..networks.msvqvae import MultiScaleVQVAE
 from ..visualize import save_reconstructions, save_usage_heatmap
-from .common import attach_checkpoints, autocast, evenly_spaced, model_input, slice_augmentation, store_loader, to_uint8, warmup_cosine
+from .common import autocast, evenly_spaced, model_input, slice_augmentation, step_trainer, store_loader, to_uint8, warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -267,21 +266,10 @@ def train_tokenizer(
         logs["loss"] = loss.item()
         return logs
 
-    epoch_length = len(loader)
-    trainer = SupervisedTrainer(
-        device=dev,
-        max_epochs=math.ceil(max_steps / epoch_length),
-        train_data_loader=loader,
-        network=model,
-        optimizer=optimizer,
-        loss_function=None,
-        iteration_update=step,
-        epoch_length=epoch_length,
-    )
-    save_dict = {"network": model, "optimizer": optimizer, "scheduler": scheduler, "trainer": trainer}
+    state = {"network": model, "optimizer": optimizer, "scheduler": scheduler}
     if disc is not None:
-        save_dict.update(discriminator=disc, disc_optimizer=disc_opt)
-    checkpointer = attach_checkpoints(trainer, save_dict, out / "checkpoints", checkpoint_every)
+        state.update(discriminator=disc, disc_optimizer=disc_opt)
+    trainer, checkpointer = step_trainer(step, loader, model, optimizer, dev, max_steps, state, out / "checkpoints", checkpoint_every)
 
     def scalars(output: dict) -> dict:
         return {k: v for k, v in output.items() if isinstance(v, (int, float))}
@@ -302,11 +290,6 @@ def train_tokenizer(
         save_tokenizer(model, out / TOKENIZER_FILE, engine.state.iteration, {"validation": row})
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED(every=val_every), validate)
-
-    @trainer.on(Events.ITERATION_COMPLETED)
-    def _stop_at_max_steps(engine: Engine) -> None:
-        if engine.state.iteration >= max_steps:
-            engine.terminate()
 
     if progress:
         ProgressBar(persist=True).attach(trainer, output_transform=lambda o: {"loss": o["loss"]})

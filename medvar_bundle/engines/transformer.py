@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -27,7 +26,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
-from monai.engines import SupervisedTrainer
 from monai.handlers import StatsHandler, TensorBoardStatsHandler
 from monai.utils import set_determinism
 from torch import Tensor, nn
@@ -41,7 +39,7 @@ from ..model_file import MODEL_FILE, save_model
 from ..networks.msvqvae import MultiScaleVQVAE
 from ..networks.transformer import NextScaleTransformer, scale_of_positions, token_loss_weights
 from .common import (
-    attach_checkpoints, attach_time_budget, autocast, evenly_spaced, process_group, reseed, store_loader, warmup_cosine,
+    autocast, evenly_spaced, process_group, reseed, step_trainer, store_loader, warmup_cosine,
 )
 from .tokenizer import load_tokenizer
 
@@ -283,27 +281,11 @@ def train_transformer(
             figures = {k: v for k, v in stats.summary().items() if not k.endswith("_per_scale")}
             return {"loss": objective, **figures, "lr": lr_now, "grad_norm": grad_norm}
 
-        epoch_length = len(loader)
-        trainer = SupervisedTrainer(
-            device=dev,
-            max_epochs=math.ceil(max_steps / epoch_length),
-            train_data_loader=loader,
-            network=model,
-            optimizer=optimizer,
-            loss_function=None,
-            iteration_update=step,
-            epoch_length=epoch_length,
-        )
-        save_dict = {"network": transformer, "optimizer": optimizer, "scheduler": scheduler, "trainer": trainer}
-        checkpointer = attach_checkpoints(trainer, save_dict, out / "checkpoints", checkpoint_every)
-        trainer.state.max_epochs = math.ceil(max_steps / epoch_length)  # not the resumed run's
-
-        @trainer.on(Events.ITERATION_COMPLETED)
-        def _stop_at_max_steps(engine: Engine) -> None:
-            if engine.state.iteration >= max_steps:
-                engine.terminate()
-
-        attach_time_budget(trainer, max_seconds, started)
+        trainer, checkpointer = step_trainer(
+            step, loader, model, optimizer, dev, max_steps,
+            {"network": transformer, "optimizer": optimizer, "scheduler": scheduler},
+            out / "checkpoints", checkpoint_every, max_seconds, started,
+        )  # fmt: skip
 
         if main:
             out.mkdir(parents=True, exist_ok=True)
