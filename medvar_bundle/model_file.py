@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from medvar_bundle.data.store import atomic_torch_save
 from medvar_bundle.networks.msvqvae import MultiScaleVQVAE
 from medvar_bundle.networks.transformer import NextScaleTransformer
 
@@ -26,6 +27,24 @@ FORMAT = "medvar-model-1"
 
 class ModelMismatchError(ValueError):
     """Tokenizer, transformer and dataset registry do not fit together."""
+
+
+def read_format_file(path: Path, kind: str, fmt: str) -> dict:
+    """Load a self-contained file whose dictionary carries ``"format": fmt`` (on CPU).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: one line when the file is truncated, foreign or of another format.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {kind} file not found")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file: one line, not a traceback
+        raise ValueError(f"{path}: not a readable {kind} file ({type(err).__name__}: {err})") from err
+    if not isinstance(blob, dict) or blob.get("format") != fmt:
+        raise ValueError(f"{path}: not a {kind} file (expected format {fmt!r})")
+    return blob
 
 
 def check_compatible(tokenizer: MultiScaleVQVAE, transformer: NextScaleTransformer, datasets: dict | None = None) -> None:
@@ -76,8 +95,6 @@ def save_model(
 ) -> Path:
     """Write the self-contained model file atomically (temporary file, then rename)."""
     check_compatible(tokenizer, transformer, datasets)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     blob = {
         "format": FORMAT,
         "tokenizer": {"config": tokenizer.config, "state_dict": tokenizer.state_dict()},
@@ -86,10 +103,7 @@ def save_model(
         "step": int(step),
         "extra": extra or {},
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_torch_save(path, blob)
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> MedVARModel:
@@ -100,14 +114,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> M
         ValueError: not a MedVAR model file; :class:`ModelMismatchError` if its parts disagree.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: model file not found")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated or foreign file: one line, not a traceback
-        raise ValueError(f"{path}: not a readable MedVAR model file ({type(err).__name__}: {err})") from err
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a MedVAR model file (expected format {FORMAT!r})")
+    blob = read_format_file(path, "MedVAR model", FORMAT)
     tokenizer = MultiScaleVQVAE(**blob["tokenizer"]["config"])
     tokenizer.load_state_dict(blob["tokenizer"]["state_dict"])
     transformer = NextScaleTransformer(**blob["transformer"]["config"])

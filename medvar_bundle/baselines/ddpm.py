@@ -31,7 +31,9 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, NoiseSchedules, Scheduler
 from torch import Tensor, nn
 
+from medvar_bundle.data.store import atomic_torch_save
 from medvar_bundle.engines.common import autocast, to_uint8
+from medvar_bundle.model_file import read_format_file
 from medvar_bundle.sampling import guided_logits
 
 BASELINE_FILE = "baseline.pt"
@@ -226,16 +228,11 @@ def save_baseline(path: str | os.PathLike, model: ConditionalDDPM, datasets: dic
     """Write the self-contained baseline file ``{"format", "config", "state_dict", "datasets",
     "step", "extra"}`` atomically (temporary file, then rename)."""
     _check_registry(model, datasets)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     blob = {
         "format": FORMAT, "config": model.config, "state_dict": model.state_dict(), "datasets": datasets,
         "step": int(step), "extra": extra or {},
     }  # fmt: skip
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_torch_save(path, blob)
 
 
 def load_baseline(path: str | os.PathLike, device: str | torch.device = "cpu") -> DDPMBaseline:
@@ -246,14 +243,7 @@ def load_baseline(path: str | os.PathLike, device: str | torch.device = "cpu") -
         ValueError: not a baseline file, or its registry does not fit the network.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: baseline file not found")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated or foreign file: one line, not a traceback
-        raise ValueError(f"{path}: not a readable DDPM baseline file ({type(err).__name__}: {err})") from err
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a DDPM baseline file (expected format {FORMAT!r})")
+    blob = read_format_file(path, "DDPM baseline", FORMAT)
     model = ConditionalDDPM(**blob["config"])
     model.load_state_dict(blob["state_dict"])
     try:

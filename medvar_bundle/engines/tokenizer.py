@@ -27,7 +27,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from tqdm import tqdm
 
-from ..data.store import SliceStore, atomic_write_json
+from ..data.store import SliceStore, atomic_torch_save, atomic_write_json
 from ..losses import PerceptualLoss, load_lpips, pixel_losses
 from ..networks.msvqvae import MultiScaleVQVAE
 from ..visualize import save_reconstructions, save_usage_heatmap
@@ -40,12 +40,7 @@ TOKENIZER_FILE = "tokenizer.pt"
 
 def save_tokenizer(model: MultiScaleVQVAE, path: str | os.PathLike, step: int, extra: dict | None = None) -> Path:
     """Write a self-contained tokenizer file: ``{"config", "state_dict", "step", ...}`` (atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"config": model.config, "state_dict": model.state_dict(), "step": int(step), **(extra or {})}, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_torch_save(path, {"config": model.config, "state_dict": model.state_dict(), "step": int(step), **(extra or {})})
 
 
 def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu") -> MultiScaleVQVAE:
