@@ -5,7 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO ?= runs/demo
 WORKERS ?= 2
-TOKENIZER_STEPS ?= 800
+# tokenizer: 1500 autoencoder warm-up steps on 128² crops, then 550 quantized steps on whole slices
+TOKENIZER_WARMUP ?= 1500
+TOKENIZER_STEPS ?= 2050
 # transformer: tiny preset, batch 8, peak LR 3e-3 (--lr is per 256 images: 0.096 x 8/256)
 TRANSFORMER_STEPS ?= 250
 SAMPLES ?= 16
@@ -25,7 +27,8 @@ demo: install
 	$(BIN)/medvar prepare --datalist $(DEMO)/data/datalist.json --out $(DEMO)/store --workers $(WORKERS)
 	$(BIN)/medvar preview --store $(DEMO)/store --out $(DEMO)/store_preview.png
 	$(BIN)/medvar train-tokenizer --store $(DEMO)/store --out $(DEMO)/tokenizer --max-steps $(TOKENIZER_STEPS) \
-		--batch-size 4 --lr 1e-3 --min-lr-ratio 0.05 --l2-norm --augment --ae-warmup 150 --val-every 200 --checkpoint-every 100
+		--batch-size 4 --lr 1e-3 --min-lr-ratio 0.05 --augment --ae-warmup $(TOKENIZER_WARMUP) --warmup-crop 128 \
+		--dead-code-every 25 --val-every 275 --checkpoint-every 100
 	$(BIN)/medvar evaluate-tokenizer --tokenizer $(DEMO)/tokenizer/tokenizer.pt --store $(DEMO)/store \
 		--split validation --quiet | tee $(DEMO)/tokenizer/heldout_metrics.json
 	$(BIN)/medvar tokenize --tokenizer $(DEMO)/tokenizer/tokenizer.pt --store $(DEMO)/store --force

@@ -89,7 +89,7 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
         path = train_tokenizer(
             args.store, args.out, max_steps=args.max_steps, batch_size=args.batch_size, device=args.device,
             preset=args.preset, model_overrides={"l2_norm": args.l2_norm}, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
-            dead_code_every=args.dead_code_every, augment=args.augment, ae_warmup=args.ae_warmup,
+            dead_code_every=args.dead_code_every, augment=args.augment, ae_warmup=args.ae_warmup, warmup_crop=args.warmup_crop,
             lpips_weight=args.lpips_weight,
             lpips_net=args.lpips_net,
             lpips_backbone=args.lpips_backbone, gan_weight=args.gan_weight, gan_start=args.gan_start,
@@ -335,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dead-code-every", type=int, default=50, help="steps between dead-code re-initialisations (0: never)")
     p.add_argument("--augment", action="store_true", help="random flips, small affine transforms and gamma contrast")
     p.add_argument("--ae-warmup", type=int, default=0, help="steps as a plain autoencoder before quantizing (default 0)")
+    p.add_argument(
+        "--warmup-crop", type=int, default=0,
+        help="train the autoencoder warm-up on random crops of this side in pixels, e.g. 128 (default 0: whole slices)",
+    )
     p.add_argument("--lpips-weight", type=float, default=0.0, help="LPIPS perceptual weight (0: off; needs ImageNet backbone weights)")
     p.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"], help="LPIPS backbone")
     p.add_argument("--lpips-backbone", help="path of the torchvision backbone weights (default: torch hub cache)")

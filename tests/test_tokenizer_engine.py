@@ -207,13 +207,32 @@ def test_evaluate_tokenizer_known_psnr_and_usage(synthetic_store, monkeypatch):
 def test_multiscale_rows_draw_every_scale_evenly():
     from medvar_bundle.engines.tokenizer import multiscale_rows
 
-    f = torch.randn(2, 32, 4, 4)
-    rows = multiscale_rows(f, (1, 2, 4))
+    inputs = [torch.randn(2, 32, n, n) for n in (1, 2, 4)]
+    rows = multiscale_rows(inputs)
     assert rows.shape == (3 * 2 * 16, 32)
-    coarse = f.mean(dim=(2, 3))  # scale 1: the area average of each image
-    torch.testing.assert_close(rows[:2], coarse)
-    torch.testing.assert_close(rows[32:34], torch.nn.functional.avg_pool2d(f, 2)[0, :, 0, :].T)
-    torch.testing.assert_close(rows[64:], f.permute(0, 2, 3, 1).reshape(-1, 32))
+    # every scale fills 32 rows: its own vectors, repeated in order
+    torch.testing.assert_close(rows[:32], inputs[0].flatten(1).repeat(16, 1))
+    torch.testing.assert_close(rows[32:64], inputs[1].permute(0, 2, 3, 1).reshape(-1, 32).repeat(4, 1))
+    torch.testing.assert_close(rows[64:], inputs[2].permute(0, 2, 3, 1).reshape(-1, 32))
+
+
+def test_quantizer_reports_the_residual_each_scale_looked_up():
+    from medvar_bundle.networks.quantizer import MultiScaleQuantizer
+
+    torch.manual_seed(0)
+    q = MultiScaleQuantizer(vocab_size=64, embed_dim=8, patch_nums=(1, 2, 4)).eval()
+    with torch.no_grad():
+        q.embedding.weight.normal_()
+    f = torch.randn(3, 8, 4, 4)
+    out = q(f)
+    inputs = q.scale_inputs(f)
+    assert [tuple(r.shape) for r in inputs] == [(3, 8, 1, 1), (3, 8, 2, 2), (3, 8, 4, 4)]
+    torch.testing.assert_close(inputs[0], f.mean(dim=(2, 3), keepdim=True))  # scale 1 sees the whole f
+    # scale 3 sees f minus what scales 1 and 2 added, and after it what is left is the final residual
+    h = [q.scale_contribution(k, q.embed(idx)) for k, idx in enumerate(out.indices)]
+    torch.testing.assert_close(inputs[2], f - h[0] - h[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.residual, inputs[2] - h[2], rtol=0, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(inputs, out.scale_inputs))
 
 
 def test_slice_augmentation_keeps_shape_range_and_is_seeded(synthetic_store):
@@ -247,3 +266,30 @@ def test_autoencoder_warmup_then_whole_codebook_redrawn(synthetic_store, tmp_pat
     # VAR's initialisation is uniform(±1/V); after the warm-up every code is an encoder feature vector
     assert (codes.abs().amax(dim=1) > 1.0 / vocab).all()
     torch.testing.assert_close(usage, torch.full_like(usage, 1.0 / vocab))
+
+
+def test_random_crops_cut_one_aligned_window_per_image_and_repeat_with_the_seed():
+    from medvar_bundle.engines.tokenizer import random_crops
+
+    # every pixel holds its own (row, column) code, so a crop tells where it was cut
+    rows, cols = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    x = (rows * 64 + cols).expand(5, 1, 64, 64).contiguous(memory_format=torch.channels_last)
+    crops = random_crops(16, seed=3)(x)
+    assert type(crops) is torch.Tensor  # not a MetaTensor: its bookkeeping would slow every layer
+    assert crops.shape == (5, 1, 16, 16) and crops.is_contiguous(memory_format=torch.channels_last)
+    for crop in crops[:, 0]:
+        top, left = divmod(int(crop[0, 0]), 64)
+        torch.testing.assert_close(crop, x[0, 0, top : top + 16, left : left + 16])
+    assert len({int(c[0, 0, 0]) for c in crops}) > 1  # a new window per image
+    torch.testing.assert_close(random_crops(16, seed=3)(x), crops)
+
+
+def test_warmup_on_crops_trains_then_quantizes_whole_slices(synthetic_store, tmp_path):
+    out = tmp_path / "crop"
+    train_tokenizer(str(synthetic_store), str(out), max_steps=3, ae_warmup=2, warmup_crop=32, **dict(TRAIN_ARGS, val_every=3))
+    state = torch.load(out / "tokenizer.pt", weights_only=False)["state_dict"]
+    assert (state["quantizer.embedding.weight"].abs().amax(dim=1) > 1.0 / state["quantizer.embedding.weight"].shape[0]).all()
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 3 and row["psnr"] > 0
+    with pytest.raises(ValueError, match="multiple of the downsampling factor 16"):
+        train_tokenizer(str(synthetic_store), str(tmp_path / "bad"), max_steps=1, ae_warmup=1, warmup_crop=24, **TRAIN_ARGS)

