@@ -240,10 +240,13 @@ def train_tokenizer(
     model = model.to(memory_format=torch.channels_last)
     factor = image_size // model.patch_nums[-1]
     if warmup_crop < 0 or warmup_crop % factor or warmup_crop > image_size:
-        raise ValueError(f"warmup_crop {warmup_crop} must be a multiple of the downsampling factor {factor}, at most {image_size}")
+        raise ValueError(
+            f"warmup_crop {warmup_crop} must be a multiple of the downsampling factor {factor}, at most {image_size}"
+        )
     cropper = random_crops(warmup_crop, seed) if warmup_crop else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.5, 0.9), weight_decay=weight_decay)
-    scheduler = LambdaLR(optimizer, functools.partial(stage_cosine, ae_warmup=ae_warmup, max_steps=max_steps, min_lr_ratio=min_lr_ratio))
+    schedule = functools.partial(stage_cosine, ae_warmup=ae_warmup, max_steps=max_steps, min_lr_ratio=min_lr_ratio)
+    scheduler = LambdaLR(optimizer, schedule)
     disc = disc_opt = None
     if gan_weight > 0:
         disc = PatchDiscriminator(spatial_dims=2, num_layers_d=3, channels=64, in_channels=1, out_channels=1).to(dev)

@@ -173,7 +173,10 @@ class MultiScaleQuantizer(nn.Module):
 
     @torch.no_grad()
     def scale_inputs(self, f: Tensor) -> list[Tensor]:
-        """The K residuals (B, C, n_k, n_k) each scale looks codes up for, without touching the usage statistics."""
+        """The K residuals (B, C, n_k, n_k) each scale looks its codes up for (fp32).
+
+        The usage statistics are left untouched: this is for re-initialising codes, not a lookup.
+        """
         return self._quantize(f)[0].scale_inputs
 
     def _quantize(self, f: Tensor) -> tuple[QuantizerOutput, Tensor]:
