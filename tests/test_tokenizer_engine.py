@@ -293,3 +293,16 @@ def test_warmup_on_crops_trains_then_quantizes_whole_slices(synthetic_store, tmp
     assert row["step"] == 3 and row["psnr"] > 0
     with pytest.raises(ValueError, match="multiple of the downsampling factor 16"):
         train_tokenizer(str(synthetic_store), str(tmp_path / "bad"), max_steps=1, ae_warmup=1, warmup_crop=24, **TRAIN_ARGS)
+
+
+def test_stage_cosine_restarts_the_decay_when_quantization_starts():
+    from medvar_bundle.engines.common import warmup_cosine
+    from medvar_bundle.engines.tokenizer import stage_cosine
+
+    ratio = [stage_cosine(s, ae_warmup=10, max_steps=30, min_lr_ratio=0.1) for s in range(31)]
+    assert ratio[0] == pytest.approx(1.0) and ratio[10] == pytest.approx(1.0)  # each stage starts at the peak
+    assert ratio[5] == pytest.approx(0.55) and ratio[20] == pytest.approx(0.55)  # half-way down each cosine
+    assert ratio[30] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(ratio[:10], ratio[1:10])) and all(a >= b for a, b in zip(ratio[10:], ratio[11:]))
+    # without a warm-up it is the plain cosine over the run
+    assert [stage_cosine(s, 0, 30, 0.1) for s in range(31)] == [warmup_cosine(s, 0, 30, 0.1) for s in range(31)]
