@@ -12,7 +12,7 @@ TOKENIZER_STEPS ?= 2050
 TRANSFORMER_STEPS ?= 250
 SAMPLES ?= 16
 
-.PHONY: install demo test bench compare clean-demo
+.PHONY: install demo test bench compare bundle clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,7 @@ demo: install
 	@echo "      synthetic slices: NIfTI stacks and PNG grids in $(DEMO)/samples/"
 
 test: install
+	$(BIN)/ruff check --output-format concise .
 	$(BIN)/python -m pytest -q
 
 bench: install
@@ -50,6 +51,10 @@ bench: install
 
 compare: install
 	$(BIN)/python scripts/compare.py --store $(DEMO)/store --tokenizer $(DEMO)/tokenizer/tokenizer.pt --out $(DEMO)/compare
+
+# the model-zoo zip (configs, models, docs, LICENSE, large_files.yml, package code); MODELS=DIR adds its weights
+bundle: install
+	$(BIN)/python scripts/make_bundle.py --out dist/medvar_bundle.zip $(if $(MODELS),--models $(MODELS))
 
 clean-demo:
 	rm -rf $(DEMO)

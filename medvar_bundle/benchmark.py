@@ -4,11 +4,11 @@
 DDPM baseline whose UNet matches the transformer in parameters, with **untrained weights** (speed
 does not depend on them), and times both in one process on the same device, dtype and batch:
 
-- MedVAR: the whole image path of :func:`~medvar_bundle.sampling.generate_images` — one
+- MedVAR: the whole image path of :func:`~medvar_bundle.sampling.medvar.generate_images` — one
   transformer pass per scale with the KV cache, classifier-free guidance (the conditional and
   null halves as one batch of 2B), top-k 900 / top-p 0.95 — plus the tokenizer's decoder; the mean
   of ``repeats`` runs after one warm-up run.
-- DDPM: a few denoising steps of :func:`~medvar_bundle.baselines.ddpm.sample` (ancestral DDPM,
+- DDPM: a few denoising steps of :func:`~medvar_bundle.sampling.ddpm.sample` (ancestral DDPM,
   guidance on, so also 2B rows per UNet evaluation), after a one-step warm-up. Every step is one
   UNet evaluation of the same cost, so the time of N steps is the measured time per step times N
   (the chain's fixed cost — initial noise, scheduler set-up, uint8 conversion — is negligible and
@@ -27,8 +27,6 @@ function imports what it runs.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,12 +36,12 @@ if TYPE_CHECKING:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from medvar_bundle.baselines.ddpm import ConditionalDDPM
+    from medvar_bundle.networks.ddpm import ConditionalDDPM
     from medvar_bundle.networks.msvqvae import MultiScaleVQVAE
     from medvar_bundle.networks.transformer import NextScaleTransformer
 
 SAMPLING = {"cfg": 4.0, "top_k": 900, "top_p": 0.95}
-"""MedVAR's :class:`~medvar_bundle.sampling.SamplingOptions` when timed: the paper's best (Table 4)."""
+"""MedVAR's :class:`~medvar_bundle.sampling.medvar.SamplingOptions` when timed: the paper's best (Table 4)."""
 
 DDPM_SAMPLER = "ddpm"
 DDPM_CFG = 4.0
@@ -144,8 +142,8 @@ def _sample_medvar(
     """Sample one batch of tokens for dataset 0 (and decode them to images with ``decode``)."""
     import torch
 
-    from medvar_bundle.engines.common import autocast
-    from medvar_bundle.sampling import SamplingOptions, generate_tokens
+    from medvar_bundle.runtime import autocast
+    from medvar_bundle.sampling.medvar import SamplingOptions, generate_tokens
 
     device = _device_of(transformer)
     ids = torch.zeros(batch, dtype=torch.long, device=device)
@@ -181,7 +179,7 @@ def _sample_ddpm(model: ConditionalDDPM, steps: int, batch: int, bf16: bool) -> 
     """Run a ``steps``-step guided DDPM chain for a batch of dataset 0."""
     import torch
 
-    from medvar_bundle.baselines.ddpm import sample
+    from medvar_bundle.sampling.ddpm import sample
 
     device = _device_of(model)
     ids = torch.zeros(batch, dtype=torch.long, device=device)
@@ -219,14 +217,16 @@ def build_pair(
     scales from the tokenizer."""
     import torch
 
-    from medvar_bundle.baselines.ddpm import ConditionalDDPM
+    from medvar_bundle.networks.ddpm import ConditionalDDPM
     from medvar_bundle.networks.msvqvae import MultiScaleVQVAE
     from medvar_bundle.networks.transformer import NextScaleTransformer
 
     torch.manual_seed(0)
     tokenizer = MultiScaleVQVAE.from_preset(pair.tokenizer, **{"image_size": image_size, **pair.tokenizer_overrides})
     from_tokenizer = {key: tokenizer.config[key] for key in ("vocab_size", "embed_dim", "patch_nums")}
-    transformer = NextScaleTransformer.from_preset(pair.transformer, NUM_DATASETS, **{**pair.transformer_overrides, **from_tokenizer})
+    transformer = NextScaleTransformer.from_preset(
+        pair.transformer, NUM_DATASETS, **{**pair.transformer_overrides, **from_tokenizer}
+    )
     ddpm = ConditionalDDPM.from_preset(pair.ddpm, NUM_DATASETS, **{"image_size": image_size, **pair.ddpm_overrides})
     return (
         transformer.to(device).eval(),
@@ -240,8 +240,15 @@ def _throughput(flops: int, batch: int, seconds: float, peak: float) -> dict:
 
 
 def bench_pair(
-    pair: BenchPair, steps: Sequence[int], batch: int, device: torch.device | str, bf16: bool, ddpm_timed_steps: int,
-    repeats: int, image_size: int, peak: float,
+    pair: BenchPair,
+    steps: Sequence[int],
+    batch: int,
+    device: torch.device | str,
+    bf16: bool,
+    ddpm_timed_steps: int,
+    repeats: int,
+    image_size: int,
+    peak: float,
 ) -> dict:
     """Time one pair (see the module docstring); every time is per image of a batch of ``batch``.
 
@@ -258,9 +265,10 @@ def bench_pair(
     medvar_s = medvar_batch / batch
     ddpm_s = linear_in_steps(step_batch / batch, steps)
     medvar = {
-        "transformer": pair.transformer, "tokenizer": pair.tokenizer, "transformer_parameters": _parameters(transformer),
-        "tokenizer_parameters": _parameters(tokenizer), "scales": len(tokenizer.patch_nums), "s_per_image": medvar_s,
-        "images_per_s": 1 / medvar_s, "flops_per_image": medvar_flops, **_throughput(medvar_flops, batch, medvar_batch, peak),
+        "transformer": pair.transformer, "tokenizer": pair.tokenizer,
+        "transformer_parameters": _parameters(transformer), "tokenizer_parameters": _parameters(tokenizer),
+        "scales": len(tokenizer.patch_nums), "s_per_image": medvar_s, "images_per_s": 1 / medvar_s,
+        "flops_per_image": medvar_flops, **_throughput(medvar_flops, batch, medvar_batch, peak),
     }  # fmt: skip
     baseline = {
         "preset": pair.ddpm, "parameters": _parameters(ddpm), "sampler": DDPM_SAMPLER, "timed_steps": ddpm_timed_steps,
@@ -308,7 +316,8 @@ def run_benchmark(
         "medvar_timing": f"mean of {repeats} runs after a warm-up run: KV cache, CFG, tokenizer decoding included",
         **SAMPLING, "ddpm_sampler": DDPM_SAMPLER, "ddpm_cfg": DDPM_CFG,
         "matmul_peak_tflops": peak / 1e12, "pairs": rows, "pair": largest["name"],
-        "medvar_s_per_image": largest["medvar"]["s_per_image"], "medvar_images_per_s": largest["medvar"]["images_per_s"],
+        "medvar_s_per_image": largest["medvar"]["s_per_image"],
+        "medvar_images_per_s": largest["medvar"]["images_per_s"],
         "ddpm_s_per_image": largest["ddpm"]["s_per_image"], "ddpm_images_per_s": largest["ddpm"]["images_per_s"],
         "speedup": largest["speedup"], "speedup_vs_ddpm100": largest["speedup_vs_ddpm100"],
         "seconds": time.perf_counter() - started,
@@ -329,9 +338,11 @@ def format_report(result: dict) -> str:
         lines += [
             "",
             f"pair {row['name']}: MedVAR {m['transformer']} ({m['transformer_parameters'] / 1e6:.1f}M transformer + "
-            f"{m['tokenizer_parameters'] / 1e6:.1f}M tokenizer {m['tokenizer']}) vs DDPM {d['preset']} ({d['parameters'] / 1e6:.1f}M)",
+            f"{m['tokenizer_parameters'] / 1e6:.1f}M tokenizer {m['tokenizer']}) "
+            f"vs DDPM {d['preset']} ({d['parameters'] / 1e6:.1f}M)",
             f"  {'model':<16} {'s/image':>9} {'images/s':>9} {'speedup':>8} {'TFLOP/s':>8} {'of peak':>8}",
-            f"  {'MedVAR (' + str(m['scales']) + ' scales)':<16} {m['s_per_image']:>9.3f} {m['images_per_s']:>9.2f} {'':>8} "
+            f"  {'MedVAR (' + str(m['scales']) + ' scales)':<16} "
+            f"{m['s_per_image']:>9.3f} {m['images_per_s']:>9.2f} {'':>8} "
             f"{m['tflops']:>8.3f} {100 * m['peak_fraction']:>7.1f}%",
         ]
         lines += [
@@ -342,49 +353,3 @@ def format_report(result: dict) -> str:
         lines.append(f"  MedVAR vs DDPM at 100 steps: {row['speedup_vs_ddpm100']:.1f}x faster")
     lines.append(f"\nbenchmark wall time {result['seconds']:.0f} s")
     return "\n".join(lines)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``bench`` subcommand to the ``medvar`` parser's subparsers (handler :func:`run_bench`)."""
-    p = subparsers.add_parser(
-        "bench",
-        help="sampling speed of MedVAR vs the DDPM baseline at matched parameter counts (untrained weights)",
-        description="Time, in one process on the same device, dtype and batch, MedVAR's sampling (transformer with KV "
-        "cache and classifier-free guidance, plus tokenizer decoding) against the DDPM baseline with a UNet of matched "
-        "parameter count, for each DDPM step count: seconds/image, images/s, the speedup, and the FLOP/s each reaches "
-        "against a measured matmul peak. Weights are untrained (speed does not depend on them). DDPM: a few denoising "
-        "steps are timed and the time is scaled linearly by the step count. The default (pairs tiny and small) takes a "
-        "few minutes on a 2-core CPU; d16 (310M vs DDPM-S 330M) and d20 (600M vs DDPM-L) are the paper's sizes.",
-    )
-    p.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), default=list(DEFAULT_PAIRS), help="pairs to time (default: tiny small)")
-    p.add_argument("--steps", nargs="+", type=_positive_int, default=list(DDPM_STEPS), help="DDPM step counts (default 10 20 30 50 100)")
-    p.add_argument("--batch", type=_positive_int, default=1, help="images per batch (default 1)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--fp32", action="store_true", help="no bf16 autocast (the peak is then measured in fp32)")
-    p.add_argument("--ddpm-timed-steps", type=_positive_int, default=2, help="DDPM denoising steps actually timed (default 2)")
-    p.add_argument("--repeats", type=_positive_int, default=3, help="timed MedVAR sampling runs, averaged (default 3)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.set_defaults(func=run_bench)
-    return p
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    """Handler of `medvar bench`: run :func:`run_benchmark` and print its table or JSON."""
-    import torch
-
-    from medvar_bundle.cli import UserError
-
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: CUDA is not available on this machine")
-    result = run_benchmark(
-        [PAIRS[name] for name in args.pairs], args.steps, args.batch, args.device, not args.fp32, args.ddpm_timed_steps, args.repeats
-    )
-    print(json.dumps(result) if args.json else format_report(result))
-    return 0

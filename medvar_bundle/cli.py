@@ -13,7 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from .benchmark import add_bench_parser
+from . import benchmark
+from .bundle_run import ConfigOption, add_config_options, device_expression, output_path, overrides_from, run_config
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -35,12 +36,22 @@ def _prepare(args: argparse.Namespace) -> int:
     if world_size < 1 or not 0 <= rank < world_size:
         raise UserError(f"--rank must be in [0, --world-size), got rank {rank} of world size {world_size}")
     try:
-        items = load_datalist(args.datalist) if args.datalist else discover(args.data_root, args.modality, args.val_fraction)
+        items = (
+            load_datalist(args.datalist)
+            if args.datalist
+            else discover(args.data_root, args.modality, args.val_fraction)
+        )
     except DatalistError as exc:
         raise UserError(str(exc)) from None
     result = prepare_store(
-        items, args.out, size=args.size, workers=args.workers, rank=rank, world_size=world_size,
-        shard_size=args.shard_size, progress=not args.quiet,
+        items,
+        args.out,
+        size=args.size,
+        workers=args.workers,
+        rank=rank,
+        world_size=world_size,
+        shard_size=args.shard_size,
+        progress=not args.quiet,
     )
     counts = result.counts
     total = sum(d["num_slices"] for d in result.registry.values())
@@ -78,33 +89,26 @@ def _preview(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_tokenizer(args: argparse.Namespace) -> int:
-    from .engines.tokenizer import train_tokenizer
+def _run_bundle(args: argparse.Namespace, workflow_type: str = "train") -> None:
+    """Run the subcommand's config with the flags given; user errors become one line."""
     from .weights import MissingWeightsError
 
-    for name in ("max_steps", "batch_size", "checkpoint_every", "val_every"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:
-        path = train_tokenizer(
-            args.store, args.out, max_steps=args.max_steps, batch_size=args.batch_size, device=args.device,
-            preset=args.preset, model_overrides={"l2_norm": args.l2_norm}, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
-            dead_code_every=args.dead_code_every, augment=args.augment, ae_warmup=args.ae_warmup, warmup_crop=args.warmup_crop,
-            lpips_weight=args.lpips_weight,
-            lpips_net=args.lpips_net,
-            lpips_backbone=args.lpips_backbone, gan_weight=args.gan_weight, gan_start=args.gan_start,
-            checkpoint_every=args.checkpoint_every, val_every=args.val_every, bf16=not args.fp32,
-            num_workers=args.workers, seed=args.seed, progress=not args.quiet,
-        )
+        run_config(args.config, workflow_type, overrides_from(args))
     except (MissingWeightsError, FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from None
-    print(f"medvar train-tokenizer: wrote {path}")
+
+
+def _train_tokenizer(args: argparse.Namespace) -> int:
+    _run_bundle(args)
+    print(f"medvar train-tokenizer: wrote {output_path(args, 'tokenizer.pt')}")
     return 0
 
 
 def _evaluate_tokenizer(args: argparse.Namespace) -> int:
     from .data import SliceStore
-    from .engines.tokenizer import evaluate_tokenizer, load_tokenizer
+    from .engines.tokenizer import evaluate_tokenizer
+    from .model_file import load_tokenizer
 
     try:
         model = load_tokenizer(args.tokenizer, args.device)
@@ -113,17 +117,21 @@ def _evaluate_tokenizer(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     if len(store) == 0:
         raise UserError(f"{args.store}: no slices{f' in split {args.split}' if args.split else ''}")
-    metrics = evaluate_tokenizer(model, store, args.batch_size, args.device, not args.fp32, args.max_images, progress=not args.quiet)
+    metrics = evaluate_tokenizer(
+        model, store, args.batch_size, args.device, not args.fp32, args.max_images, progress=not args.quiet
+    )
     metrics.pop("counts")
     print(json.dumps(metrics))
     return 0
 
 
 def _tokenize(args: argparse.Namespace) -> int:
-    from .data.tokens import tokenize_store
+    from .tokenize import tokenize_store
 
     try:
-        meta = tokenize_store(args.tokenizer, args.store, args.batch_size, args.device, not args.fp32, args.force, not args.quiet)
+        meta = tokenize_store(
+            args.tokenizer, args.store, args.batch_size, args.device, not args.fp32, args.force, not args.quiet
+        )
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from None
     print(
@@ -145,11 +153,25 @@ def _train(args: argparse.Namespace) -> int:
         raise UserError(f"--cond-drop must be in [0, 1), got {args.cond_drop}")
     try:
         path = train_transformer(
-            args.store, args.out, tokenizer=args.tokenizer, max_steps=args.max_steps, batch_size=args.batch_size,
-            device=args.device, preset=args.preset, lr=args.lr, warmup_steps=args.warmup, grad_accum=args.grad_accum,
-            cond_drop=args.cond_drop, checkpoint_every=args.checkpoint_every, val_every=args.val_every,
-            bf16=not args.fp32, num_workers=args.workers, seed=args.seed, progress=not args.quiet,
-            distributed=int(os.environ.get("WORLD_SIZE", 1)) > 1, loss_weighting=args.loss_weighting,
+            args.store,
+            args.out,
+            tokenizer=args.tokenizer,
+            max_steps=args.max_steps,
+            batch_size=args.batch_size,
+            device=args.device,
+            preset=args.preset,
+            lr=args.lr,
+            warmup_steps=args.warmup,
+            grad_accum=args.grad_accum,
+            cond_drop=args.cond_drop,
+            checkpoint_every=args.checkpoint_every,
+            val_every=args.val_every,
+            bf16=not args.fp32,
+            num_workers=args.workers,
+            seed=args.seed,
+            progress=not args.quiet,
+            distributed=int(os.environ.get("WORLD_SIZE", 1)) > 1,
+            loss_weighting=args.loss_weighting,
         )
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from None
@@ -169,10 +191,21 @@ def _train_baseline(args: argparse.Namespace) -> int:
         raise UserError(f"--cond-drop must be in [0, 1), got {args.cond_drop}")
     try:
         path = train_ddpm(
-            args.store, args.out, max_steps=args.max_steps, batch_size=args.batch_size, device=args.device,
-            preset=args.preset, lr=args.lr, warmup_steps=args.warmup, cond_drop=args.cond_drop,
-            checkpoint_every=args.checkpoint_every, val_every=args.val_every, bf16=not args.fp32,
-            num_workers=args.workers, seed=args.seed, progress=not args.quiet,
+            args.store,
+            args.out,
+            max_steps=args.max_steps,
+            batch_size=args.batch_size,
+            device=args.device,
+            preset=args.preset,
+            lr=args.lr,
+            warmup_steps=args.warmup,
+            cond_drop=args.cond_drop,
+            checkpoint_every=args.checkpoint_every,
+            val_every=args.val_every,
+            bf16=not args.fp32,
+            num_workers=args.workers,
+            seed=args.seed,
+            progress=not args.quiet,
             distributed=int(os.environ.get("WORLD_SIZE", 1)) > 1,
         )
     except (FileNotFoundError, ValueError) as exc:
@@ -186,15 +219,29 @@ def _generate(args: argparse.Namespace) -> int:
 
     try:
         summary = generate(
-            args.model, args.dataset, args.num, args.out, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-            temperature=args.temperature, seed=args.seed, batch_size=args.batch_size, device=args.device,
-            bf16=not args.fp32, resample_original=args.resample_original, progression=args.progression,
+            args.model,
+            args.dataset,
+            args.num,
+            args.out,
+            cfg=args.cfg,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            temperature=args.temperature,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            device=args.device,
+            bf16=not args.fp32,
+            resample_original=args.resample_original,
+            progression=args.progression,
             progress=not args.quiet,
         )
     except (FileNotFoundError, ValueError, PermissionError) as exc:
         raise UserError(str(exc)) from None
     for name, info in summary["datasets"].items():
-        print(f"medvar generate: {name}: {args.num} slices ({info['seconds_per_image']:.2f} s/slice) -> {info['files']['nifti']}")
+        print(
+            f"medvar generate: {name}: {args.num} slices ({info['seconds_per_image']:.2f} s/slice)"
+            f" -> {info['files']['nifti']}"
+        )
     print(f"medvar generate: PNG grids and summary.json in {args.out}")
     return 0
 
@@ -206,10 +253,20 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     try:
         report = evaluate_generation(
-            args.real, args.fake, args.out, labels=args.label, datasets=args.datasets,
-            inception_weights=args.inception_weights, radimagenet_weights=args.radimagenet_weights,
-            clip_weights=args.clip_weights, allow_download=not args.no_download, max_slices=args.max_slices,
-            heldout_split=args.heldout_split, quality_metric=args.quality_metric, seed=args.seed, device=args.device,
+            args.real,
+            args.fake,
+            args.out,
+            labels=args.label,
+            datasets=args.datasets,
+            inception_weights=args.inception_weights,
+            radimagenet_weights=args.radimagenet_weights,
+            clip_weights=args.clip_weights,
+            allow_download=not args.no_download,
+            max_slices=args.max_slices,
+            heldout_split=args.heldout_split,
+            quality_metric=args.quality_metric,
+            seed=args.seed,
+            device=args.device,
             batch_size=args.batch_size,
         )
     except (MissingWeightsError, FileNotFoundError, ValueError, PermissionError) as exc:
@@ -217,7 +274,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     q = report["efficiency"]["q"]
     for label, rows in report["rows"].items():
         overall = rows["overall"]
-        print(f"medvar evaluate: {label}: {q} {format_cell(q, overall[q])}, efficiency {format_cell(q, overall['efficiency'])}")
+        print(
+            f"medvar evaluate: {label}: {q} {format_cell(q, overall[q])},"
+            f" efficiency {format_cell(q, overall['efficiency'])}"
+        )
     print(f"medvar evaluate: report.md, report.csv, report.json and PNGs in {args.out}")
     return 0
 
@@ -228,11 +288,24 @@ def _ablate(args: argparse.Namespace) -> int:
 
     try:
         result = ablate(
-            args.model, args.real, args.dataset, args.num, args.out, grid=parse_grid(args.grid) if args.grid else None,
-            seed=args.seed, inception_weights=args.inception_weights, radimagenet_weights=args.radimagenet_weights,
-            clip_weights=args.clip_weights, allow_download=not args.no_download, max_slices=args.max_slices,
-            heldout_split=args.heldout_split, quality_metric=args.quality_metric, batch_size=args.batch_size,
-            device=args.device, bf16=not args.fp32, progress=not args.quiet,
+            args.model,
+            args.real,
+            args.dataset,
+            args.num,
+            args.out,
+            grid=parse_grid(args.grid) if args.grid else None,
+            seed=args.seed,
+            inception_weights=args.inception_weights,
+            radimagenet_weights=args.radimagenet_weights,
+            clip_weights=args.clip_weights,
+            allow_download=not args.no_download,
+            max_slices=args.max_slices,
+            heldout_split=args.heldout_split,
+            quality_metric=args.quality_metric,
+            batch_size=args.batch_size,
+            device=args.device,
+            bf16=not args.fp32,
+            progress=not args.quiet,
         )
     except (MissingWeightsError, FileNotFoundError, ValueError, PermissionError) as exc:
         raise UserError(str(exc)) from None
@@ -246,15 +319,70 @@ def _evaluation_options(p: argparse.ArgumentParser) -> None:
     """Options shared by `evaluate` and `ablate`: extractor weights and the real reference sets."""
     for key, metrics in (("inception", "FID/KID"), ("radimagenet", "RadFID"), ("clip", "CMMD")):
         p.add_argument(
-            f"--{key}-weights", help=f"{metrics} extractor weights (default: the torch hub cache; without them {metrics} is null)"
+            f"--{key}-weights",
+            help=f"{metrics} extractor weights (default: the torch hub cache; without them {metrics} is null)",
         )
     p.add_argument("--no-download", action="store_true", help="never try to download extractor weights")
     p.add_argument("--max-slices", type=int, help="at most this many slices per set (training, held-out, generated)")
-    p.add_argument("--heldout-split", default="validation", choices=["validation", "test"], help="real split of the floor")
     p.add_argument(
-        "--quality-metric", default="power_spectrum", choices=["power_spectrum", "histogram"],
+        "--heldout-split", default="validation", choices=["validation", "test"], help="real split of the floor"
+    )
+    p.add_argument(
+        "--quality-metric",
+        default="power_spectrum",
+        choices=["power_spectrum", "histogram"],
         help="efficiency Q without FID weights (default power_spectrum)",
     )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+RUN_OPTIONS = (
+    ConfigOption("--device", "device", "cpu or cuda[:N]", to_config=device_expression),
+    ConfigOption("--fp32", "bf16", "no bf16 autocast", const=False),
+    ConfigOption("--quiet", "progress", "no progress bar", const=False),
+    ConfigOption("--seed", "seed", "random seed", type=int),
+    ConfigOption("--workers", "num_workers", "DataLoader workers", type=int),
+)
+TOKENIZER_OPTIONS = (
+    ConfigOption("--store", "dataset_dir", "slice store folder(s)", nargs="+", required=True),
+    ConfigOption("--out", "output_dir", "run folder (checkpoints, tokenizer.pt, validation PNGs, TensorBoard)",
+                 required=True),
+    ConfigOption("--preset", "preset", "network preset: tiny (CPU) or paper (~100M parameters)"),
+    ConfigOption("--l2-norm", "network_def#l2_norm", "l2-normalised (cosine) code lookup", const=True),
+    ConfigOption("--max-steps", "max_steps", "optimizer steps", type=_positive_int),
+    ConfigOption("--batch-size", "batch_size", "images per batch", type=_positive_int),
+    ConfigOption("--lr", "lr", "AdamW learning rate", type=float),
+    ConfigOption("--min-lr-ratio", "min_lr_ratio", "cosine decay of the learning rate to this fraction of --lr at "
+                 "--max-steps (1: constant)", type=float),
+    ConfigOption("--weight-decay", "weight_decay", "AdamW weight decay", type=float),
+    ConfigOption("--grad-clip", "grad_clip", "gradient norm clipping", type=float),
+    ConfigOption("--l1-weight", "l1_weight", "weight of the L1 reconstruction loss", type=float),
+    ConfigOption("--l2-weight", "l2_weight", "weight of the L2 reconstruction loss", type=float),
+    ConfigOption("--vq-weight", "vq_weight", "weight of the VQ (commitment) loss", type=float),
+    ConfigOption("--dead-code-every", "dead_code_every", "steps between dead-code re-initialisations (0: never)",
+                 type=int),
+    ConfigOption("--augment", "augment", "random flips, small affine transforms and gamma contrast", const=True),
+    ConfigOption("--ae-warmup", "ae_warmup", "steps as a plain autoencoder before quantizing", type=int),
+    ConfigOption("--warmup-crop", "warmup_crop", "train the autoencoder warm-up on random crops of this side in "
+                 "pixels, e.g. 128 (0: whole slices)", type=int),
+    ConfigOption("--lpips-weight", "lpips_weight", "LPIPS perceptual weight (0: off; needs ImageNet backbone weights)",
+                 type=float),
+    ConfigOption("--lpips-net", "lpips_net", "LPIPS backbone", choices=["alex", "vgg"]),
+    ConfigOption("--lpips-backbone", "lpips_backbone", "path of the torchvision backbone weights (null: torch hub "
+                 "cache)"),
+    ConfigOption("--gan-weight", "gan_weight", "PatchGAN generator weight (0: off)", type=float),
+    ConfigOption("--gan-start", "gan_start", "step at which the GAN term starts", type=int),
+    ConfigOption("--checkpoint-every", "checkpoint_every", "steps between checkpoints", type=_positive_int),
+    ConfigOption("--val-every", "val_every", "steps between validations", type=_positive_int),
+    ConfigOption("--val-max-images", "val_max_images", "validation slices (evenly spaced)", type=_positive_int),
+    *RUN_OPTIONS,
+)  # fmt: skip
 
 
 def _runtime_options(p: argparse.ArgumentParser, batch_size: int) -> None:
@@ -263,6 +391,63 @@ def _runtime_options(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``bench`` subcommand to the ``medvar`` parser's subparsers (handler :func:`run_bench`)."""
+    p = subparsers.add_parser(
+        "bench",
+        help="sampling speed of MedVAR vs the DDPM baseline at matched parameter counts (untrained weights)",
+        description="Time, in one process on the same device, dtype and batch, MedVAR's sampling (transformer with KV "
+        "cache and classifier-free guidance, plus tokenizer decoding) against the DDPM baseline with a UNet of matched "
+        "parameter count, for each DDPM step count: seconds/image, images/s, the speedup, and the FLOP/s each reaches "
+        "against a measured matmul peak. Weights are untrained (speed does not depend on them). DDPM: a few denoising "
+        "steps are timed and the time is scaled linearly by the step count. The default (pairs tiny and small) takes a "
+        "few minutes on a 2-core CPU; d16 (310M vs DDPM-S 330M) and d20 (600M vs DDPM-L) are the paper's sizes.",
+    )
+    p.add_argument(
+        "--pairs",
+        nargs="+",
+        choices=sorted(benchmark.PAIRS),
+        default=list(benchmark.DEFAULT_PAIRS),
+        help="pairs to time (default: tiny small)",
+    )
+    p.add_argument(
+        "--steps",
+        nargs="+",
+        type=_positive_int,
+        default=list(benchmark.DDPM_STEPS),
+        help="DDPM step counts (default 10 20 30 50 100)",
+    )
+    p.add_argument("--batch", type=_positive_int, default=1, help="images per batch (default 1)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast (the peak is then measured in fp32)")
+    p.add_argument(
+        "--ddpm-timed-steps", type=_positive_int, default=2, help="DDPM denoising steps actually timed (default 2)"
+    )
+    p.add_argument("--repeats", type=_positive_int, default=3, help="timed MedVAR sampling runs, averaged (default 3)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=run_bench)
+    return p
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Handler of `medvar bench`: run :func:`~medvar_bundle.benchmark.run_benchmark` and print its table or JSON."""
+    import torch
+
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: CUDA is not available on this machine")
+    result = benchmark.run_benchmark(
+        [benchmark.PAIRS[name] for name in args.pairs],
+        args.steps,
+        args.batch,
+        args.device,
+        not args.fp32,
+        args.ddpm_timed_steps,
+        args.repeats,
+    )
+    print(json.dumps(result) if args.json else benchmark.format_report(result))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -281,13 +466,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--datalist", help="MONAI-style datalist JSON (training/validation/test lists)")
-    src.add_argument("--data-root", help="folder of MSD tasks, nnU-Net raw datasets, NIfTI/NRRD/MHA files or DICOM series")
+    src.add_argument(
+        "--data-root", help="folder of MSD tasks, nnU-Net raw datasets, NIfTI/NRRD/MHA files or DICOM series"
+    )
     p.add_argument("--out", required=True, help="store folder (created if missing)")
     p.add_argument("--size", type=int, default=256, help="in-plane slice size in pixels (default 256)")
     p.add_argument("--workers", type=int, default=0, help="worker processes (default 0: in this process)")
     p.add_argument("--strict", action="store_true", help="exit non-zero if any volume failed")
-    p.add_argument("--modality", choices=["CT", "MR"], help="with --data-root: modality of plain NIfTI/NRRD/MHA folders")
-    p.add_argument("--val-fraction", type=float, default=0.0, help="with --data-root: fraction of volumes held out (by volume)")
+    p.add_argument(
+        "--modality", choices=["CT", "MR"], help="with --data-root: modality of plain NIfTI/NRRD/MHA folders"
+    )
+    p.add_argument(
+        "--val-fraction", type=float, default=0.0, help="with --data-root: fraction of volumes held out (by volume)"
+    )
     p.add_argument("--rank", type=int, default=None, help="this machine's share of the datalist (default $RANK or 0)")
     p.add_argument("--world-size", type=int, default=None, help="number of shares (default $WORLD_SIZE or 1)")
     p.add_argument("--shard-size", type=int, default=2048, help="slices per shard (default 2048)")
@@ -301,7 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
         "write DIR/datalist.json with a train/held-out split by volume.",
     )
     p.add_argument("--out", required=True, help="destination folder")
-    p.add_argument("--wheels", help="folder with the wheels (default $MEDVAR_CACHE/wheels or ~/.cache/medvar/wheels; missing ones are downloaded)")
+    p.add_argument(
+        "--wheels",
+        help="folder with the wheels (default $MEDVAR_CACHE/wheels or ~/.cache/medvar/wheels;"
+        " missing ones are downloaded)",
+    )
     p.set_defaults(func=_demo_data)
 
     p = sub.add_parser(
@@ -322,33 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the medical multi-scale residual VQ-VAE (Alg. 1-2) on the training split of one or "
         "more slice stores; validate on the validation split. Re-running on the same --out resumes.",
     )
-    p.add_argument("--store", required=True, nargs="+", help="slice store folder(s)")
-    p.add_argument("--out", required=True, help="run folder (checkpoints, tokenizer.pt, validation PNGs, TensorBoard)")
-    p.add_argument("--preset", default="tiny", help="network preset: tiny (CPU) or paper (~100M parameters)")
-    p.add_argument("--max-steps", type=int, default=2000, help="optimizer steps (default 2000)")
-    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
-    p.add_argument(
-        "--min-lr-ratio", type=float, default=1.0,
-        help="cosine decay of the learning rate to this fraction of --lr at --max-steps (default 1: constant)",
-    )
-    p.add_argument("--l2-norm", action="store_true", help="l2-normalised (cosine) code lookup")
-    p.add_argument("--dead-code-every", type=int, default=50, help="steps between dead-code re-initialisations (0: never)")
-    p.add_argument("--augment", action="store_true", help="random flips, small affine transforms and gamma contrast")
-    p.add_argument("--ae-warmup", type=int, default=0, help="steps as a plain autoencoder before quantizing (default 0)")
-    p.add_argument(
-        "--warmup-crop", type=int, default=0,
-        help="train the autoencoder warm-up on random crops of this side in pixels, e.g. 128 (default 0: whole slices)",
-    )
-    p.add_argument("--lpips-weight", type=float, default=0.0, help="LPIPS perceptual weight (0: off; needs ImageNet backbone weights)")
-    p.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"], help="LPIPS backbone")
-    p.add_argument("--lpips-backbone", help="path of the torchvision backbone weights (default: torch hub cache)")
-    p.add_argument("--gan-weight", type=float, default=0.0, help="PatchGAN generator weight (0: off)")
-    p.add_argument("--gan-start", type=int, default=1000, help="step at which the GAN term starts")
-    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
-    p.add_argument("--val-every", type=int, default=500, help="steps between validations")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    _runtime_options(p, batch_size=8)
+    add_config_options(p, "train_tokenizer", TOKENIZER_OPTIONS)
     p.set_defaults(func=_train_tokenizer)
 
     p = sub.add_parser(
@@ -359,17 +528,25 @@ def build_parser() -> argparse.ArgumentParser:
         "and write RUN/model.pt, the one file generation needs. Re-running on the same --out resumes. Under torchrun "
         "(WORLD_SIZE > 1) every process trains on its share of each batch with DistributedDataParallel.",
     )
-    p.add_argument("--store", required=True, action="extend", nargs="+", help="tokenized slice store folder(s); repeatable")
-    p.add_argument("--tokenizer", help="tokenizer.pt that made the tokens (default: the one recorded in the store's tokens.json)")
+    p.add_argument(
+        "--store", required=True, action="extend", nargs="+", help="tokenized slice store folder(s); repeatable"
+    )
+    p.add_argument(
+        "--tokenizer", help="tokenizer.pt that made the tokens (default: the one recorded in the store's tokens.json)"
+    )
     p.add_argument("--out", required=True, help="run folder (checkpoints, model.pt, metrics.jsonl, TensorBoard)")
     p.add_argument("--preset", default="tiny", help="network preset: tiny, small (CPU); d16, d20, d24, d30 (paper)")
     p.add_argument("--max-steps", type=int, default=2000, help="optimizer steps (default 2000)")
-    p.add_argument("--lr", type=float, default=1e-4, help="base learning rate per 256 images of global batch (default 1e-4)")
+    p.add_argument(
+        "--lr", type=float, default=1e-4, help="base learning rate per 256 images of global batch (default 1e-4)"
+    )
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay (default 100)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step (default 1)")
     p.add_argument("--cond-drop", type=float, default=0.1, help="probability of dropping the dataset id (default 0.1)")
     p.add_argument(
-        "--loss-weighting", choices=["scale", "token"], default="scale",
+        "--loss-weighting",
+        choices=["scale", "token"],
+        default="scale",
         help="scale: every scale's mean cross-entropy counts the same (default); token: every token the same (VAR)",
     )
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
@@ -385,7 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the dataset-conditioned DDPM baseline of the paper's comparison (epsilon prediction, 1000 "
         "training timesteps, conditional dropout for classifier-free guidance) on the training split of one or more "
         "slice stores; validate (noise MSE) on the validation split and write RUN/baseline.pt. Re-running on the same "
-        "--out resumes. Under torchrun (WORLD_SIZE > 1) every process trains on its share with DistributedDataParallel.",
+        "--out resumes. Under torchrun (WORLD_SIZE > 1) every process trains on its share with"
+        " DistributedDataParallel.",
     )
     p.add_argument("--store", required=True, action="extend", nargs="+", help="slice store folder(s); repeatable")
     p.add_argument("--out", required=True, help="run folder (checkpoints, baseline.pt, metrics.jsonl, TensorBoard)")
@@ -437,12 +615,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", nargs="+", help="dataset name(s) of the model's registry (default: all)")
     p.add_argument("--num", type=int, default=16, help="slices per dataset (default 16)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance at the last scale, >= 0 (default 4)")
+    p.add_argument(
+        "--cfg", type=float, default=4.0, help="classifier-free guidance at the last scale, >= 0 (default 4)"
+    )
     p.add_argument("--top-k", type=int, default=900, help="keep the k most likely codes, >= 1 (default 900)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass in (0, 1] (default 0.95)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature, > 0 (default 1)")
     p.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
-    p.add_argument("--resample-original", action="store_true", help="resample in-plane to the dataset's median original matrix")
+    p.add_argument(
+        "--resample-original", action="store_true", help="resample in-plane to the dataset's median original matrix"
+    )
     p.add_argument("--progression", action="store_true", help="also write NAME_progression.png (coarse to fine)")
     _runtime_options(p, batch_size=16)
     p.set_defaults(func=_generate)
@@ -480,7 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=64, help="slices per setting (default 64)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
-        "--grid", nargs="+", metavar="KEY=V1,V2",
+        "--grid",
+        nargs="+",
+        metavar="KEY=V1,V2",
         help="settings as cfg=0,4 top_k=0,900 top_p=1,0.95 (top_k 0 = all codes; left-out options stay plain)",
     )
     p.add_argument("--seed", type=int, default=42, help="generation seed for every setting (default 42)")

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from medvar_bundle.data.store import atomic_write_json
+from medvar_bundle.files import atomic_write_json
 from medvar_bundle.io import check_writable, save_progression, save_sample_grid, write_slice_stack
 from medvar_bundle.model_file import load_model
-from medvar_bundle.sampling import SamplingOptions, generate_images
+from medvar_bundle.sampling.medvar import SamplingOptions, generate_images
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,9 @@ def generate(
             b = min(batch_size, num - first)
             ids_b = torch.full((b,), ids[name], dtype=torch.long, device=device)
             want_steps = progression and first == 0
-            batch, steps = generate_images(loaded.transformer, loaded.tokenizer, ids_b, options, generator, bf16, want_steps)
+            batch, steps = generate_images(
+                loaded.transformer, loaded.tokenizer, ids_b, options, generator, bf16, want_steps
+            )
             images.append(batch.cpu().numpy())
             if want_steps:
                 stages = [steps[:8, k].cpu().numpy() for k in range(steps.shape[1])]
@@ -103,11 +105,22 @@ def generate(
         entry = loaded.datasets[name]
         files = {
             "nifti": str(write_slice_stack(stack, entry, out / f"{name}.nii.gz", resample_original)),
-            "grid": str(save_sample_grid(stack[:64], out / f"{name}.png", title=f"{name}: MedVAR samples (cfg {cfg}, seed {seed + j})")),
+            "grid": str(
+                save_sample_grid(
+                    stack[:64], out / f"{name}.png", title=f"{name}: MedVAR samples (cfg {cfg}, seed {seed + j})"
+                )
+            ),
         }
         if stages:
-            files["progression"] = str(save_progression(stages, out / f"{name}_progression.png", patch_nums, title=f"{name}: coarse to fine"))
-        summary["datasets"][name] = {"id": ids[name], "seconds": seconds, "seconds_per_image": seconds / num, "files": files}
+            files["progression"] = str(
+                save_progression(stages, out / f"{name}_progression.png", patch_nums, title=f"{name}: coarse to fine")
+            )
+        summary["datasets"][name] = {
+            "id": ids[name],
+            "seconds": seconds,
+            "seconds_per_image": seconds / num,
+            "files": files,
+        }
         logger.info("%s: %d slices in %.1f s (%.3f s/slice) -> %s", name, num, seconds, seconds / num, files["nifti"])
     bar.close()
     atomic_write_json(out / "summary.json", summary)

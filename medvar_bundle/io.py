@@ -33,8 +33,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from .data.store import atomic_write_bytes  # noqa: E402
 from .data.transforms import DEFAULT_CT_WINDOW  # noqa: E402
+from .files import atomic_write_bytes  # noqa: E402
 from .visualize import radiological, save_figure, save_grid  # noqa: E402
 
 __all__ = [

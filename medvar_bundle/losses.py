@@ -23,7 +23,9 @@ BACKBONES = {
 }
 
 
-def load_lpips(net: str = "alex", backbone_path: str | os.PathLike | None = None, allow_download: bool = True) -> lpips.LPIPS:
+def load_lpips(
+    net: str = "alex", backbone_path: str | os.PathLike | None = None, allow_download: bool = True
+) -> lpips.LPIPS:
     """An LPIPS module in eval mode with frozen weights.
 
     Args:
@@ -39,7 +41,11 @@ def load_lpips(net: str = "alex", backbone_path: str | os.PathLike | None = None
         raise ValueError(f"LPIPS backbone must be one of {sorted(BACKBONES)}, got {net!r}")
     filename, url = BACKBONES[net]
     path = resolve_weights(
-        filename, url, backbone_path, allow_download, what=f"LPIPS ({net}) backbone",
+        filename,
+        url,
+        backbone_path,
+        allow_download,
+        what=f"LPIPS ({net}) backbone",
         off_hint="turn the perceptual term off (lpips_weight: 0 / --lpips-weight 0)",
     )
     model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)  # linear heads load from the package

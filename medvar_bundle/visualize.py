@@ -39,9 +39,7 @@ def save_grid(
     row_titles: Sequence[str] | None = None,
     title: str | None = None,
 ) -> Path:
-    """Save a grid of uint8 ``(H, W)`` slices (RAS axes) as a PNG, one row per group.
-
-    """
+    """Save a grid of uint8 ``(H, W)`` slices (RAS axes) as a PNG, one row per group."""
     ncols = max((len(r) for r in rows), default=1)
     fig, axes = plt.subplots(len(rows), ncols, figsize=(1.6 * ncols, 1.7 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
@@ -73,7 +71,9 @@ def store_preview(store, out: str | os.PathLike, per_dataset: int = 8, seed: int
     return save_grid(rows, out, titles)
 
 
-def save_reconstructions(originals: np.ndarray, reconstructions: np.ndarray, out: str | os.PathLike, title: str | None = None) -> Path:
+def save_reconstructions(
+    originals: np.ndarray, reconstructions: np.ndarray, out: str | os.PathLike, title: str | None = None
+) -> Path:
     """Originals (top row) above their reconstructions (bottom row); uint8 ``(N, H, W)`` RAS slices."""
     return save_grid([list(originals), list(reconstructions)], out, ["original", "reconstruction"], title)
 
@@ -105,6 +105,9 @@ def save_usage_heatmap(counts: np.ndarray, out: str | os.PathLike, scale_names: 
     for ax, (name, c) in zip(axes.flat, panels):
         ax.imshow(np.log10(1 + c).reshape(side, side), cmap="magma", interpolation="nearest")
         possible = int(min(v, c.sum()))  # a scale with n tokens per image can use at most n·images codes
-        ax.set_title(f"{name}: {int((c > 0).sum())} codes used\nof {possible} possible ({100 * np.mean(c > 0):.0f}% of V)", fontsize=8)
+        ax.set_title(
+            f"{name}: {int((c > 0).sum())} codes used\nof {possible} possible ({100 * np.mean(c > 0):.0f}% of V)",
+            fontsize=8,
+        )
     fig.suptitle("codebook usage (log10 1+hits, 64×64 grid of codes)" if side == 64 else "codebook usage", fontsize=10)
     return save_figure(fig, out)

@@ -52,7 +52,9 @@ def ct_phantom(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--volumes", type=int, default=4, help="number of volumes per run (default 4)")
-    parser.add_argument("--shape", type=int, nargs=3, default=[512, 512, 300], help="volume shape (default 512 512 300)")
+    parser.add_argument(
+        "--shape", type=int, nargs=3, default=[512, 512, 300], help="volume shape (default 512 512 300)"
+    )
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="worker counts to compare (default 0 2)")
     args = parser.parse_args()
 
@@ -67,14 +69,22 @@ def main() -> None:
             shutil.copy(first, tmp / f"ct_{i:03d}.nii.gz")
             entries.append({"image": f"ct_{i:03d}.nii.gz", "dataset": "bench_ct", "modality": "CT"})
         (tmp / "datalist.json").write_text(json.dumps({"training": entries}))
-        print(f"wrote {args.volumes} synthetic CT volumes {tuple(args.shape)} int16 .nii.gz in {time.perf_counter() - t0:.0f} s")
+        print(
+            f"wrote {args.volumes} synthetic CT volumes {tuple(args.shape)} int16 .nii.gz "
+            f"in {time.perf_counter() - t0:.0f} s"
+        )
 
-        print(f"{'workers':>7} {'volumes/min':>12} {'s/volume':>9} {'slices':>7} {'peak RSS main MiB':>18} {'peak RSS worker MiB':>20}")
+        print(
+            f"{'workers':>7} {'volumes/min':>12} {'s/volume':>9} {'slices':>7} "
+            f"{'peak RSS main MiB':>18} {'peak RSS worker MiB':>20}"
+        )
         for w in args.workers:
             store = tmp / f"store_w{w}"
             out = subprocess.run(
                 [sys.executable, "-c", CHILD, str(tmp / "datalist.json"), str(store), str(w)],
-                capture_output=True, text=True, check=True,
+                capture_output=True,
+                text=True,
+                check=True,
             )
             r = json.loads(out.stdout.strip().splitlines()[-1])
             print(

@@ -27,10 +27,14 @@ from medvar_bundle.networks.transformer import NextScaleTransformer
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="d16", help="transformer preset (default d16, 310M parameters)")
-    parser.add_argument("--tokenizer-preset", default="paper", help="tokenizer preset used for decoding (default paper)")
+    parser.add_argument(
+        "--tokenizer-preset", default="paper", help="tokenizer preset used for decoding (default paper)"
+    )
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--skip-fp32-batches", nargs="*", type=int, default=[16], help="batches timed in bf16 only (fp32 is slow)")
+    parser.add_argument(
+        "--skip-fp32-batches", nargs="*", type=int, default=[16], help="batches timed in bf16 only (fp32 is slow)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args()
 
@@ -73,14 +77,22 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{args.preset}: {params / 1e6:.1f}M parameters, 256x256, {result['threads']} threads, untrained weights, "
-          f"cfg {SAMPLING['cfg']}, top-k {SAMPLING['top_k']}, top-p {SAMPLING['top_p']}")
+    print(
+        f"{args.preset}: {params / 1e6:.1f}M parameters, 256x256, {result['threads']} threads, untrained weights, "
+        f"cfg {SAMPLING['cfg']}, top-k {SAMPLING['top_k']}, top-p {SAMPLING['top_p']}"
+    )
     print(f"matmul peak: bf16 {peak_bf16 / 1e12:.2f} TFLOP/s, fp32 {peak_fp32 / 1e12:.2f} TFLOP/s")
-    print(f"{'batch':>5} {'dtype':>5} {'cache':>5} {'s/image':>8} {'img/s':>7} {'+decode s/img':>13} {'TFLOP/s':>8} {'of peak':>8}")
+    print(
+        f"{'batch':>5} {'dtype':>5} {'cache':>5} {'s/image':>8} {'img/s':>7} "
+        f"{'+decode s/img':>13} {'TFLOP/s':>8} {'of peak':>8}"
+    )
     for r in rows:
         dec = f"{r['s_per_image_with_decode']:.3f}" if "s_per_image_with_decode" in r else "-"
-        print(f"{r['batch']:>5} {r['dtype']:>5} {str(r['kv_cache']):>5} {r['s_per_image']:>8.3f} {r['images_per_s']:>7.3f} "
-              f"{dec:>13} {r['tflops']:>8.3f} {100 * r['peak_fraction']:>7.1f}%")
+        print(
+            f"{r['batch']:>5} {r['dtype']:>5} {str(r['kv_cache']):>5} "
+            f"{r['s_per_image']:>8.3f} {r['images_per_s']:>7.3f} "
+            f"{dec:>13} {r['tflops']:>8.3f} {100 * r['peak_fraction']:>7.1f}%"
+        )
     for key in sorted(k for k in result if "speedup" in k):
         print(f"{key}: {result[key]:.2f}x")
 

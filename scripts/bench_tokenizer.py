@@ -5,7 +5,8 @@ Untrained weights (speed does not depend on them). channels_last memory format t
 ``--var-layout`` adds VAR's full-resolution layout at the tiny preset's width (ch 32, 4 stride-2
 downsamplings) for comparison with the patch-folding tiny preset.
 
-    .venv/bin/python scripts/bench_tokenizer.py [--batch 8] [--repeats 3] [--presets tiny paper] [--train] [--var-layout]
+    .venv/bin/python scripts/bench_tokenizer.py [--batch 8] [--repeats 3] [--presets tiny paper]
+        [--train] [--var-layout]
 """
 
 from __future__ import annotations
@@ -65,7 +66,10 @@ def main() -> None:
     if args.var_layout:
         configs["var-ch32"] = MultiScaleVQVAE(ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, 256x256")
-    print(f"{'model':>9} {'params':>8} {'fp32 img/s':>11} {'bf16 img/s':>11} {'bf16/fp32':>10}" + (f" {'train s/step':>13}" if args.train else ""))
+    print(
+        f"{'model':>9} {'params':>8} {'fp32 img/s':>11} {'bf16 img/s':>11} {'bf16/fp32':>10}"
+        + (f" {'train s/step':>13}" if args.train else "")
+    )
     for name, model in configs.items():
         model = model.eval().to(memory_format=torch.channels_last)
         params = sum(p.numel() for p in model.parameters()) / 1e6

@@ -38,13 +38,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medvar_bundle.baselines.ddpm import BASELINE_FILE, load_baseline, sample
-from medvar_bundle.data.store import atomic_write_json
 from medvar_bundle.engines.ddpm import train_ddpm
 from medvar_bundle.engines.transformer import train_transformer
+from medvar_bundle.files import atomic_write_json
 from medvar_bundle.inference import generate
 from medvar_bundle.io import save_sample_grid, write_slice_stack
-from medvar_bundle.model_file import MODEL_FILE
+from medvar_bundle.model_file import BASELINE_FILE, MODEL_FILE, load_baseline
+from medvar_bundle.sampling.ddpm import sample
 
 logger = logging.getLogger("compare")
 
@@ -59,8 +59,9 @@ def _parameters(module: torch.nn.Module) -> int:
 def train_both(args: argparse.Namespace, out: Path) -> tuple[Path, Path]:
     """Train MedVAR and the DDPM baseline for ``args.minutes`` each, unless their files exist."""
     common = dict(
-        max_steps=args.max_steps, batch_size=8, device=args.device, preset="tiny", warmup_steps=20, val_every=args.max_steps,
-        checkpoint_every=50, val_max_images=VAL_MAX_IMAGES, seed=args.seed, max_seconds=60 * args.minutes,
+        max_steps=args.max_steps, batch_size=8, device=args.device, preset="tiny", warmup_steps=20,
+        val_every=args.max_steps, checkpoint_every=50, val_max_images=VAL_MAX_IMAGES, seed=args.seed,
+        max_seconds=60 * args.minutes,
     )  # fmt: skip
     model = out / "medvar" / MODEL_FILE
     if model.is_file():
@@ -99,7 +100,14 @@ def sample_ddpm(baseline_file: Path, steps: int, num: int, folder: Path, args: a
     names = sorted(baseline.datasets, key=lambda n: baseline.datasets[n]["id"])
     ids = torch.tensor([baseline.datasets[n]["id"] for n in names for _ in range(num)], device=args.device)
     start = time.perf_counter()
-    images = sample(baseline.model, args.ddpm_sampler, steps, ids, torch.Generator(args.device).manual_seed(args.seed), args.ddpm_cfg)
+    images = sample(
+        baseline.model,
+        args.ddpm_sampler,
+        steps,
+        ids,
+        torch.Generator(args.device).manual_seed(args.seed),
+        args.ddpm_cfg,
+    )
     seconds = time.perf_counter() - start
     stacks = np.split(images.cpu().numpy(), len(names))
     summary = {
@@ -135,7 +143,10 @@ def sample_ddpm_all(baseline: Path, samples: Path, args: argparse.Namespace) -> 
             continue
         if spent + steps * per_step > 60 * args.ddpm_minutes:
             logger.warning(
-                "DDPM %d steps skipped: about %.0f s more would overrun --ddpm-minutes %g", steps, steps * per_step, args.ddpm_minutes
+                "DDPM %d steps skipped: about %.0f s more would overrun --ddpm-minutes %g",
+                steps,
+                steps * per_step,
+                args.ddpm_minutes,
             )
             skipped.append(steps)
             continue
@@ -156,11 +167,19 @@ def evaluate(store: str, folders: list[Path], labels: list[str], out: Path, devi
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", default="runs/demo/store", help="prepared and tokenized slice store")
-    parser.add_argument("--tokenizer", default="runs/demo/tokenizer/tokenizer.pt", help="the tokenizer that made the store's tokens")
+    parser.add_argument(
+        "--tokenizer", default="runs/demo/tokenizer/tokenizer.pt", help="the tokenizer that made the store's tokens"
+    )
     parser.add_argument("--out", default="runs/demo/compare", help="output folder")
-    parser.add_argument("--minutes", type=float, default=6.0, help="wall-clock training budget of each model (default 6)")
-    parser.add_argument("--max-steps", type=int, default=100_000, help="step cap, far beyond the budget (default 100000)")
-    parser.add_argument("--ddpm-lr", type=float, default=1e-3, help="peak learning rate of the DDPM baseline (default 1e-3)")
+    parser.add_argument(
+        "--minutes", type=float, default=6.0, help="wall-clock training budget of each model (default 6)"
+    )
+    parser.add_argument(
+        "--max-steps", type=int, default=100_000, help="step cap, far beyond the budget (default 100000)"
+    )
+    parser.add_argument(
+        "--ddpm-lr", type=float, default=1e-3, help="peak learning rate of the DDPM baseline (default 1e-3)"
+    )
     parser.add_argument("--num", type=int, default=16, help="MedVAR slices per dataset (default 16)")
     parser.add_argument("--ddpm-num", type=int, default=2, help="DDPM slices per dataset and step count (default 2)")
     parser.add_argument("--ddpm-steps", type=int, nargs="+", default=[10, 20, 30, 50, 100], help="DDPM step counts")
@@ -183,7 +202,10 @@ def main() -> int:
     report = evaluate(args.store, [medvar, *ddpm], labels, out / "evaluation", args.device)
     print(f"compare: models {model}, {baseline}; samples in {out / 'samples'}; report {report / 'report.md'}")
     if skipped:
-        print(f"compare: DDPM step counts {skipped} skipped (over --ddpm-minutes {args.ddpm_minutes}); raise it to run them")
+        print(
+            f"compare: DDPM step counts {skipped} skipped "
+            f"(over --ddpm-minutes {args.ddpm_minutes}); raise it to run them"
+        )
     return 0
 
 

@@ -7,18 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
-from torch.utils.flop_counter import sdpa_flop_count
-
-from medvar_bundle import benchmark
-from medvar_bundle.baselines import load_baseline
-from medvar_bundle.engines.common import attach_time_budget
-from medvar_bundle.engines.ddpm import train_ddpm
-from medvar_bundle.engines.transformer import train_transformer
-from medvar_bundle.model_file import load_model
-
 from test_ddpm import NET as DDPM_NET
 from test_transformer_engine import NET as TRANSFORMER_NET
 from test_transformer_engine import VOCAB, store  # noqa: F401  (the tokenized 64² store fixture)
+from torch.utils.flop_counter import sdpa_flop_count
+
+from medvar_bundle import benchmark, cli
+from medvar_bundle.engines.common import attach_time_budget
+from medvar_bundle.engines.ddpm import train_ddpm
+from medvar_bundle.engines.transformer import train_transformer
+from medvar_bundle.model_file import load_baseline, load_model
 
 # a pair small enough for 64² slices: one-block transformer, narrow tokenizer, two-level UNet
 PAIR = benchmark.BenchPair(
@@ -37,7 +35,7 @@ def one_thread():
 
 def _bench_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medvar")
-    benchmark.add_bench_parser(parser.add_subparsers(dest="command"))
+    cli.add_bench_parser(parser.add_subparsers(dest="command"))
     return parser
 
 
@@ -53,7 +51,9 @@ def test_bench_runs_end_to_end_and_scales_ddpm_linearly(monkeypatch):
     assert result["speedup"]["10"] == pytest.approx(ddpm["10"] / medvar)
     assert result["speedup_vs_ddpm100"] == pytest.approx(ddpm["100"] / medvar)
     assert row["ddpm"]["flops_per_image"]["100"] == 100 * row["ddpm"]["flops_per_step"] > 0
-    assert row["medvar"]["flops_per_image"] > 0 and 0 < row["ddpm"]["peak_fraction"] == pytest.approx(row["ddpm"]["tflops"])
+    assert row["medvar"]["flops_per_image"] > 0 and 0 < row["ddpm"]["peak_fraction"] == pytest.approx(
+        row["ddpm"]["tflops"]
+    )
     assert "MedVAR vs DDPM at 100 steps" in benchmark.format_report(result)
 
 
@@ -82,14 +82,20 @@ def test_flop_counter_counts_cpu_flash_attention():
 
 def test_bench_command_line(monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(benchmark, "run_benchmark", lambda *args: calls.append(args) or {"pair": "tiny", "speedup_vs_ddpm100": 3.0})
+    monkeypatch.setattr(
+        benchmark, "run_benchmark", lambda *args: calls.append(args) or {"pair": "tiny", "speedup_vs_ddpm100": 3.0}
+    )
     argv = ["bench", "--json", "--pairs", "tiny", "d16", "--steps", "10", "100", "--fp32", "--ddpm-timed-steps", "1"]
     args = _bench_parser().parse_args(argv)
     assert args.func(args) == 0
     assert calls == [([benchmark.PAIRS["tiny"], benchmark.PAIRS["d16"]], [10, 100], 1, "cpu", False, 1, 3)]
     assert json.loads(capsys.readouterr().out) == {"pair": "tiny", "speedup_vs_ddpm100": 3.0}
     defaults = _bench_parser().parse_args(["bench"])
-    assert defaults.pairs == ["tiny", "small"] and defaults.steps == [10, 20, 30, 50, 100] and defaults.ddpm_timed_steps == 2
+    assert (
+        defaults.pairs == ["tiny", "small"]
+        and defaults.steps == [10, 20, 30, 50, 100]
+        and defaults.ddpm_timed_steps == 2
+    )
     for bad in (["--steps", "0"], ["--pairs", "d99"], ["--batch", "-1"]):
         with pytest.raises(SystemExit):
             _bench_parser().parse_args(["bench", *bad])
@@ -116,8 +122,12 @@ def test_time_budget_stops_the_engine_after_the_step_that_spends_it():
 def test_both_engines_stop_at_the_budget_then_validate_and_save(store, tmp_path):  # noqa: F811
     """A budget spent before the first step ends stops each trainer after step 1 of 100; the
     final validation and model file follow as at max_steps."""
-    common = dict(batch_size=4, max_steps=100, warmup_steps=2, val_every=50, checkpoint_every=50, progress=False, max_seconds=1e-6)
-    model = load_model(train_transformer(str(store), str(tmp_path / "medvar"), model_overrides=TRANSFORMER_NET, **common))
+    common = dict(
+        batch_size=4, max_steps=100, warmup_steps=2, val_every=50, checkpoint_every=50, progress=False, max_seconds=1e-6
+    )
+    model = load_model(
+        train_transformer(str(store), str(tmp_path / "medvar"), model_overrides=TRANSFORMER_NET, **common)
+    )
     baseline = load_baseline(train_ddpm(str(store), str(tmp_path / "ddpm"), model_overrides=DDPM_NET, **common))
     assert model.step == 1 and baseline.step == 1
     for run in ("medvar", "ddpm"):

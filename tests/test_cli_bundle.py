@@ -36,9 +36,19 @@ def test_console_script_help():
 
 def test_metadata_is_valid_against_monai_schema():
     out = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(ROOT / "configs" / "metadata.json"),
-         "--filepath", str(SCHEMA)],
-        capture_output=True, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "verify_metadata",
+            "--meta_file",
+            str(ROOT / "configs" / "metadata.json"),
+            "--filepath",
+            str(SCHEMA),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "metadata is verified with no error" in out.stdout + out.stderr
@@ -51,7 +61,9 @@ def test_metadata_fails_verification_when_a_required_key_is_missing(tmp_path):
     bad.write_text(json.dumps(meta))
     out = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(bad), "--filepath", str(SCHEMA)],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert out.returncode != 0
 
@@ -64,13 +76,34 @@ def test_bundle_prepare_config_and_cli_write_the_same_store(tmp_path):
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"training": [{"image": "ct.nii.gz", "dataset": "toy", "modality": "CT"}]}))
     out = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "prepare", "--config_file", str(ROOT / "configs" / "prepare.yaml"),
-         "--meta_file", str(ROOT / "configs" / "metadata.json"), "--logging_file", str(ROOT / "configs" / "logging.conf"),
-         "--datalist", str(datalist), "--output_dir", str(tmp_path / "bundle_store"), "--size", "64"],
-        capture_output=True, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "prepare",
+            "--config_file",
+            str(ROOT / "configs" / "prepare.yaml"),
+            "--meta_file",
+            str(ROOT / "configs" / "metadata.json"),
+            "--logging_file",
+            str(ROOT / "configs" / "logging.conf"),
+            "--datalist",
+            str(datalist),
+            "--output_dir",
+            str(tmp_path / "bundle_store"),
+            "--size",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert main(["prepare", "--datalist", str(datalist), "--out", str(tmp_path / "cli_store"), "--size", "64", "--quiet"]) == 0
+    assert (
+        main(["prepare", "--datalist", str(datalist), "--out", str(tmp_path / "cli_store"), "--size", "64", "--quiet"])
+        == 0
+    )
     a = np.load(next((tmp_path / "bundle_store" / "shards").glob("*.images.npy")))
     b = np.load(next((tmp_path / "cli_store" / "shards").glob("*.images.npy")))
     assert a.shape == (6, 64, 64)

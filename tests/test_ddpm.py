@@ -13,17 +13,27 @@ from monai.networks.schedulers import DDPMScheduler
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from medvar_bundle.baselines import DDPM_PRESETS, ConditionalDDPM, load_baseline, sample, save_baseline
 from medvar_bundle.cli import main
 from medvar_bundle.data import SliceStore
 from medvar_bundle.engines import common
 from medvar_bundle.engines import ddpm as engine
-from medvar_bundle.engines.common import latest_checkpoint, to_model_range
+from medvar_bundle.engines.common import latest_checkpoint
+from medvar_bundle.model_file import load_baseline, save_baseline
+from medvar_bundle.networks.ddpm import DDPM_PRESETS, ConditionalDDPM
 from medvar_bundle.networks.transformer import NextScaleTransformer
+from medvar_bundle.runtime import to_model_range
+from medvar_bundle.sampling.ddpm import sample
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 # a UNet small enough for 64×64 slices on one thread: two levels, attention at 32²
-NET = {"channels": (16, 32), "attention_levels": (False, True), "num_res_blocks": 1, "norm_num_groups": 8, "num_head_channels": 16}
+NET = {
+    "channels": (16, 32),
+    "attention_levels": (False, True),
+    "num_res_blocks": 1,
+    "norm_num_groups": 8,
+    "num_head_channels": 16,
+}
 # 16 training slices, batch 4: an epoch is 4 steps
 ARGS = dict(batch_size=4, model_overrides=NET, warmup_steps=2, progress=False)
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -78,7 +88,13 @@ def test_respaced_chain_with_the_exact_denoiser_reaches_the_data_distribution(sc
     sigma = 0.3
 
     def spread(steps: int) -> float:
-        out = sample(GaussianDenoiser(sigma), scheduler, steps, torch.zeros(4, dtype=torch.long), torch.Generator().manual_seed(0))
+        out = sample(
+            GaussianDenoiser(sigma),
+            scheduler,
+            steps,
+            torch.zeros(4, dtype=torch.long),
+            torch.Generator().manual_seed(0),
+        )
         return float(to_model_range(out).std())
 
     few, many = spread(10), spread(100)
@@ -109,7 +125,9 @@ def _losses(run: Path) -> list[float]:
 
 def test_loss_falls_and_baseline_file_is_self_contained(synthetic_store, tmp_path):
     out = tmp_path / "run"
-    path = engine.train_ddpm(str(synthetic_store), str(out), max_steps=20, lr=3e-3, checkpoint_every=10, val_every=10, **ARGS)
+    path = engine.train_ddpm(
+        str(synthetic_store), str(out), max_steps=20, lr=3e-3, checkpoint_every=10, val_every=10, **ARGS
+    )
     loss = _losses(out)
     assert len(loss) == 20 and sum(loss[-5:]) / 5 < 0.5 * sum(loss[:5]) / 5, loss
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -131,7 +149,9 @@ def test_interrupted_run_resumes_to_the_same_weights(synthetic_store, tmp_path, 
     """A run stopped right after its step-4 checkpoint (an epoch boundary) resumes at step 4 and ends
     exactly as an uninterrupted 8-step run: same data, timesteps, noise and conditional dropout."""
     kwargs = dict(ARGS, max_steps=8, lr=3e-3, checkpoint_every=4, val_every=100)
-    reference = load_baseline(engine.train_ddpm(str(synthetic_store), str(tmp_path / "ref"), **kwargs)).model.state_dict()
+    reference = load_baseline(
+        engine.train_ddpm(str(synthetic_store), str(tmp_path / "ref"), **kwargs)
+    ).model.state_dict()
 
     attach = common.attach_checkpoints
 
@@ -155,8 +175,8 @@ def test_interrupted_run_resumes_to_the_same_weights(synthetic_store, tmp_path, 
 def test_bundle_training_config_runs_the_same_trainer(synthetic_store, tmp_path):
     out = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(ROOT / "configs" / "train_ddpm.yaml"),
-        "--meta_file", str(ROOT / "configs" / "metadata.json"), "--logging_file", str(ROOT / "configs" / "logging.conf"),
+        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train_ddpm.yaml"),
+        "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf"),
         "--dataset_dir", str(synthetic_store), "--output_dir", str(out), "--model_overrides", json.dumps(NET),
         "--max_steps", "2", "--batch_size", "4", "--val_every", "2", "--checkpoint_every", "2",
     ]  # fmt: skip
@@ -169,7 +189,23 @@ def test_bundle_training_config_runs_the_same_trainer(synthetic_store, tmp_path)
 
 def test_cli_trains_the_tiny_preset(synthetic_store, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train-baseline", "--store", str(synthetic_store), "--out", str(out), "--max-steps", "1", "--batch-size", "4", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train-baseline",
+                "--store",
+                str(synthetic_store),
+                "--out",
+                str(out),
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "4",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() == f"medvar train-baseline: wrote {out / 'baseline.pt'}"
     assert load_baseline(out / "baseline.pt").model.config["channels"] == DDPM_PRESETS["tiny"]["channels"]
 

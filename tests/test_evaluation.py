@@ -18,7 +18,13 @@ from medvar_bundle.evaluation import ablation_settings, evaluate_generation, rea
 from medvar_bundle.evaluation.report import FLOOR
 from medvar_bundle.inference import generate
 from medvar_bundle.io import write_slice_stack
-from medvar_bundle.metrics import efficiency, feature_statistics, frechet_distance, frechet_distance_from_features, store_slices
+from medvar_bundle.metrics import (
+    efficiency,
+    feature_statistics,
+    frechet_distance,
+    frechet_distance_from_features,
+    store_slices,
+)
 from medvar_bundle.metrics.backbones import ClipVisionTransformer, fid_inception_v3
 from medvar_bundle.model_file import MODEL_FILE, save_model
 from medvar_bundle.networks import MultiScaleVQVAE
@@ -74,7 +80,11 @@ def test_weight_free_report_with_the_real_floor(synthetic_store, generated, held
     assert overall["efficiency"] == pytest.approx(efficiency(overall["power_spectrum"], overall["seconds_per_image"]))
     assert overall["parameters"] == 5_000_000 and rows["heldout"]["overall"]["efficiency"] is None  # no summary.json
     notes = " ".join(report["notes"])
-    assert "pt_inception-2015-12-05-6726825d.pth" in notes and "MS-SSIM: null" in notes and "heldout: no summary.json" in notes
+    assert (
+        "pt_inception-2015-12-05-6726825d.pth" in notes
+        and "MS-SSIM: null" in notes
+        and "heldout: no summary.json" in notes
+    )
     for name in ("report.md", "report.csv", "tradeoff.png", "samples_set0.png", "samples_set1.png"):
         assert (tmp_path / name).stat().st_size > 0
     markdown = (tmp_path / "report.md").read_text()
@@ -85,7 +95,9 @@ def test_weight_free_report_with_the_real_floor(synthetic_store, generated, held
 def test_ct_stacks_read_back_to_the_sampled_levels(tmp_path):
     entry = {"modality": "CT", "spacing": [0.8, 0.8, 5.0], "matrix": [512, 512, 40], "ct_window": [40.0, 400.0]}
     levels = np.random.default_rng(0).integers(0, 256, size=(3, 32, 32), dtype=np.uint8)
-    np.testing.assert_array_equal(read_generated(write_slice_stack(levels, entry, tmp_path / "ct.nii.gz"), entry), levels)
+    np.testing.assert_array_equal(
+        read_generated(write_slice_stack(levels, entry, tmp_path / "ct.nii.gz"), entry), levels
+    )
 
 
 def test_low_rank_frechet_distance_equals_the_sqrtm_form():
@@ -113,7 +125,8 @@ def test_locally_saved_extractor_weights_give_fid_kid_and_cmmd(synthetic_store, 
     out = tmp_path / "out"
     assert main([
         "evaluate", "--real", str(synthetic_store), "--fake", str(generated), "--out", str(out), "--datasets", "set0",
-        "--max-slices", "6", "--inception-weights", str(tmp_path / "inception.pth"), "--clip-weights", str(tmp_path / "clip.pth"),
+        "--max-slices", "6", "--inception-weights", str(tmp_path / "inception.pth"),
+        "--clip-weights", str(tmp_path / "clip.pth"),
     ]) == 0  # fmt: skip
     report = json.loads((out / "report.json").read_text())
     assert report["efficiency"]["q"] == "fid"
@@ -129,7 +142,11 @@ def test_locally_saved_extractor_weights_give_fid_kid_and_cmmd(synthetic_store, 
 def test_paper_ablation_rows_are_cumulative():
     rows = ablation_settings()
     assert [label for label, _ in rows] == ["Baseline", "+ top-p", "+ top-k", "+ CFG"]
-    assert rows[0][1] == {"cfg": 0.0, "top_k": 0, "top_p": 1.0} and rows[-1][1] == {"cfg": 4.0, "top_k": 900, "top_p": 0.95}
+    assert rows[0][1] == {"cfg": 0.0, "top_k": 0, "top_p": 1.0} and rows[-1][1] == {
+        "cfg": 4.0,
+        "top_k": 900,
+        "top_p": 0.95,
+    }
     with pytest.raises(ValueError, match="options must be cfg, top_k, top_p"):
         ablation_settings({"beam": [1, 2]})
 
@@ -145,7 +162,10 @@ def test_ablation_on_a_two_setting_grid(model_path, synthetic_store, tmp_path, o
     assert [(r["description"], r["cfg"]) for r in result["rows"]] == [("Baseline", 0.0), ("cfg=4", 4.0)]
     assert result["rows"][0]["delta"] == 0.0 and result["rows"][0]["top_k"] == 0
     assert (out / "00_Baseline" / "set0.nii.gz").is_file() and (out / "evaluation" / "report.json").is_file()
-    assert "| Baseline |" in (out / "ablation.md").read_text() and len((out / "ablation.csv").read_text().splitlines()) == 3
+    assert (
+        "| Baseline |" in (out / "ablation.md").read_text()
+        and len((out / "ablation.csv").read_text().splitlines()) == 3
+    )
 
 
 def test_bundle_config_runs_the_same_function(synthetic_store, heldout_folder, tmp_path, offline_hub):

@@ -38,7 +38,9 @@ def test_model_file_is_self_contained(model_path):
 
 
 def test_generate_writes_spaced_nifti_stacks(model_path, tmp_path):
-    summary = generate(model_path, None, num=5, out_dir=tmp_path, batch_size=2, seed=1, progress=False, progression=True)
+    summary = generate(
+        model_path, None, num=5, out_dir=tmp_path, batch_size=2, seed=1, progress=False, progression=True
+    )
     assert set(summary["datasets"]) == {"abdomen_ct", "brain_mr"}
     ct = nib.load(tmp_path / "abdomen_ct.nii.gz")
     assert ct.shape == (64, 64, 5) and ct.get_data_dtype() == np.int16
@@ -124,7 +126,23 @@ def test_cli_bad_input_is_one_line_and_exit_2(model_path, tmp_path, capsys, extr
 def test_cli_generate_and_truncated_model_file(model_path, tmp_path, capsys):
     from medvar_bundle.cli import main
 
-    assert main(["generate", "--model", str(model_path), "--dataset", "abdomen_ct", "--num", "2", "--out", str(tmp_path), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(model_path),
+                "--dataset",
+                "abdomen_ct",
+                "--num",
+                "2",
+                "--out",
+                str(tmp_path),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "abdomen_ct: 2 slices" in capsys.readouterr().out
     assert nib.load(tmp_path / "abdomen_ct.nii.gz").shape == (64, 64, 2)
     broken = tmp_path / "broken.pt"

@@ -92,6 +92,7 @@ def test_cmmd_math_matches_a_direct_evaluation():
 
     assert cmmd(x, y) == pytest.approx(1000 * (k(xn, xn) + k(yn, yn) - 2 * k(xn, yn)), rel=1e-9)
 
+
 def test_kid_matches_the_unbiased_estimator_evaluated_directly():
     rng = np.random.default_rng(12)
     x, y = rng.normal(size=(6, 3)), rng.normal(size=(6, 3))
@@ -104,6 +105,7 @@ def test_kid_matches_the_unbiased_estimator_evaluated_directly():
     xy = np.mean([k(p, q) for p in x for q in y])
     mean, std = kid(x, y, subsets=1, subset_size=6)
     assert mean == pytest.approx(xx + yy - 2 * xy, rel=1e-9) and std == 0.0
+
 
 def test_efficiency_formula_and_the_papers_table():
     assert efficiency(10.0, 9.0) == pytest.approx(10.0)  # log10(1 + 9) = 1
@@ -234,4 +236,3 @@ def test_wrong_state_dict_is_refused(tmp_path, offline_hub):
     path.write_text("<html>quota exceeded</html>")
     with pytest.raises(ValueError, match="cannot read FID/KID feature extractor weights"):
         load_inception(path)
-

@@ -86,8 +86,13 @@ def save_nifti(path, arr, spacing=(1.0, 1.0, 2.0)) -> str:
 def make_item(image, dataset, modality, label=None, ct_window=None, split="training", anatomy="") -> dict:
     """A datalist item as the sources module produces it (every key present)."""
     return {
-        "image": str(image), "label": str(label) if label else None, "dataset": dataset, "modality": modality,
-        "anatomy": anatomy, "split": split, "ct_window": list(ct_window) if ct_window else None,
+        "image": str(image),
+        "label": str(label) if label else None,
+        "dataset": dataset,
+        "modality": modality,
+        "anatomy": anatomy,
+        "split": split,
+        "ct_window": list(ct_window) if ct_window else None,
     }
 
 
@@ -152,7 +157,11 @@ def corpus(tmp_path_factory):
     for name, (ds, mod, anatomy, spacing, zr, lab_slices, window, hu) in CORPUS.items():
         vol = ct_phantom(z_range=zr, hu=hu) if mod == "CT" else mr_phantom(z_range=zr)
         image = save_nifti(root / "images" / f"{name}.nii.gz", vol, spacing)
-        label = save_nifti(root / "labels" / f"{name}.nii.gz", label_blob(slices=lab_slices), spacing) if lab_slices else None
+        label = (
+            save_nifti(root / "labels" / f"{name}.nii.gz", label_blob(slices=lab_slices), spacing)
+            if lab_slices
+            else None
+        )
         entry = {"image": f"images/{name}.nii.gz", "dataset": ds, "modality": mod, "anatomy": anatomy}
         if label:
             entry["label"] = f"labels/{name}.nii.gz"
@@ -271,7 +280,9 @@ def test_split_and_dataset_filters(corpus, tmp_path):
 def test_items_without_optional_keys(tmp_path):
     """A minimal item (image, dataset, modality) is enough: label/ct_window/split are optional."""
     image = save_nifti(tmp_path / "ct.nii.gz", ct_phantom(z_range=(0, 10)), (1.0, 1.0, 2.0))
-    result = prepare_store([{"image": image, "dataset": "d", "modality": "CT"}], tmp_path / "s", size=SIZE, progress=False)
+    result = prepare_store(
+        [{"image": image, "dataset": "d", "modality": "CT"}], tmp_path / "s", size=SIZE, progress=False
+    )
     assert [e["status"] for e in result.report] == ["ok"], result.report
     assert len(SliceStore(tmp_path / "s")) == 10
 
@@ -446,7 +457,9 @@ def test_resume_after_crash_mid_shard(crash_items, tmp_path, monkeypatch):
     # the orphan was overwritten by c's committed shard, whose arrays match its manifest
     manifest = read_json(shards / "r000-00002.json")
     assert [Path(v["image"]).name for v in manifest["volumes"]] == ["c.nii.gz"]
-    assert np.load(shards / "r000-00002.images.npy", mmap_mode="r").shape[0] == manifest["num_slices"] == CRASH_SLICES["c"]
+    assert (
+        np.load(shards / "r000-00002.images.npy", mmap_mode="r").shape[0] == manifest["num_slices"] == CRASH_SLICES["c"]
+    )
     assert sorted(p.name for p in shards.glob("*.json")) == [f"r000-{i:05d}.json" for i in range(4)]
     assert read_json(out / "datasets.json")["ct"]["num_slices"] == sum(CRASH_SLICES.values())
     assert len(read_manifest(out)) == sum(CRASH_SLICES.values())
@@ -506,8 +519,16 @@ def bad_corpus(tmp_path):
     d.mkdir()
     sp = (1.0, 1.0, 2.0)
     entries = [
-        {"image": Path(save_nifti(d / "good_ct.nii.gz", ct_phantom(z_range=(0, 10)), sp)).name, "dataset": "good", "modality": "CT"},
-        {"image": Path(save_nifti(d / "good_mr.nii.gz", mr_phantom(z_range=(2, 8)), sp)).name, "dataset": "good_mr", "modality": "MR"},
+        {
+            "image": Path(save_nifti(d / "good_ct.nii.gz", ct_phantom(z_range=(0, 10)), sp)).name,
+            "dataset": "good",
+            "modality": "CT",
+        },
+        {
+            "image": Path(save_nifti(d / "good_mr.nii.gz", mr_phantom(z_range=(2, 8)), sp)).name,
+            "dataset": "good_mr",
+            "modality": "MR",
+        },
     ]
     reasons = {}
 
@@ -579,7 +600,8 @@ def test_bad_inputs_are_reported_and_skipped(bad_corpus, tmp_path, capsys):
     assert len(SliceStore(out)) == 16
     assert {Path(r["source"]).name for r in read_manifest(out)} == {"good_ct.nii.gz", "good_mr.nii.gz"}
     assert set(committed_keys(out)) == {
-        f"{data / 'good_ct.nii.gz'}|", f"{data / 'good_mr.nii.gz'}|",
+        f"{data / 'good_ct.nii.gz'}|",
+        f"{data / 'good_mr.nii.gz'}|",
     }
 
     # --strict: the same corpus again (good ones already stored, bad ones fail again) -> exit 1

@@ -103,8 +103,14 @@ def test_load_datalist_resolves_paths_relative_to_the_file(tmp_path, monkeypatch
         json.dumps(
             {
                 "training": [
-                    {"image": "imgs/a.nii.gz", "label": "labs/a.nii.gz", "dataset": "liver", "modality": "CT",
-                     "anatomy": "abdomen", "ct_window": [50, 350]},
+                    {
+                        "image": "imgs/a.nii.gz",
+                        "label": "labs/a.nii.gz",
+                        "dataset": "liver",
+                        "modality": "CT",
+                        "anatomy": "abdomen",
+                        "ct_window": [50, 350],
+                    },
                     "imgs/b.nii.gz",
                 ],
                 "validation": [{"image": "imgs/c.nii.gz", "modality": "MRI", "dataset": "brain"}],
@@ -141,8 +147,12 @@ def test_load_datalist_keeps_unknown_modality_for_the_report(tmp_path):
 
 @pytest.mark.parametrize(
     "content, words",
-    [(None, "not found"), ("{not json", "not valid JSON"), (json.dumps({"images": ["a.nii.gz"]}), "training"),
-     (json.dumps(["a.nii.gz"]), "training")],
+    [
+        (None, "not found"),
+        ("{not json", "not valid JSON"),
+        (json.dumps({"images": ["a.nii.gz"]}), "training"),
+        (json.dumps(["a.nii.gz"]), "training"),
+    ],
 )
 def test_load_datalist_errors_name_the_file(tmp_path, content, words):
     path = tmp_path / "dl.json"
@@ -183,8 +193,12 @@ def test_discover_msd(tmp_path):
     for root in (tmp_path, task):  # a folder of tasks, or the task itself
         items = discover(root)
         got = by_image(items, task)
-        assert set(got) == {"imagesTr/liver_0.nii.gz", "imagesTr/liver_1.nii.gz", "imagesTr/liver_2.nii.gz",
-                            "imagesTs/liver_9.nii.gz"}
+        assert set(got) == {
+            "imagesTr/liver_0.nii.gz",
+            "imagesTr/liver_1.nii.gz",
+            "imagesTr/liver_2.nii.gz",
+            "imagesTs/liver_9.nii.gz",
+        }
         for c in ("liver_0", "liver_1", "liver_2"):
             it = got[f"imagesTr/{c}.nii.gz"]
             assert it["label"] == str(task / "labelsTr" / f"{c}.nii.gz")
@@ -207,7 +221,9 @@ def test_discover_several_tasks_under_one_root(tmp_path):
     make_msd(tmp_path, "Task04_Hippocampus", "MRI", ("hippo_0", "hippo_1"), ())
     items = discover(tmp_path)
     assert sorted((it["dataset"], it["modality"]) for it in items) == [
-        ("Hippocampus", "MR"), ("Hippocampus", "MR"), ("Liver", "CT"),
+        ("Hippocampus", "MR"),
+        ("Hippocampus", "MR"),
+        ("Liver", "CT"),
     ]
 
 
@@ -216,7 +232,9 @@ def test_discover_several_tasks_under_one_root(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-def make_nnunet(root, name="Dataset002_Heart", channels=None, cases=("la_003", "la_004"), tests=("la_010",), unlabeled=()):
+def make_nnunet(
+    root, name="Dataset002_Heart", channels=None, cases=("la_003", "la_004"), tests=("la_010",), unlabeled=()
+):
     ds = root / name
     channels = channels or {"0": "MR"}
     for c in list(cases) + list(unlabeled):
@@ -227,8 +245,12 @@ def make_nnunet(root, name="Dataset002_Heart", channels=None, cases=("la_003", "
     for c in tests:
         for ch in channels:
             touch(ds / "imagesTs" / f"{c}_{int(ch):04d}.nii.gz")
-    meta = {"channel_names": channels, "labels": {"background": 0, "heart": 1},
-            "numTraining": len(cases), "file_ending": ".nii.gz"}
+    meta = {
+        "channel_names": channels,
+        "labels": {"background": 0, "heart": 1},
+        "numTraining": len(cases),
+        "file_ending": ".nii.gz",
+    }
     (ds / "dataset.json").write_text(json.dumps(meta))
     return ds
 
@@ -323,15 +345,25 @@ def test_prepare_plain_folder_from_the_cli(tmp_path, capsys):
     save_nifti(root / "p2.nii.gz", ct_volume())
     save_nifti(root / "p2_seg.nii.gz", lab)
     out = tmp_path / "store"
-    rc = main(["prepare", "--data-root", str(root), "--modality", "CT", "--out", str(out), "--size", str(SIZE), "--quiet"])
+    rc = main(
+        ["prepare", "--data-root", str(root), "--modality", "CT", "--out", str(out), "--size", str(SIZE), "--quiet"]
+    )
     assert rc == 0, capsys.readouterr().err
     store = SliceStore(out)
     assert len(store) == 10 + 2  # p1: every body slice; p2: its two annotated slices
     assert int(store[10]["label"][SIZE // 2, SIZE // 2]) == 2
     registry = json.loads((out / "datasets.json").read_text())
     assert registry == {
-        "plain": {"id": 0, "modality": "CT", "anatomy": "", "num_slices": 12, "num_volumes": 2,
-                  "spacing": [1.0, 1.0, 2.0], "matrix": [48, 48, 10], "ct_window": [40.0, 400.0]},
+        "plain": {
+            "id": 0,
+            "modality": "CT",
+            "anatomy": "",
+            "num_slices": 12,
+            "num_volumes": 2,
+            "spacing": [1.0, 1.0, 2.0],
+            "matrix": [48, 48, 10],
+            "ct_window": [40.0, 400.0],
+        },
     }
 
 

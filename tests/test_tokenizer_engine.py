@@ -11,17 +11,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import build_synthetic_store
+from monai.bundle import ConfigParser
 
+from medvar_bundle.bundle_run import config_path, run_config
 from medvar_bundle.cli import main
 from medvar_bundle.data import SliceStore
-from medvar_bundle.data.tokens import TokenStore, tokenize_store
-from medvar_bundle.engines.common import latest_checkpoint, to_model_range
-from medvar_bundle.engines.tokenizer import load_tokenizer, train_tokenizer
-
-from conftest import build_synthetic_store
+from medvar_bundle.data.tokens import TokenStore
+from medvar_bundle.engines.common import latest_checkpoint
+from medvar_bundle.model_file import load_tokenizer
+from medvar_bundle.runtime import to_model_range
+from medvar_bundle.tokenize import tokenize_store
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_ARGS = dict(batch_size=4, checkpoint_every=2, val_every=3, val_max_images=8, progress=False, lr=1e-3)
+
+
+def train_tokenizer(store: str, out: str, **overrides) -> Path:
+    """Run configs/train_tokenizer.yaml with config-id overrides; the path of the tokenizer file."""
+    run_config("train_tokenizer", "train", {"dataset_dir": store, "output_dir": out, **overrides})
+    return Path(out) / "tokenizer.pt"
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +68,9 @@ def test_resume_after_sigkill_continues_the_same_run(synthetic_store, tmp_path):
 
     out = tmp_path / "killed"
     code = (
-        "import sys, time; from medvar_bundle.engines.tokenizer import train_tokenizer\n"
-        f"train_tokenizer({str(synthetic_store)!r}, {str(out)!r}, max_steps=10**6, **{kwargs!r})\n"
+        "from medvar_bundle.bundle_run import run_config\n"
+        f"run_config('train_tokenizer', 'train', dict(dataset_dir={str(synthetic_store)!r}, output_dir={str(out)!r},"
+        f" max_steps=10**6, **{kwargs!r}))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -92,7 +102,18 @@ def test_resume_after_sigkill_continues_the_same_run(synthetic_store, tmp_path):
 def test_offline_lpips_stops_training_with_one_clear_line(synthetic_store, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
-    code = main(["train-tokenizer", "--store", str(synthetic_store), "--out", str(tmp_path / "run"), "--lpips-weight", "1", "--quiet"])
+    code = main(
+        [
+            "train-tokenizer",
+            "--store",
+            str(synthetic_store),
+            "--out",
+            str(tmp_path / "run"),
+            "--lpips-weight",
+            "1",
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and "alexnet-owt-7be5be79.pth" in err[0] and "--lpips-weight 0" in err[0]
@@ -113,7 +134,9 @@ def test_tokenize_writes_resumable_uint16_tokens_matching_encode(trained, synthe
     _, path = trained
     store = build_synthetic_store(tmp_path, volumes=2, seed=3)
     first = tokenize_store(path, store, batch_size=5, progress=False)
-    assert first["shards_written"] == 1 and first["tokens_per_image"] == sum(p * p for p in load_tokenizer(path).patch_nums)
+    assert first["shards_written"] == 1 and first["tokens_per_image"] == sum(
+        p * p for p in load_tokenizer(path).patch_nums
+    )
     again = tokenize_store(path, store, progress=False)
     assert again["shards_written"] == 0 and again["shards_skipped"] == 1
     tokens = np.load(next((store / "shards").glob("*.tokens.npy")))
@@ -142,11 +165,33 @@ def test_tokenize_refuses_tokens_of_another_tokenizer(trained, tmp_path, capsys)
 
 def test_bundle_training_config_runs_the_same_trainer(synthetic_store, tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(ROOT / "configs" / "train_tokenizer.yaml"),
-         "--meta_file", str(ROOT / "configs" / "metadata.json"), "--logging_file", str(ROOT / "configs" / "logging.conf"),
-         "--dataset_dir", str(synthetic_store), "--output_dir", str(tmp_path / "run"), "--max_steps", "2",
-         "--batch_size", "4", "--val_every", "2", "--checkpoint_every", "2"],
-        capture_output=True, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            str(ROOT / "configs" / "train_tokenizer.yaml"),
+            "--meta_file",
+            str(ROOT / "configs" / "metadata.json"),
+            "--logging_file",
+            str(ROOT / "configs" / "logging.conf"),
+            "--dataset_dir",
+            str(synthetic_store),
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--max_steps",
+            "2",
+            "--batch_size",
+            "4",
+            "--val_every",
+            "2",
+            "--checkpoint_every",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert load_tokenizer(tmp_path / "run" / "tokenizer.pt").image_size == 64
@@ -165,7 +210,10 @@ class _OffsetModel(torch.nn.Module):
 
     def encode(self, x):
         b = x.shape[0]
-        return [torch.zeros(b, 1, 1, dtype=torch.long), torch.ones(b, 2, 2, dtype=torch.long) + (torch.arange(4).view(1, 2, 2) % 2)]
+        return [
+            torch.zeros(b, 1, 1, dtype=torch.long),
+            torch.ones(b, 2, 2, dtype=torch.long) + (torch.arange(4).view(1, 2, 2) % 2),
+        ]
 
     def decode(self, indices):
         return self._x + self.offset
@@ -235,9 +283,16 @@ def test_quantizer_reports_the_residual_each_scale_looked_up():
     assert all(torch.equal(a, b) for a, b in zip(inputs, out.scale_inputs))
 
 
-def test_slice_augmentation_keeps_shape_range_and_is_seeded(synthetic_store):
-    from medvar_bundle.engines.common import slice_augmentation
+def slice_augmentation(seed: int):
+    """The training preprocessing of configs/train_tokenizer.yaml with ``augment: true``, seeded."""
+    parser = ConfigParser(ConfigParser.load_config_file(config_path("train_tokenizer")))
+    parser["augment"] = True
+    transform = parser.get_parsed_content("train#preprocessing")
+    transform.set_random_state(seed=seed)
+    return transform
 
+
+def test_config_augmentation_keeps_shape_range_and_is_seeded(synthetic_store):
     store = SliceStore(synthetic_store)
     item = store[3]
     a = [slice_augmentation(seed=1)(dict(item))["image"] for _ in range(2)]
@@ -250,7 +305,9 @@ def test_slice_augmentation_keeps_shape_range_and_is_seeded(synthetic_store):
 
 def test_patchgan_term_switches_on_after_warmup(synthetic_store, tmp_path):
     out = tmp_path / "gan"
-    train_tokenizer(str(synthetic_store), str(out), max_steps=3, gan_weight=0.1, gan_start=2, **dict(TRAIN_ARGS, val_every=3))
+    train_tokenizer(
+        str(synthetic_store), str(out), max_steps=3, gan_weight=0.1, gan_start=2, **dict(TRAIN_ARGS, val_every=3)
+    )
     ckpt = torch.load(latest_checkpoint(out / "checkpoints"), map_location="cpu", weights_only=False)
     # the discriminator is checkpointed and was updated from step 2 on (2 optimizer steps)
     assert {float(s["step"]) for s in ckpt["disc_optimizer"]["state"].values()} == {2.0}
@@ -286,13 +343,19 @@ def test_random_crops_cut_one_aligned_window_per_image_and_repeat_with_the_seed(
 
 def test_warmup_on_crops_trains_then_quantizes_whole_slices(synthetic_store, tmp_path):
     out = tmp_path / "crop"
-    train_tokenizer(str(synthetic_store), str(out), max_steps=3, ae_warmup=2, warmup_crop=32, **dict(TRAIN_ARGS, val_every=3))
+    train_tokenizer(
+        str(synthetic_store), str(out), max_steps=3, ae_warmup=2, warmup_crop=32, **dict(TRAIN_ARGS, val_every=3)
+    )
     state = torch.load(out / "tokenizer.pt", weights_only=False)["state_dict"]
-    assert (state["quantizer.embedding.weight"].abs().amax(dim=1) > 1.0 / state["quantizer.embedding.weight"].shape[0]).all()
+    assert (
+        state["quantizer.embedding.weight"].abs().amax(dim=1) > 1.0 / state["quantizer.embedding.weight"].shape[0]
+    ).all()
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["step"] == 3 and row["psnr"] > 0
     with pytest.raises(ValueError, match="multiple of the downsampling factor 16"):
-        train_tokenizer(str(synthetic_store), str(tmp_path / "bad"), max_steps=1, ae_warmup=1, warmup_crop=24, **TRAIN_ARGS)
+        train_tokenizer(
+            str(synthetic_store), str(tmp_path / "bad"), max_steps=1, ae_warmup=1, warmup_crop=24, **TRAIN_ARGS
+        )
 
 
 def test_stage_cosine_restarts_the_decay_when_quantization_starts():

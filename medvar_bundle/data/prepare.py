@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .store import ShardWriter, atomic_write_json, done_volume_keys, volume_key, write_store_index
+from ..files import atomic_write_json
+from .store import ShardWriter, done_volume_keys, volume_key, write_store_index
 from .transforms import DEFAULT_CT_WINDOW, MODALITIES, SLICE_SIZE, NoSlicesError, VolumeError, preprocessing
 
 MAX_ERROR_CHARS = 300
@@ -117,8 +118,13 @@ class PrepareResult:
 
 def _entry(item: dict, status: str, slices: int = 0, error: str | None = None) -> dict:
     return {
-        "image": item.get("image") or "", "label": item.get("label"), "dataset": item.get("dataset"),
-        "split": item.get("split"), "status": status, "slices": int(slices), "error": error,
+        "image": item.get("image") or "",
+        "label": item.get("label"),
+        "dataset": item.get("dataset"),
+        "split": item.get("split"),
+        "status": status,
+        "slices": int(slices),
+        "error": error,
     }
 
 
@@ -164,7 +170,9 @@ def prepare_store(
     for i in items:
         if i.get("dataset") and i.get("modality") in MODALITIES:
             window = (i.get("ct_window") or list(DEFAULT_CT_WINDOW)) if i["modality"] == "CT" else None
-            declared.setdefault(str(i["dataset"]), {"modality": i["modality"], "anatomy": i.get("anatomy"), "ct_window": window})
+            declared.setdefault(
+                str(i["dataset"]), {"modality": i["modality"], "anatomy": i.get("anatomy"), "ct_window": window}
+            )
     mine = items[rank::world_size]
     done = done_volume_keys(out)
     result = PrepareResult()
@@ -199,11 +207,18 @@ def prepare_store(
         slices = 0 if res["images"] is None else int(res["images"].shape[0])
         window = (item.get("ct_window") or list(DEFAULT_CT_WINDOW)) if item.get("modality") == "CT" else None
         record = {
-            "key": volume_key(item["image"], item.get("label")), "image": item["image"], "label": item.get("label"),
-            "dataset": item["dataset"], "modality": item["modality"], "anatomy": item.get("anatomy") or "",
-            "split": item.get("split", "training"), "ct_window": window,
-            "spacing": (res.get("geometry") or {}).get("spacing", []), "matrix": (res.get("geometry") or {}).get("matrix", []),
-            "slice_indices": res.get("slice_indices") or [], "has_label": bool(res.get("has_label")),
+            "key": volume_key(item["image"], item.get("label")),
+            "image": item["image"],
+            "label": item.get("label"),
+            "dataset": item["dataset"],
+            "modality": item["modality"],
+            "anatomy": item.get("anatomy") or "",
+            "split": item.get("split", "training"),
+            "ct_window": window,
+            "spacing": (res.get("geometry") or {}).get("spacing", []),
+            "matrix": (res.get("geometry") or {}).get("matrix", []),
+            "slice_indices": res.get("slice_indices") or [],
+            "has_label": bool(res.get("has_label")),
         }
         empty = np.zeros((0, size, size), np.uint8)
         writer.add(record, res["images"] if res["images"] is not None else empty, res["labels"])

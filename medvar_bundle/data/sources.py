@@ -20,7 +20,23 @@ from .store import SPLITS
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 LABEL_PATTERN = re.compile(r"(_seg|_label|_labels|_mask)$", re.IGNORECASE)
-MR_NAMES = {"MR", "MRI", "T1", "T1W", "T1GD", "T1C", "T2", "T2W", "FLAIR", "ADC", "DWI", "PD", "HBV", "NONCONTRAST", "CINE"}
+MR_NAMES = {
+    "MR",
+    "MRI",
+    "T1",
+    "T1W",
+    "T1GD",
+    "T1C",
+    "T2",
+    "T2W",
+    "FLAIR",
+    "ADC",
+    "DWI",
+    "PD",
+    "HBV",
+    "NONCONTRAST",
+    "CINE",
+}
 
 
 class DatalistError(ValueError):

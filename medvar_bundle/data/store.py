@@ -20,7 +20,6 @@ import csv
 import io
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,49 +27,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..files import atomic_save_npy, atomic_write_bytes, atomic_write_json
+
 SHARD_DIR = "shards"
 SPLITS = ("training", "validation", "test")
-
-
-def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` so that readers see the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_torch_save(path: str | os.PathLike, obj) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then rename: readers (and a resumed run)
-    see the old file or the whole new one. Returns ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
-
-
-def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def volume_key(image: str, label: str | None = None) -> str:
@@ -93,7 +53,11 @@ class ShardWriter:
     """
 
     def __init__(
-        self, root: str | os.PathLike, shard_size: int = 2048, rank: int = 0, on_commit: Callable[[], object] | None = None
+        self,
+        root: str | os.PathLike,
+        shard_size: int = 2048,
+        rank: int = 0,
+        on_commit: Callable[[], object] | None = None,
     ) -> None:
         self.root = Path(root)
         self.shard_dir = self.root / SHARD_DIR
@@ -134,7 +98,9 @@ class ShardWriter:
         if self._count:
             atomic_save_npy(self.shard_dir / f"{tag}.images.npy", np.concatenate(self._images))
             atomic_save_npy(self.shard_dir / f"{tag}.labels.npy", np.concatenate(self._labels))
-        atomic_write_json(self.shard_dir / f"{tag}.json", {"shard": tag, "num_slices": self._count, "volumes": self._volumes})
+        atomic_write_json(
+            self.shard_dir / f"{tag}.json", {"shard": tag, "num_slices": self._count, "volumes": self._volumes}
+        )
         self._seq += 1
         self._images, self._labels, self._volumes, self._count = [], [], [], 0
         if self.on_commit is not None:
@@ -187,14 +153,25 @@ def build_registry(root: str | os.PathLike, declared: dict[str, dict] | None = N
             "num_slices": int(sum(v["num_slices"] for v in used)),
             "num_volumes": len(used),
             "spacing": median_list([v["spacing"] for v in used]) or old.get(name, {}).get("spacing"),
-            "matrix": [int(round(x)) for x in median_list([v["matrix"] for v in used])] or old.get(name, {}).get("matrix"),
+            "matrix": [int(round(x)) for x in median_list([v["matrix"] for v in used])]
+            or old.get(name, {}).get("matrix"),
             "ct_window": [float(x) for x in window] if modality == "CT" and window else None,
         }
     return registry
 
 
 MANIFEST_COLUMNS = (
-    "index", "shard", "row", "dataset", "dataset_id", "modality", "anatomy", "split", "source", "slice_index", "has_label",
+    "index",
+    "shard",
+    "row",
+    "dataset",
+    "dataset_id",
+    "modality",
+    "anatomy",
+    "split",
+    "source",
+    "slice_index",
+    "has_label",
 )
 
 
@@ -207,9 +184,17 @@ def manifest_rows(root: str | os.PathLike, registry: dict) -> list[dict]:
             for z in v["slice_indices"]:
                 rows.append(
                     {
-                        "index": len(rows), "shard": m["shard"], "row": row, "dataset": v["dataset"],
-                        "dataset_id": registry[v["dataset"]]["id"], "modality": v["modality"], "anatomy": v.get("anatomy") or "",
-                        "split": v.get("split", "training"), "source": v["image"], "slice_index": z, "has_label": v["has_label"],
+                        "index": len(rows),
+                        "shard": m["shard"],
+                        "row": row,
+                        "dataset": v["dataset"],
+                        "dataset_id": registry[v["dataset"]]["id"],
+                        "modality": v["modality"],
+                        "anatomy": v.get("anatomy") or "",
+                        "split": v.get("split", "training"),
+                        "source": v["image"],
+                        "slice_index": z,
+                        "has_label": v["has_label"],
                     }
                 )
                 row += 1

@@ -48,7 +48,9 @@ def _to_numpy(img) -> np.ndarray:
 def _like(new: np.ndarray, img):
     """Return ``new`` as the same container type as ``img`` (keeps MetaTensor metadata), no copy."""
     if isinstance(img, MetaTensor):
-        return MetaTensor(torch.from_numpy(np.ascontiguousarray(new)), meta=img.meta, applied_operations=img.applied_operations)
+        return MetaTensor(
+            torch.from_numpy(np.ascontiguousarray(new)), meta=img.meta, applied_operations=img.applied_operations
+        )
     if isinstance(img, torch.Tensor):
         return torch.from_numpy(np.ascontiguousarray(new))
     return new

@@ -17,73 +17,27 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.engines import SupervisedTrainer
-from monai.transforms import (
-    CastToTyped,
-    Compose,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    RandAdjustContrastd,
-    RandAffined,
-    RandFlipd,
-    ScaleIntensityRanged,
-)
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..data.store import SliceStore
+from ..files import load_weights
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint_(\d+)\.pt$")
 
 
-def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
-    """Slices in [0, 255] (uint8 or float), ``(B, H, W)`` or ``(B, 1, H, W)`` → float ``(B, 1, H, W)`` in [-1, 1]."""
-    x = images_u8.float()
-    if x.ndim == 3:
-        x = x.unsqueeze(1)
-    return x / 127.5 - 1.0
-
-
-def model_input(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """Slices in [0, 255] → the tokenizer's input: ``(B, 1, H, W)`` in [-1, 1] on ``device``,
-    ``channels_last`` (the fast layout for convolutions under bf16 on CPU)."""
-    return to_model_range(images).to(device).contiguous(memory_format=torch.channels_last)
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Model-range images in [-1, 1] → uint8 (values clipped)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def slice_augmentation(seed: int = 0) -> Compose:
-    """Random in-plane augmentation of store items (MONAI dictionary transforms).
-
-    ``image`` uint8 ``(H, W)`` → float ``(1, H, W)`` in [0, 255]: left–right flip (p 0.5), affine
-    (rotation ±10°, scale ±10 %, translation ±4 % of the side; p 0.5) and gamma contrast
-    (0.7–1.5, p 0.5). Background stays 0, intensities stay in range.
-    """
-    transform = Compose(
-        [
-            EnsureChannelFirstd("image", channel_dim="no_channel"),
-            CastToTyped("image", dtype=torch.float32),
-            RandFlipd("image", prob=0.5, spatial_axis=0),
-            RandAffined(
-                "image", prob=0.5, rotate_range=math.pi / 18, scale_range=0.1, translate_range=0.04,
-                padding_mode="zeros", mode="bilinear",
-            ),
-            ScaleIntensityRanged("image", 0, 255, 0, 1, clip=True),
-            RandAdjustContrastd("image", prob=0.5, gamma=(0.7, 1.5)),
-            ScaleIntensityRanged("image", 0, 1, 0, 255, clip=True),
-            EnsureTyped("image", data_type="tensor", track_meta=False),
-        ]
-    )
-    transform.set_random_state(seed=seed)
-    return transform
-
-
 def store_loader(
-    stores, split: str | None, batch_size: int, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
-    drop_last: bool = True, num_replicas: int = 1, rank: int = 0, transform=None,
+    stores,
+    split: str | None,
+    batch_size: int,
+    num_workers: int = 0,
+    seed: int = 0,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    num_replicas: int = 1,
+    rank: int = 0,
+    transform=None,
     dataset_class: type[SliceStore] = SliceStore,
 ) -> DataLoader:
     """A DataLoader over one or several slice stores.
@@ -99,10 +53,35 @@ def store_loader(
     dataset = dataset_class(stores, split=split, transform=transform)
     if len(dataset) == 0:
         raise ValueError(f"{stores}: no slices in split {split!r}")
-    sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+    sampler = DistributedSampler(
+        dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
+    )
     if drop_last and len(sampler) < batch_size:
         raise ValueError(f"{stores}: {len(sampler)} slices in split {split!r}, fewer than one batch of {batch_size}")
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last)
+
+
+def validation_store(stores, dataset_class: type[SliceStore] = SliceStore) -> SliceStore:
+    """The ``validation`` split of the store(s), or their ``training`` split (with a warning) if there is none."""
+    store = dataset_class(stores, split="validation")
+    if len(store) == 0:
+        logger.warning("no 'validation' split in %s: validating on the training split", stores)
+        store = dataset_class(stores, split="training")
+    return store
+
+
+def epochs_for(max_steps: int, loader: DataLoader) -> int:
+    """Epochs of ``loader`` that hold ``max_steps`` steps (the trainer's ``max_epochs``).
+
+    Raises:
+        ValueError: one line naming the store(s) when the loader has not one full batch.
+    """
+    if len(loader) == 0:
+        roots = [str(r) for r in getattr(loader.dataset, "roots", [])]
+        raise ValueError(
+            f"{roots}: {len(loader.sampler)} slices to train on, fewer than one batch of {loader.batch_size}"
+        )
+    return math.ceil(max_steps / len(loader))
 
 
 def evenly_spaced(total: int, limit: int | None) -> np.ndarray:
@@ -139,7 +118,9 @@ def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
     return max(found)[1] if found else None
 
 
-def attach_checkpoints(engine: Engine, save_dict: dict, folder: str | os.PathLike, every: int, n_saved: int = 2) -> Checkpoint:
+def attach_checkpoints(
+    engine: Engine, save_dict: dict, folder: str | os.PathLike, every: int, n_saved: int = 2
+) -> Checkpoint:
     """Save ``save_dict`` every ``every`` iterations as ``checkpoint_<step>.pt`` and resume from the latest.
 
     Ignite's :class:`~ignite.handlers.Checkpoint` writes atomically (temporary file + rename), so a
@@ -151,7 +132,7 @@ def attach_checkpoints(engine: Engine, save_dict: dict, folder: str | os.PathLik
     folder = Path(folder)
     resume = latest_checkpoint(folder)
     if resume is not None:
-        Checkpoint.load_objects(to_load=save_dict, checkpoint=torch.load(resume, map_location="cpu", weights_only=False))
+        Checkpoint.load_objects(to_load=save_dict, checkpoint=load_weights(resume, "checkpoint"))
         logger.info("resumed from %s at step %d", resume, engine.state.iteration)
     handler = Checkpoint(
         save_dict,
@@ -194,12 +175,6 @@ def attach_time_budget(
             engine.terminate()
 
     engine.add_event_handler(Events.ITERATION_COMPLETED, _check)
-
-
-def autocast(device: torch.device | str, enabled: bool):
-    """bf16 autocast on CPU or CUDA (a no-op context when disabled)."""
-    device_type = torch.device(device).type
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)
 
 
 @contextmanager

@@ -28,17 +28,23 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Subset
 from torch.utils.tensorboard import SummaryWriter
 
-from ..baselines.ddpm import BASELINE_FILE, ConditionalDDPM, save_baseline
 from ..data.store import SliceStore
-from .common import (
-    autocast, evenly_spaced, model_input, process_group, reseed, step_trainer, store_loader, warmup_cosine,
-)
+from ..model_file import BASELINE_FILE, save_baseline
+from ..networks.ddpm import ConditionalDDPM
+from ..runtime import autocast, model_input
+from .common import evenly_spaced, process_group, reseed, step_trainer, store_loader, warmup_cosine
 
 logger = logging.getLogger(__name__)
 
 
 def epsilon_loss(
-    model: nn.Module, scheduler: DDPMScheduler, images: Tensor, dataset_id: Tensor, noise: Tensor, timesteps: Tensor, bf16: bool
+    model: nn.Module,
+    scheduler: DDPMScheduler,
+    images: Tensor,
+    dataset_id: Tensor,
+    noise: Tensor,
+    timesteps: Tensor,
+    bf16: bool,
 ) -> Tensor:
     """Per-image ε-prediction MSE of the denoiser.
 
@@ -151,7 +157,7 @@ def train_ddpm(
     The cosine follows the ``max_steps`` of the current call, so a finished run can be extended.
     Validation (:func:`evaluate_ddpm` on at most ``val_max_images`` slices) runs every
     ``val_every`` steps and at the end; it is appended to ``metrics.jsonl``, logged to TensorBoard
-    as ``val/loss``, and each time ``baseline.pt`` (:func:`~medvar_bundle.baselines.ddpm.save_baseline`:
+    as ``val/loss``, and each time ``baseline.pt`` (:func:`~medvar_bundle.model_file.save_baseline`:
     network, the stores' dataset registry, step, ``extra={"validation": ...}``) is rewritten.
 
     Returns:
@@ -162,7 +168,9 @@ def train_ddpm(
     with process_group(distributed, device) as (rank, world_size, dev):
         main = rank == 0
         set_determinism(seed=seed)
-        loader = store_loader(dataset_dir, "training", batch_size, num_workers=num_workers, seed=seed, num_replicas=world_size, rank=rank)
+        loader = store_loader(
+            dataset_dir, "training", batch_size, num_workers=num_workers, seed=seed, num_replicas=world_size, rank=rank
+        )
         store: SliceStore = loader.dataset
         val_store = SliceStore(dataset_dir, split="validation")
         if len(val_store) == 0:
@@ -172,13 +180,17 @@ def train_ddpm(
 
         image_size = int(store[0]["image"].shape[-1])
         network = ConditionalDDPM.from_preset(
-            preset, num_datasets=len(registry), **{**(model_overrides or {}), "image_size": image_size, "cond_drop": cond_drop}
+            preset,
+            num_datasets=len(registry),
+            **{**(model_overrides or {}), "image_size": image_size, "cond_drop": cond_drop},
         ).to(dev, memory_format=torch.channels_last)
         model: nn.Module = network
         if dist.is_initialized():
             model = DistributedDataParallel(network, device_ids=[dev.index] if dev.type == "cuda" else None)
         optimizer = torch.optim.AdamW(network.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
-        schedule = functools.partial(warmup_cosine, warmup_steps=warmup_steps, max_steps=max_steps, min_lr_ratio=min_lr_ratio)
+        schedule = functools.partial(
+            warmup_cosine, warmup_steps=warmup_steps, max_steps=max_steps, min_lr_ratio=min_lr_ratio
+        )
         lr_scheduler = LambdaLR(optimizer, schedule)
         noise_schedule, T = network.scheduler, network.scheduler.num_train_timesteps
         if main:
@@ -223,8 +235,12 @@ def train_ddpm(
             save_baseline(out / BASELINE_FILE, network, registry, row["step"], {"validation": row})
 
         if main:
-            StatsHandler(iteration_log=lambda e, i: i % 50 == 0, output_transform=lambda o: o["loss"], name=logger.name).attach(trainer)
-            TensorBoardStatsHandler(summary_writer=writer, output_transform=lambda o: o, iteration_log=True, epoch_log=False).attach(trainer)
+            StatsHandler(
+                iteration_log=lambda e, i: i % 50 == 0, output_transform=lambda o: o["loss"], name=logger.name
+            ).attach(trainer)
+            TensorBoardStatsHandler(
+                summary_writer=writer, output_transform=lambda o: o, iteration_log=True, epoch_log=False
+            ).attach(trainer)
             trainer.add_event_handler(Events.ITERATION_COMPLETED(every=val_every), validate)
             if progress:
                 ProgressBar(persist=True).attach(trainer, output_transform=lambda o: {"loss": o["loss"]})

@@ -35,13 +35,11 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.tensorboard import SummaryWriter
 
 from ..data.tokens import TOKENS_META, TokenStore, file_digest
-from ..model_file import MODEL_FILE, save_model
+from ..model_file import MODEL_FILE, load_tokenizer, save_model
 from ..networks.msvqvae import MultiScaleVQVAE
 from ..networks.transformer import NextScaleTransformer, scale_of_positions, token_loss_weights
-from .common import (
-    autocast, evenly_spaced, process_group, reseed, step_trainer, store_loader, warmup_cosine,
-)
-from .tokenizer import load_tokenizer
+from ..runtime import autocast
+from .common import evenly_spaced, process_group, reseed, step_trainer, store_loader, warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +58,11 @@ def resolve_tokenizer(store: TokenStore, tokenizer: str | os.PathLike | None = N
     recorded = store.meta
     path = Path(tokenizer if tokenizer is not None else recorded["tokenizer"])
     if not path.is_file():
-        where = "" if tokenizer is not None else f" (recorded in {store.roots[0] / TOKENS_META}; pass the tokenizer explicitly)"
+        where = (
+            ""
+            if tokenizer is not None
+            else f" (recorded in {store.roots[0] / TOKENS_META}; pass the tokenizer explicitly)"
+        )
         raise FileNotFoundError(f"{path}: tokenizer file not found{where}")
     if file_digest(path) != recorded["tokenizer_sha256"]:
         stores = ", ".join(str(r) for r in store.roots)
@@ -242,12 +244,16 @@ def train_transformer(
         model: nn.Module = transformer
         if dist.is_initialized():
             # the only buffers (mask, scale ids) are constants: no syncing in forward
-            model = DistributedDataParallel(transformer, device_ids=[dev.index] if dev.type == "cuda" else None, forward_sync_buffers=False)
+            model = DistributedDataParallel(
+                transformer, device_ids=[dev.index] if dev.type == "cuda" else None, forward_sync_buffers=False
+            )
         global_batch = batch_size * world_size * grad_accum
         optimizer = torch.optim.AdamW(
             transformer.param_groups(weight_decay), lr=lr * global_batch / LR_REFERENCE_BATCH, betas=tuple(betas)
         )
-        schedule = functools.partial(warmup_cosine, warmup_steps=warmup_steps, max_steps=max_steps, min_lr_ratio=min_lr_ratio)
+        schedule = functools.partial(
+            warmup_cosine, warmup_steps=warmup_steps, max_steps=max_steps, min_lr_ratio=min_lr_ratio
+        )
         scheduler = LambdaLR(optimizer, schedule)
         weights = token_loss_weights(transformer.patch_nums, loss_weighting).to(dev)
         if main:
@@ -263,7 +269,9 @@ def train_transformer(
             stats = TokenStats(transformer.patch_nums, dev)
             objective = 0.0
             optimizer.zero_grad(set_to_none=True)
-            micro_batches = zip(batch["tokens"].to(dev).split(batch_size), batch["dataset_id"].to(dev).split(batch_size))
+            micro_batches = zip(
+                batch["tokens"].to(dev).split(batch_size), batch["dataset_id"].to(dev).split(batch_size)
+            )
             for i, (tokens, ids) in enumerate(micro_batches):
                 sync = i == grad_accum - 1 or model is transformer  # DDP all-reduces after the last micro-batch
                 with nullcontext() if sync else model.no_sync():
@@ -292,7 +300,9 @@ def train_transformer(
         writer = SummaryWriter(log_dir=str(out / "tensorboard")) if main else None
 
         def validate(engine: Engine) -> None:
-            metrics = evaluate_transformer(tok, transformer, val_store, batch_size, dev, bf16, val_max_images, num_workers)
+            metrics = evaluate_transformer(
+                tok, transformer, val_store, batch_size, dev, bf16, val_max_images, num_workers
+            )
             row = {"step": engine.state.iteration, **metrics}
             with open(out / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(row) + "\n")
@@ -305,8 +315,12 @@ def train_transformer(
             save_model(out / MODEL_FILE, tok, transformer, registry, row["step"], {"validation": row})
 
         if main:
-            StatsHandler(iteration_log=lambda e, i: i % 50 == 0, output_transform=lambda o: o["loss"], name=logger.name).attach(trainer)
-            TensorBoardStatsHandler(summary_writer=writer, output_transform=lambda o: o, iteration_log=True, epoch_log=False).attach(trainer)
+            StatsHandler(
+                iteration_log=lambda e, i: i % 50 == 0, output_transform=lambda o: o["loss"], name=logger.name
+            ).attach(trainer)
+            TensorBoardStatsHandler(
+                summary_writer=writer, output_transform=lambda o: o, iteration_log=True, epoch_log=False
+            ).attach(trainer)
             trainer.add_event_handler(Events.ITERATION_COMPLETED(every=val_every), validate)
             if progress:
                 ProgressBar(persist=True).attach(trainer, output_transform=lambda o: {"loss": o["loss"]})

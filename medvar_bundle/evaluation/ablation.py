@@ -12,11 +12,11 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from medvar_bundle.data.store import atomic_write_bytes, atomic_write_json
+from medvar_bundle.files import atomic_write_bytes, atomic_write_json
 from medvar_bundle.inference import check_request, generate
 from medvar_bundle.io import check_writable
 from medvar_bundle.model_file import load_model
-from medvar_bundle.sampling import SamplingOptions
+from medvar_bundle.sampling.medvar import SamplingOptions
 
 from .report import COLUMNS, format_cell, markdown_table
 from .scores import load_evaluator
@@ -80,8 +80,8 @@ def ablation_tables(result: dict) -> tuple[str, str]:
     header = ["Description", "Params", "CFG", "Top-p", "Top-k", COLUMNS[metric], "Δ", "s/image"]
     cells = [
         [row["description"], format_cell("parameters", result["parameters"]), _off("cfg", row["cfg"]),
-         _off("top_p", row["top_p"]), _off("top_k", row["top_k"]), format_cell(metric, row["value"]), f"{row['delta']:+.4g}",
-         format_cell("seconds_per_image", row["seconds_per_image"])]
+         _off("top_p", row["top_p"]), _off("top_k", row["top_k"]), format_cell(metric, row["value"]),
+         f"{row['delta']:+.4g}", format_cell("seconds_per_image", row["seconds_per_image"])]
         for row in rows
     ]  # fmt: skip
     markdown = "\n\n".join([
@@ -151,7 +151,9 @@ def ablate(
         quality_metric, device=device,
     )  # fmt: skip
     if dataset not in evaluator.registry:
-        raise ValueError(f"dataset {dataset!r} is not in the store {real}; it has: {', '.join(sorted(evaluator.registry))}")
+        raise ValueError(
+            f"dataset {dataset!r} is not in the store {real}; it has: {', '.join(sorted(evaluator.registry))}"
+        )
     out = Path(out_dir)
     check_writable(out)
 

@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from medvar_bundle.data.store import atomic_write_bytes, atomic_write_json  # noqa: E402
+from medvar_bundle.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from medvar_bundle.visualize import save_figure, save_grid  # noqa: E402
 
 FLOOR = "real (held-out vs train)"
@@ -88,7 +88,8 @@ def report_markdown(report: dict) -> str:
     sizes = f"at most {report['max_slices']}" if report["max_slices"] else "all"
     parts = [
         "# MedVAR generation report",
-        f"Real store `{report['real']}`: training split as reference, `{report['heldout_split']}` split as the real floor; "
+        f"Real store `{report['real']}`: training split as reference, "
+        f"`{report['heldout_split']}` split as the real floor; "
         f"{sizes} slices of each set (seed {report['seed']}). "
         f"Efficiency Q = {COLUMNS[eff['q']]}, γ = {eff['gamma']}.",
         "## Overall",
@@ -99,7 +100,10 @@ def report_markdown(report: dict) -> str:
     ]
     for key in METRICS:
         if any(row and row.get(key) is not None for per_dataset in rows.values() for row in per_dataset.values()):
-            table = [[label, *(format_cell(key, (r[n] or {}).get(key)) for n in [*names, OVERALL])] for label, r in rows.items()]
+            table = [
+                [label, *(format_cell(key, (r[n] or {}).get(key)) for n in [*names, OVERALL])]
+                for label, r in rows.items()
+            ]
             parts += [f"## {COLUMNS[key]} per dataset", markdown_table(["Method", *names, OVERALL], table)]
     parts += ["## Notes", "\n".join(f"- {note}" for note in report["notes"]) or "- none", "## Columns", LEGEND]
     return "\n\n".join(parts) + "\n"
@@ -139,7 +143,12 @@ def plot_tradeoff(report: dict, path: str | os.PathLike) -> Path | None:
             area = 1200 * row["parameters"] / largest if row["parameters"] else 80
             ax.scatter(row["seconds_per_image"], row[metric], s=max(area, 20), alpha=0.5, edgecolors="k")
             ax.annotate(
-                label, (row["seconds_per_image"], row[metric]), xytext=(0, 9), textcoords="offset points", fontsize=7, ha="center"
+                label,
+                (row["seconds_per_image"], row[metric]),
+                xytext=(0, 9),
+                textcoords="offset points",
+                fontsize=7,
+                ha="center",
             )
         floor = rows[FLOOR][OVERALL].get(metric)
         if floor is not None:
@@ -166,7 +175,9 @@ def write_report(report: dict, samples: dict[str, list[tuple[str, np.ndarray]]],
     """
     out = Path(out_dir)
     files = {
-        f"samples_{name}": save_grid([list(s) for _, s in rows], out / f"samples_{name}.png", [t for t, _ in rows], name).name
+        f"samples_{name}": save_grid(
+            [list(s) for _, s in rows], out / f"samples_{name}.png", [t for t, _ in rows], name
+        ).name
         for name, rows in samples.items()
     }
     tradeoff = plot_tradeoff(report, out / "tradeoff.png")
@@ -179,4 +190,3 @@ def write_report(report: dict, samples: dict[str, list[tuple[str, np.ndarray]]],
     atomic_write_bytes(out / "report.csv", report_csv(report).encode())
     atomic_write_json(out / "report.json", report)
     return report
-

@@ -50,14 +50,19 @@ logger = logging.getLogger(__name__)
 QUALITY_METRICS = {"power_spectrum": power_spectrum_distance, "histogram": histogram_distance}
 """Weight-free metrics that can stand in for FID as the efficiency's ``Q``."""
 
-EXTRACTORS = {"inception": (load_inception, "FID, KID"), "radimagenet": (load_radimagenet, "RadFID"), "clip": (load_clip, "CMMD")}
+EXTRACTORS = {
+    "inception": (load_inception, "FID, KID"),
+    "radimagenet": (load_radimagenet, "RadFID"),
+    "clip": (load_clip, "CMMD"),
+}
 """Extractor name → (loader, the metrics it enables)."""
 
 MS_SSIM_MIN_SIDE = 161
 """MS-SSIM's 5 scales with an 11-pixel window need slices larger than 160 pixels."""
 
 AVERAGED = (
-    "fid", "kid", "kid_std", "radfid", "cmmd", "histogram", "power_spectrum", "ms_ssim", "memorisation", "seconds_per_image",
+    "fid", "kid", "kid_std", "radfid", "cmmd", "histogram", "power_spectrum", "ms_ssim", "memorisation",
+    "seconds_per_image",
 )  # fmt: skip
 """Columns whose overall value is the mean over datasets."""
 
@@ -171,7 +176,9 @@ def score(train: SliceSet, heldout: SliceSet, fake: SliceSet) -> dict:
         row["fid"] = frechet_distance_from_features(ref["inception"], gen["inception"])
         size = min(1000, len(train.slices), len(fake.slices))
         row["kid"], row["kid_std"] = kid(ref["inception"], gen["inception"], subset_size=size)
-    row["radfid"] = frechet_distance_from_features(ref["radimagenet"], gen["radimagenet"]) if "radimagenet" in ref else None
+    row["radfid"] = (
+        frechet_distance_from_features(ref["radimagenet"], gen["radimagenet"]) if "radimagenet" in ref else None
+    )
     row["cmmd"] = cmmd(ref["clip"], gen["clip"]) if "clip" in ref else None
     row["histogram"] = histogram_distance(train.slices, fake.slices)
     row["power_spectrum"] = power_spectrum_distance(train.slices, fake.slices)
@@ -245,20 +252,26 @@ class Evaluator:
     def slice_set(self, slices: np.ndarray) -> SliceSet:
         return SliceSet(slices, {name: ex.extract(slices, self.batch_size) for name, ex in self.extractors.items()})
 
-    def dataset_names(self, folders: Sequence[GeneratedFolder], requested: Sequence[str] | None, notes: list[str]) -> list[str]:
+    def dataset_names(
+        self, folders: Sequence[GeneratedFolder], requested: Sequence[str] | None, notes: list[str]
+    ) -> list[str]:
         """The datasets to evaluate: ``requested``, or every store dataset some folder holds
         (others are skipped with a note)."""
         held = {name for folder in folders for name in folder.datasets}
         if requested:
             unknown = [n for n in requested if n not in self.registry]
             if unknown:
-                raise ValueError(f"dataset(s) {unknown} not in the store {self.real}; it has: {', '.join(sorted(self.registry))}")
+                raise ValueError(
+                    f"dataset(s) {unknown} not in the store {self.real}; it has: {', '.join(sorted(self.registry))}"
+                )
             missing = [n for n in requested if n not in held]
             if missing:
                 raise ValueError(f"no generated folder holds {', '.join(f'{n}.nii.gz' for n in missing)}")
             return list(requested)
         if not held & set(self.registry):
-            raise ValueError(f"no generated stack is a dataset of the store {self.real} ({', '.join(sorted(self.registry))})")
+            raise ValueError(
+                f"no generated stack is a dataset of the store {self.real} ({', '.join(sorted(self.registry))})"
+            )
         skipped = sorted(held - set(self.registry))
         if skipped:
             notes.append(f"skipped {', '.join(skipped)}: not datasets of the store {self.real}")
@@ -276,7 +289,9 @@ class Evaluator:
             raise ValueError(f"{len(labels)} labels for {len(fake_dirs)} generated folders")
         folders = [read_generated_folder(d, labels[i] if labels else None) for i, d in enumerate(fake_dirs)]
         if len({f.label for f in folders}) != len(folders):
-            raise ValueError(f"generated folders share a label ({', '.join(f.label for f in folders)}); give one --label each")
+            raise ValueError(
+                f"generated folders share a label ({', '.join(f.label for f in folders)}); give one --label each"
+            )
         notes = list(self.notes)
         names = self.dataset_names(folders, datasets, notes)
         for folder in folders:
@@ -293,7 +308,9 @@ class Evaluator:
             for label, row in scored.items():
                 rows[label][name] = row
         if any(rows[FLOOR][name]["ms_ssim"] is None for name in names):
-            notes.append(f"MS-SSIM: null, it needs slices of at least {MS_SSIM_MIN_SIDE} pixels (5 scales, 11-pixel window)")
+            notes.append(
+                f"MS-SSIM: null, it needs slices of at least {MS_SSIM_MIN_SIDE} pixels (5 scales, 11-pixel window)"
+            )
         parameters = {folder.label: folder.parameters for folder in folders} | {FLOOR: None}
         for label, per_dataset in rows.items():
             per_dataset[OVERALL] = macro_average([per_dataset[n] for n in names])
@@ -301,7 +318,8 @@ class Evaluator:
                 if row is not None:
                     self._add_efficiency(row, parameters[label])
         report = {
-            "real": str(self.real), "heldout_split": self.heldout_split, "max_slices": self.max_slices, "seed": self.seed,
+            "real": str(self.real), "heldout_split": self.heldout_split, "max_slices": self.max_slices,
+            "seed": self.seed,
             "datasets": names, "methods": {f.label: str(f.path) for f in folders},
             "efficiency": {"q": self.q_metric, "p": "seconds_per_image", "gamma": self.gamma, "log": "log10"},
             "notes": notes, "rows": rows,
@@ -317,7 +335,9 @@ class Evaluator:
             self.slice_set(store_slices(self.real, split, name, self.max_slices, self.seed))
             for split in ("training", self.heldout_split)
         )
-        logger.info("evaluate %s: %d training, %d %s slices", name, len(train.slices), len(heldout.slices), self.heldout_split)
+        logger.info(
+            "evaluate %s: %d training, %d %s slices", name, len(train.slices), len(heldout.slices), self.heldout_split
+        )
         rows: dict[str, dict | None] = {}
         samples = [(f"real ({self.heldout_split})", heldout.slices[:GRID_SLICES])]
         for folder in folders:
@@ -334,7 +354,9 @@ class Evaluator:
     def _fake_slices(self, folder: GeneratedFolder, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """A folder's slices of one dataset (a subset of ``max_slices``), checked against the
         store's slice ``shape`` ``(S, S)``."""
-        slices = random_subset(read_generated(folder.path / f"{name}.nii.gz", self.registry[name]), self.max_slices, self.seed)
+        slices = random_subset(
+            read_generated(folder.path / f"{name}.nii.gz", self.registry[name]), self.max_slices, self.seed
+        )
         if slices.shape[1:] != shape or len(slices) < 2:
             raise ValueError(
                 f"{folder.path / name}.nii.gz: need at least 2 slices of {shape[0]}×{shape[1]} like the store, "
@@ -377,7 +399,15 @@ def load_evaluator(
     paths = {"inception": inception_weights, "radimagenet": radimagenet_weights, "clip": clip_weights}
     extractors, notes = load_extractors(paths, allow_download, device)
     return Evaluator(
-        Path(real), registry, extractors, notes, max_slices, heldout_split, quality_metric, seed=seed, batch_size=batch_size
+        Path(real),
+        registry,
+        extractors,
+        notes,
+        max_slices,
+        heldout_split,
+        quality_metric,
+        seed=seed,
+        batch_size=batch_size,
     )
 
 

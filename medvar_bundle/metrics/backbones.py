@@ -163,7 +163,12 @@ class ClipVisionTransformer(nn.Module):
     """
 
     def __init__(
-        self, image_size: int = 336, patch_size: int = 14, width: int = 1024, layers: int = 24, heads: int = 16,
+        self,
+        image_size: int = 336,
+        patch_size: int = 14,
+        width: int = 1024,
+        layers: int = 24,
+        heads: int = 16,
         embed_dim: int = 768,
     ) -> None:
         super().__init__()

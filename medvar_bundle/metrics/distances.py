@@ -28,9 +28,7 @@ def feature_statistics(features: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(axis=0), np.atleast_2d(np.cov(x, rowvar=False))
 
 
-def frechet_distance(
-    mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike, eps: float = 1e-6
-) -> float:
+def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike, eps: float = 1e-6) -> float:
     """Fréchet distance between the Gaussians N(mu1, sigma1) and N(mu2, sigma2).
 
     ``||mu1 - mu2||² + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^½)``, in squared feature units,
@@ -136,7 +134,9 @@ def kid(
         _poly_mmd2(
             x[rng.choice(x.shape[0], subset_size, replace=False)],
             y[rng.choice(y.shape[0], subset_size, replace=False)],
-            degree, gamma, coef0,
+            degree,
+            gamma,
+            coef0,
         )
         for _ in range(subsets)
     ]

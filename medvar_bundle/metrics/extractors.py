@@ -56,7 +56,11 @@ class FeatureExtractor(nn.Module):
     """
 
     def __init__(
-        self, network: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], size: int | None = None,
+        self,
+        network: nn.Module,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        size: int | None = None,
         interpolation: str = "bilinear",
     ) -> None:
         super().__init__()
@@ -104,7 +108,11 @@ class WeightsFile:
     def resolve(self, path: str | os.PathLike | None, allow_download: bool) -> Path:
         flag = "--" + self.option.replace("_", "-")
         return resolve_weights(
-            self.filename, self.url, path, allow_download, what=f"{self.metrics} feature extractor",
+            self.filename,
+            self.url,
+            path,
+            allow_download,
+            what=f"{self.metrics} feature extractor",
             off_hint=f"leave {self.metrics} out (config key `{self.option}` / {flag} gives the path)",
         )
 
@@ -112,17 +120,20 @@ class WeightsFile:
 INCEPTION_WEIGHTS = WeightsFile(
     "pt_inception-2015-12-05-6726825d.pth",
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
-    "inception_weights", "FID/KID",
+    "inception_weights",
+    "FID/KID",
 )
 RADIMAGENET_WEIGHTS = WeightsFile(
     "RadImageNet-ResNet50_notop.pth",
     "https://drive.google.com/uc?export=download&id=1VOWHgOq0rm7OkE_JxlWXhMAH4CvcXUHT",
-    "radimagenet_weights", "RadFID",
+    "radimagenet_weights",
+    "RadFID",
 )
 CLIP_WEIGHTS = WeightsFile(
     "ViT-L-14-336px.pt",
     "https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
-    "clip_weights", "CMMD",
+    "clip_weights",
+    "CMMD",
 )
 
 
@@ -142,7 +153,9 @@ def read_state_dict(path: Path, what: str) -> StateDict:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # HTML saved instead of weights, truncated download, pickle with code
-        raise ValueError(f"{path}: cannot read {what} weights ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        raise ValueError(
+            f"{path}: cannot read {what} weights ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: {what} weights must be a state dict, got {type(state).__name__}")
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
@@ -157,7 +170,8 @@ def _load_into(network: nn.Module, state: StateDict, path: Path, what: str) -> N
         raise ValueError(f"{path}: not a {what} state dict ({detail})") from None
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
-            f"{path}: not a {what} state dict (missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})"
+            f"{path}: not a {what} state dict "
+            f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})"
         )
 
 

@@ -49,8 +49,10 @@ def ms_ssim_diversity(images: ArrayLike, pairs: int = 1000, seed: int = 0, batch
     second = (first + rng.integers(1, n, pairs)) % n
     scores = [
         multiscale_structural_similarity_index_measure(
-            _unit_batch(x[first[s : s + batch_size]]), _unit_batch(x[second[s : s + batch_size]]),
-            data_range=1.0, reduction="none",
+            _unit_batch(x[first[s : s + batch_size]]),
+            _unit_batch(x[second[s : s + batch_size]]),
+            data_range=1.0,
+            reduction="none",
         )
         for s in range(0, pairs, batch_size)
     ]

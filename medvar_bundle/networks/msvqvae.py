@@ -52,7 +52,9 @@ class FastGroupNorm(nn.GroupNorm):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         with torch.autocast(device, enabled=False):
-            y = F.group_norm(x.contiguous().to(dtype), self.num_groups, self.weight.to(dtype), self.bias.to(dtype), self.eps)
+            y = F.group_norm(
+                x.contiguous().to(dtype), self.num_groups, self.weight.to(dtype), self.bias.to(dtype), self.eps
+            )
         return y.contiguous(memory_format=torch.channels_last) if channels_last else y
 
 
@@ -131,7 +133,13 @@ class Encoder(nn.Module):
     """
 
     def __init__(
-        self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int, mid_attn: bool, patch_size: int = 1
+        self,
+        ch: int,
+        ch_mult: tuple[int, ...],
+        num_res_blocks: int,
+        z_channels: int,
+        mid_attn: bool,
+        patch_size: int = 1,
     ):
         super().__init__()
         self.unshuffle = nn.PixelUnshuffle(patch_size) if patch_size > 1 else nn.Identity()
@@ -162,7 +170,13 @@ class Decoder(nn.Module):
     """
 
     def __init__(
-        self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int, mid_attn: bool, patch_size: int = 1
+        self,
+        ch: int,
+        ch_mult: tuple[int, ...],
+        num_res_blocks: int,
+        z_channels: int,
+        mid_attn: bool,
+        patch_size: int = 1,
     ):
         super().__init__()
         c = ch * ch_mult[-1]
@@ -227,8 +241,9 @@ class MultiScaleVQVAE(nn.Module):
         if patch_nums[-1] != latent_size:
             raise ValueError(f"the last of patch_nums {patch_nums} must be the latent side {latent_size}")
         self.config = dict(
-            image_size=image_size, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, mid_attn=mid_attn, patch_size=patch_size,
-            vocab_size=vocab_size, embed_dim=embed_dim, patch_nums=patch_nums, beta=beta, l2_norm=l2_norm,
+            image_size=image_size, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, mid_attn=mid_attn,
+            patch_size=patch_size, vocab_size=vocab_size, embed_dim=embed_dim, patch_nums=patch_nums, beta=beta,
+            l2_norm=l2_norm,
             usage_decay=usage_decay, dead_threshold=dead_threshold,
         )  # fmt: skip
         self.image_size, self.patch_nums = image_size, patch_nums

@@ -75,8 +75,11 @@ def token_loss_weights(patch_nums: tuple[int, ...], weighting: str = "scale") ->
     if weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
     sizes = torch.tensor([n * n for n in patch_nums], dtype=torch.float32)
-    per_scale = 1.0 / (len(patch_nums) * sizes) if weighting == "scale" else torch.full_like(sizes, 1.0 / sizes.sum().item())
+    per_scale = (
+        1.0 / (len(patch_nums) * sizes) if weighting == "scale" else torch.full_like(sizes, 1.0 / sizes.sum().item())
+    )
     return per_scale[scale_of_positions(patch_nums)]
+
 
 @dataclass
 class KVCache:
@@ -164,7 +167,9 @@ class AdaLNBlock(nn.Module):
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: Tensor, cond: Tensor, mask: Tensor | None = None, cache: KVCache | None = None, block: int = 0) -> Tensor:
+    def forward(
+        self, x: Tensor, cond: Tensor, mask: Tensor | None = None, cache: KVCache | None = None, block: int = 0
+    ) -> Tensor:
         gate1, gate2, scale1, scale2, shift1, shift2 = self.ada(cond).unsqueeze(1).chunk(6, dim=2)
         x = x + self.drop_path(self.attn(self.norm1(x) * (1 + scale1) + shift1, mask, cache, block) * gate1)
         return x + self.drop_path(self.mlp(self.norm2(x) * (1 + scale2) + shift2) * gate2)
@@ -204,8 +209,9 @@ class NextScaleTransformer(nn.Module):
         if num_datasets < 1:
             raise ValueError(f"num_datasets must be at least 1, got {num_datasets}")
         self.config = dict(
-            num_datasets=num_datasets, depth=depth, width=width, heads=heads, mlp_ratio=mlp_ratio, vocab_size=vocab_size,
-            embed_dim=embed_dim, patch_nums=patch_nums, cond_drop=cond_drop, drop_path=drop_path,
+            num_datasets=num_datasets, depth=depth, width=width, heads=heads, mlp_ratio=mlp_ratio,
+            vocab_size=vocab_size, embed_dim=embed_dim, patch_nums=patch_nums, cond_drop=cond_drop,
+            drop_path=drop_path,
         )  # fmt: skip
         self.num_datasets, self.null_id = num_datasets, num_datasets
         self.vocab_size, self.patch_nums, self.cond_drop = vocab_size, patch_nums, cond_drop
@@ -266,7 +272,12 @@ class NextScaleTransformer(nn.Module):
 
     def start_tokens(self, cond: Tensor) -> Tensor:
         """The first scale's input ``(B, n_1², D)``: the condition plus its own position embeddings."""
-        return cond.unsqueeze(1) + self.start_pos + self.pos_embed[:, : self.start_pos.shape[1]] + self.scale_embed(self.scale_ids[: self.start_pos.shape[1]])
+        return (
+            cond.unsqueeze(1)
+            + self.start_pos
+            + self.pos_embed[:, : self.start_pos.shape[1]]
+            + self.scale_embed(self.scale_ids[: self.start_pos.shape[1]])
+        )
 
     def embed_inputs(self, features: Tensor, start: int) -> Tensor:
         """Project f̂ inputs ``(B, l, C_vae)`` occupying flat positions ``start..start+l`` to ``(B, l, D)``."""

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from medvar_bundle.engines.common import autocast, to_uint8
 from medvar_bundle.networks.msvqvae import MultiScaleVQVAE
 from medvar_bundle.networks.transformer import KVCache, NextScaleTransformer
+from medvar_bundle.runtime import autocast, to_uint8
+
+from .guidance import guided_logits
 
 
 @dataclass(frozen=True)
@@ -50,12 +52,9 @@ class SamplingOptions:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
-def guided_logits(cond: Tensor, uncond: Tensor, t: float) -> Tensor:
-    """Classifier-free guidance ``(1+t)·cond − t·uncond`` (exactly ``cond`` at ``t = 0``)."""
-    return cond if t == 0 else (1 + t) * cond - t * uncond
-
-
-def sample_top_k_top_p(logits: Tensor, top_k: int, top_p: float, generator: torch.Generator, temperature: float = 1.0) -> Tensor:
+def sample_top_k_top_p(
+    logits: Tensor, top_k: int, top_p: float, generator: torch.Generator, temperature: float = 1.0
+) -> Tensor:
     """Draw one code per position: logits ``(B, l, V)`` -> ids ``(B, l)`` long.
 
     Top-k first, then top-p (nucleus) on what remains; at least the most likely code survives.
@@ -145,8 +144,12 @@ def generate_images(
 ) -> tuple[Tensor, Tensor | None]:
     """Sample slices: uint8 images ``(B, S, S)`` and, with ``progression``, the coarse-to-fine
     decodings of f̂ after every scale ``(B, K, S, S)`` uint8 (else None)."""
-    indices, stages = generate_tokens(transformer, tokenizer, dataset_id, options, generator, bf16=bf16, return_stages=progression)
+    indices, stages = generate_tokens(
+        transformer, tokenizer, dataset_id, options, generator, bf16=bf16, return_stages=progression
+    )
     with autocast(dataset_id.device, bf16):
         images = to_uint8(tokenizer.decode(indices))[:, 0]
-        steps = torch.stack([to_uint8(tokenizer.fhat_to_image(f))[:, 0] for f in stages], dim=1) if progression else None
+        steps = (
+            torch.stack([to_uint8(tokenizer.fhat_to_image(f))[:, 0] for f in stages], dim=1) if progression else None
+        )
     return images, steps

@@ -1,0 +1,120 @@
+"""Run the bundle's configs from the ``medvar`` command line: flags are config ids, defaults live in the YAML.
+
+A subcommand declares its flags as :class:`ConfigOption` rows (flag → config id);
+:func:`add_config_options` adds them to its parser with the default read from the config file,
+and :func:`run_config` runs the config through MONAI's :class:`~monai.bundle.ConfigWorkflow` with
+the flags the user gave as overrides — exactly what ``python -m monai.bundle run --config_file
+configs/NAME.yaml --id value`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from monai.bundle import ConfigParser, ConfigWorkflow
+
+BUNDLE_ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = BUNDLE_ROOT / "configs"
+
+
+@dataclass(frozen=True)
+class ConfigOption:
+    """A command-line flag that sets one config id.
+
+    ``const`` makes a switch: giving the flag sets the id to ``const`` (``--fp32`` sets ``bf16``
+    to false). ``to_config`` turns the parsed value into the config value (``--device cuda`` →
+    ``$torch.device('cuda')``).
+    """
+
+    flag: str
+    id: str
+    help: str
+    type: Callable | None = None
+    const: object = None
+    nargs: str | None = None
+    choices: Sequence[str] | None = None
+    required: bool = False
+    to_config: Callable | None = None
+
+
+def config_path(name: str) -> Path:
+    """``configs/<name>.yaml`` of the bundle this package belongs to."""
+    return CONFIGS / f"{name}.yaml"
+
+
+def _shown(value) -> str:
+    """A config default as a user reads it: ``$torch.device('cpu')`` → ``cpu``."""
+    text = str(value)
+    if text.startswith("$torch.device('") and text.endswith("')"):
+        return text[len("$torch.device('") : -2]
+    return text
+
+
+def add_config_options(parser: argparse.ArgumentParser, config: str, options: Sequence[ConfigOption]) -> None:
+    """Add ``options`` to ``parser``; each help text ends with the id and its default from ``config``."""
+    defaults = ConfigParser(ConfigParser.load_config_file(config_path(config)))
+    for o in options:
+        shown = "required" if o.required else f"default {_shown(defaults[o.id])}"
+        text = f"{o.help} [{o.id}; {shown}]"
+        if o.const is not None:
+            parser.add_argument(o.flag, dest=o.id, action="store_const", const=o.const, help=text)
+        else:
+            parser.add_argument(
+                o.flag, dest=o.id, type=o.type, nargs=o.nargs, choices=o.choices, required=o.required, help=text
+            )
+    parser.set_defaults(config=config, config_options=options)
+
+
+def overrides_from(args: argparse.Namespace) -> dict:
+    """The config ids the user set on the command line, with their config values."""
+    found = {}
+    for o in args.config_options:
+        value = getattr(args, o.id)
+        if value is not None:
+            found[o.id] = o.to_config(value) if o.to_config is not None else value
+    return found
+
+
+def device_expression(name: str) -> str:
+    """``cuda:1`` → ``$torch.device('cuda:1')`` (a config expression)."""
+    return f"$torch.device({name!r})"
+
+
+def run_config(config: str, workflow_type: str, overrides: dict, extra_configs: Sequence[str] = ()) -> ConfigWorkflow:
+    """Initialise, run and finalise ``configs/<config>.yaml`` (plus overlays) with ``overrides``.
+
+    ``bundle_root`` is the bundle folder unless overridden. Errors are raised unchanged, except
+    that a config expression that failed is unwrapped to the error that made it fail (a missing
+    store, a bad value), so the command line can print one line.
+    """
+    files = [str(config_path(config)), *(str(config_path(c)) for c in extra_configs)]
+    workflow = ConfigWorkflow(
+        config_file=files if len(files) > 1 else files[0],
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        workflow_type=workflow_type,
+        **{"bundle_root": str(BUNDLE_ROOT), **overrides},
+    )
+    try:
+        workflow.initialize()
+        workflow.run()
+        workflow.finalize()
+    except RuntimeError as err:
+        raise root_cause(err) from None
+    return workflow
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The first error of the chain that is not MONAI's ``Failed to evaluate`` wrapper."""
+    while isinstance(err, RuntimeError) and str(err).startswith("Failed to ") and err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def output_path(args: argparse.Namespace, *parts: str) -> str:
+    """A path inside the run folder the user gave (for the final message)."""
+    return os.path.join(getattr(args, "output_dir"), *parts)

@@ -1,0 +1,224 @@
+"""Ignite handlers the training configs compose where MONAI's own fall short.
+
+Every class here has ``attach(engine)``, so a config lists it in ``train#handlers`` beside MONAI's
+``StatsHandler``, ``TensorBoardStatsHandler`` and ``LrScheduleHandler``. Why each one exists:
+
+- :class:`ResumableCheckpoint`: MONAI's ``CheckpointSaver`` writes non-atomically (a kill during a
+  save leaves a broken file) and ``CheckpointLoader`` does not fit the step budget back to a
+  resumed run; this handler saves atomically, resumes from the newest checkpoint at attach time
+  and makes a resumed run stop at the ``max_steps`` of the current call.
+- :class:`StopAtStep`: the trainers count optimizer steps, not epochs.
+- :class:`TimeBudget`: Ignite's ``TimeLimit`` decides per process; under DDP the ranks must stop
+  at the same step, so rank 0's clock decides for all.
+- :class:`StepValidation`: MONAI's ``ValidationHandler`` with a first step (the tokenizer's
+  warm-up has no codebook to validate), a last validation when training ends between two
+  intervals, and records written at the trainer's step (MONAI's evaluator handlers only know the
+  trainer's epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch.distributed as dist
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
+from monai.handlers import ValidationHandler
+
+from ..files import load_weights
+from .common import latest_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def is_main_process() -> bool:
+    """True outside a process group and on rank 0 inside one (the rank that logs and writes files)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+class ResumableCheckpoint:
+    """Atomic ``checkpoint_<step>.pt`` files every ``save_interval`` steps and at the end; resume.
+
+    At attach time the newest checkpoint of ``save_dir`` (if any) is loaded into ``save_dict`` and
+    the trainer (its step count), all with ``weights_only=True``; the trainer's epoch budget is then
+    refitted to ``max_steps`` of this run (a finished run can be extended). Only the main process
+    writes. The checkpoint keys are those of ``save_dict`` plus ``trainer``.
+
+    Args:
+        save_dir: folder of the checkpoints.
+        save_dict: objects with ``state_dict``/``load_state_dict`` (network, optimizer, scheduler);
+            None values (a component the config disabled) are left out.
+        save_interval: steps between two checkpoints.
+        max_steps: optimizer steps of the whole run.
+        n_saved: checkpoints kept.
+    """
+
+    def __init__(
+        self, save_dir: str | os.PathLike, save_dict: dict, save_interval: int, max_steps: int, n_saved: int = 2
+    ) -> None:
+        self.save_dir = Path(save_dir)
+        self.save_dict = {key: obj for key, obj in save_dict.items() if obj is not None}
+        self.save_interval = save_interval
+        self.max_steps = max_steps
+        self.n_saved = n_saved
+
+    def attach(self, engine: Engine) -> None:
+        objects = {**self.save_dict, "trainer": engine}
+        resume = latest_checkpoint(self.save_dir)
+        if resume is not None:
+            Checkpoint.load_objects(to_load=objects, checkpoint=load_weights(resume, "checkpoint"))
+            logger.info("resumed from %s at step %d", resume, engine.state.iteration)
+        epochs = math.ceil(self.max_steps / engine.state.epoch_length)
+        # a run resumed at its last step must not look finished to Ignite (it would start over)
+        engine.state.max_epochs = max(epochs, engine.state.epoch + int(engine.state.iteration >= self.max_steps))
+        if not is_main_process():
+            return
+        saver = Checkpoint(
+            objects,
+            DiskSaver(str(self.save_dir), require_empty=False, atomic=True),
+            n_saved=self.n_saved,
+            global_step_transform=lambda e, _: e.state.iteration,
+        )
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), saver)
+        engine.add_event_handler(Events.COMPLETED, saver)
+
+
+class StopAtStep:
+    """Terminate the trainer once it has done ``max_steps`` optimizer steps (also when resumed past them)."""
+
+    def __init__(self, max_steps: int) -> None:
+        self.max_steps = max_steps
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if engine.state.iteration >= self.max_steps:
+            engine.terminate()
+
+
+class TimeBudget:
+    """Terminate the trainer once ``max_seconds`` of wall-clock time have passed since ``start``.
+
+    Checked at every ``ITERATION_COMPLETED``: the step that crosses the budget completes (its
+    handlers still run), then the trainer stops as after its last step, so the end-of-training
+    validation and checkpoint follow. Under a process group rank 0's clock decides for every rank
+    (one small broadcast per step).
+
+    Args:
+        max_seconds: the budget (> 0); None attaches nothing.
+        start: the moment the budget starts, a reading of ``clock`` (default: when this is built).
+        clock: seconds, monotonic (tests pass a fake one).
+    """
+
+    def __init__(
+        self, max_seconds: float | None, start: float | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if max_seconds is not None and not max_seconds > 0:
+            raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
+        self.max_seconds = max_seconds
+        self.clock = clock
+        self.start = clock() if start is None else start
+
+    def attach(self, engine: Engine) -> None:
+        if self.max_seconds is not None:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        spent = [self.clock() - self.start >= self.max_seconds]
+        if dist.is_initialized():
+            dist.broadcast_object_list(spent, src=0)
+        if spent[0]:
+            logger.info("time budget of %.0f s spent at step %d: stopping", self.max_seconds, engine.state.iteration)
+            engine.terminate()
+
+
+def validation_row(step: int, metrics: dict) -> dict:
+    """``{"step": step, ...}`` with every JSON-able metric (per-scale lists too; arrays left out)."""
+    return {"step": step, **{k: v for k, v in metrics.items() if _json_able(v)}}
+
+
+def _json_able(value) -> bool:
+    try:
+        json.dumps(value)
+    except TypeError:
+        return False
+    return True
+
+
+class MetricsLog:
+    """One validation record: a ``metrics.jsonl`` row, TensorBoard scalars ``val/<name>`` and a log line.
+
+    Called by :class:`StepValidation` with the row (:func:`validation_row`) and the metrics;
+    ``message`` is formatted with the row.
+    """
+
+    def __init__(self, path: str | os.PathLike, summary_writer=None, scalars: Sequence[str] = (), message: str = ""):
+        self.path = Path(path)
+        self.writer = summary_writer
+        self.scalars = scalars
+        self.message = message
+
+    def __call__(self, row: dict, metrics: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key in self.scalars:
+                self.writer.add_scalar(f"val/{key}", row[key], row["step"])
+        if self.message:
+            logger.info(self.message.format(**row))
+
+
+class StepValidation(ValidationHandler):
+    """MONAI's :class:`~monai.handlers.ValidationHandler` at the trainer's steps, with records.
+
+    Runs ``validator`` every ``interval`` steps after ``start_after`` and once more when training
+    ends on a step that was not validated (unless ``output_file`` exists and the last step is a
+    validation step: a finished run resumed). After each run every callable of ``records`` gets
+    ``(row, metrics)``: the trainer-step row of :func:`validation_row` and the evaluator's full
+    ``state.metrics``. Only the main process validates.
+    """
+
+    def __init__(
+        self,
+        validator,
+        interval: int,
+        records: Sequence[Callable[[dict, dict], None]] = (),
+        start_after: int = 0,
+        output_file: str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__(interval=interval, validator=validator, epoch_level=False)
+        self.records = records
+        self.start_after = start_after
+        self.output_file = None if output_file is None else Path(output_file)
+        self.last_step: int | None = None
+
+    def attach(self, engine: Engine) -> None:
+        if not is_main_process():
+            return
+        every = Events.ITERATION_COMPLETED(event_filter=lambda e, i: i % self.interval == 0 and i > self.start_after)
+        engine.add_event_handler(every, self)
+        engine.add_event_handler(Events.COMPLETED, self.at_end)
+
+    def __call__(self, engine: Engine) -> None:
+        self.validator.run(engine.state.epoch)
+        metrics = dict(self.validator.state.metrics)
+        row = validation_row(engine.state.iteration, metrics)
+        for record in self.records:
+            record(row, metrics)
+        self.last_step = engine.state.iteration
+
+    def at_end(self, engine: Engine) -> None:
+        step = engine.state.iteration
+        if self.last_step == step:
+            return
+        if step % self.interval or self.output_file is None or not self.output_file.exists():
+            self(engine)

@@ -1,0 +1,99 @@
+"""Files every layer writes and reads: atomic writes, and model files loaded without running code.
+
+A write goes to a temporary file beside its target and is renamed into place, so a reader (or a
+resumed run) sees the old file or the whole new one. Model and checkpoint files are read with
+``torch.load(..., weights_only=True)``: tensors, numbers, strings, lists and dicts only, so a file
+carrying pickled code is refused instead of executed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` so that readers see the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(path: str | os.PathLike, obj) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, then rename: readers (and a resumed run)
+    see the old file or the whole new one. Returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_weights(path: str | os.PathLike, kind: str) -> object:
+    """``torch.load`` a model or checkpoint file on the CPU with ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: one line naming the file when it is truncated, not a torch file, or carries
+            pickled objects other than tensors and plain containers (code is never run).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {kind} file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if found is None:
+            raise ValueError(f"{path}: not a readable {kind} file (UnpicklingError)") from err
+        raise ValueError(
+            f"{path}: refused: the {kind} file carries pickled code ({found.group(1)}), not only weights"
+        ) from err
+    except Exception as err:  # a truncated or foreign file: one line, not a traceback
+        raise ValueError(f"{path}: not a readable {kind} file ({type(err).__name__}: {err})") from err
+
+
+def read_format_file(path: Path, kind: str, fmt: str) -> dict:
+    """Load a self-contained file whose dictionary carries ``"format": fmt`` (on CPU).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: one line when the file is truncated, foreign, of another format or carries
+            pickled code (:func:`load_weights`).
+    """
+    blob = load_weights(path, kind)
+    if not isinstance(blob, dict) or blob.get("format") != fmt:
+        raise ValueError(f"{path}: not a {kind} file (expected format {fmt!r})")
+    return blob

@@ -1,0 +1,65 @@
+"""scripts/make_bundle.py: the model-zoo zip has the zoo layout, the package code and nothing compiled."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "make_bundle.py"
+REQUIRED = [
+    "configs/metadata.json",
+    "configs/inference.yaml",
+    "configs/logging.conf",
+    "docs/README.md",
+    "docs/data_license.txt",
+    "LICENSE",
+    "large_files.yml",
+    "medvar_bundle/__init__.py",
+]
+
+
+def _make(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_help():
+    out = _make("--help")
+    assert out.returncode == 0 and "--models" in out.stdout and "dist/medvar_bundle.zip" in out.stdout
+
+
+def test_zip_has_the_zoo_layout(tmp_path):
+    out = _make("--out", str(tmp_path / "bundle.zip"))
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle.zip"]  # no temporary file left behind
+    names = zipfile.ZipFile(tmp_path / "bundle.zip").namelist()
+    assert all(n.startswith("medvar_bundle/") for n in names)
+    inner = {n.removeprefix("medvar_bundle/") for n in names}
+    assert set(REQUIRED) <= inner
+    assert {p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").iterdir()} <= inner
+    assert "models/" in inner and not any(n.startswith("models/") and n != "models/" for n in inner)
+    assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
+    package = [n for n in inner if n.startswith("medvar_bundle/")]
+    assert package and all(n.endswith(".py") for n in package)
+
+
+def test_models_folder_goes_into_models(tmp_path):
+    models = tmp_path / "run"
+    models.mkdir()
+    (models / "model.pt").write_bytes(b"weights")
+    (models / "datasets.json").write_text("{}")
+    (models / "optimizer.pt").write_bytes(b"not part of a bundle")
+    assert _make("--out", str(tmp_path / "b.zip"), "--models", str(models)).returncode == 0
+    with zipfile.ZipFile(tmp_path / "b.zip") as zf:
+        assert sorted(n for n in zf.namelist() if n.startswith("medvar_bundle/models/")) == [
+            "medvar_bundle/models/",
+            "medvar_bundle/models/datasets.json",
+            "medvar_bundle/models/model.pt",
+        ]
+        assert zf.read("medvar_bundle/models/model.pt") == b"weights"
+
+
+def test_a_models_folder_without_weights_is_refused(tmp_path):
+    out = _make("--out", str(tmp_path / "b.zip"), "--models", str(tmp_path))
+    assert out.returncode == 2 and "holds none of" in out.stderr
+    assert not (tmp_path / "b.zip").exists()
