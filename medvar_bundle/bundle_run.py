@@ -2,9 +2,9 @@
 
 A subcommand declares its flags as :class:`ConfigOption` rows (flag → config id);
 :func:`add_config_options` adds them to its parser with the default read from the config file,
-and :func:`run_config` runs the config through MONAI's :class:`~monai.bundle.ConfigWorkflow` with
-the flags the user gave as overrides — exactly what ``python -m monai.bundle run --config_file
-configs/NAME.yaml --id value`` does.
+and :func:`~medvar_bundle.bundle_config.run_config` runs the config through MONAI's
+:class:`~monai.bundle.ConfigWorkflow` with the flags the user gave as overrides — exactly what
+``python -m monai.bundle run --config_file configs/NAME.yaml --id value`` does.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import argparse
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle import ConfigParser
 
-BUNDLE_ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = BUNDLE_ROOT / "configs"
+from .bundle_config import config_path, run_config
+
+__all__ = ["ConfigOption", "add_config_options", "config_path", "device_expression", "overrides_from", "run_config"]
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,6 @@ class ConfigOption:
     choices: Sequence[str] | None = None
     required: bool = False
     to_config: Callable | None = None
-
-
-def config_path(name: str) -> Path:
-    """``configs/<name>.yaml`` of the bundle this package belongs to."""
-    return CONFIGS / f"{name}.yaml"
 
 
 def _shown(value) -> str:
@@ -82,37 +77,6 @@ def overrides_from(args: argparse.Namespace) -> dict:
 def device_expression(name: str) -> str:
     """``cuda:1`` → ``$torch.device('cuda:1')`` (a config expression)."""
     return f"$torch.device({name!r})"
-
-
-def run_config(config: str, workflow_type: str, overrides: dict, extra_configs: Sequence[str] = ()) -> ConfigWorkflow:
-    """Initialise, run and finalise ``configs/<config>.yaml`` (plus overlays) with ``overrides``.
-
-    ``bundle_root`` is the bundle folder unless overridden. Errors are raised unchanged, except
-    that a config expression that failed is unwrapped to the error that made it fail (a missing
-    store, a bad value), so the command line can print one line.
-    """
-    files = [str(config_path(config)), *(str(config_path(c)) for c in extra_configs)]
-    workflow = ConfigWorkflow(
-        config_file=files if len(files) > 1 else files[0],
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=str(CONFIGS / "logging.conf"),
-        workflow_type=workflow_type,
-        **{"bundle_root": str(BUNDLE_ROOT), **overrides},
-    )
-    try:
-        workflow.initialize()
-        workflow.run()
-        workflow.finalize()
-    except RuntimeError as err:
-        raise root_cause(err) from None
-    return workflow
-
-
-def root_cause(err: BaseException) -> BaseException:
-    """The first error of the chain that is not MONAI's ``Failed to evaluate`` wrapper."""
-    while isinstance(err, RuntimeError) and str(err).startswith("Failed to ") and err.__cause__ is not None:
-        err = err.__cause__
-    return err
 
 
 def output_path(args: argparse.Namespace, *parts: str) -> str:

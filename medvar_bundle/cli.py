@@ -25,40 +25,28 @@ class UserError(Exception):
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from .data import DatalistError, discover, load_datalist, prepare_store
+    from .data import DatalistError
 
-    if args.size < 16:
+    if (args.datalist is None) == (args.data_root is None):
+        raise UserError("give one of --datalist and --data-root")
+    if args.size is not None and args.size < 16:
         raise UserError(f"--size must be at least 16, got {args.size}")
-    if args.workers < 0:
+    if args.workers is not None and args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
     rank = int(os.environ.get("RANK", 0)) if args.rank is None else args.rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if args.world_size is None else args.world_size
     if world_size < 1 or not 0 <= rank < world_size:
         raise UserError(f"--rank must be in [0, --world-size), got rank {rank} of world size {world_size}")
     try:
-        items = (
-            load_datalist(args.datalist)
-            if args.datalist
-            else discover(args.data_root, args.modality, args.val_fraction)
-        )
-    except DatalistError as exc:
+        (result,) = run_config(args.config, None, overrides_from(args))
+    except (DatalistError, FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from None
-    result = prepare_store(
-        items,
-        args.out,
-        size=args.size,
-        workers=args.workers,
-        rank=rank,
-        world_size=world_size,
-        shard_size=args.shard_size,
-        progress=not args.quiet,
-    )
     counts = result.counts
     total = sum(d["num_slices"] for d in result.registry.values())
     print(
         f"medvar prepare: {counts['ok']} volumes stored, {counts['skipped']} skipped, {counts['failed']} failed; "
-        f"store {args.out} holds {total} slices in {len(result.registry)} datasets "
-        f"(see {Path(args.out) / 'report.json'})"
+        f"store {args.output_dir} holds {total} slices in {len(result.registry)} datasets "
+        f"(see {Path(args.output_dir) / 'report.json'})"
     )
     if result.ok == 0:
         print("medvar prepare: no volume succeeded", file=sys.stderr)
@@ -94,7 +82,7 @@ def _run_bundle(args: argparse.Namespace, workflow_type: str = "train") -> None:
     from .weights import MissingWeightsError
 
     try:
-        run_config(args.config, workflow_type, overrides_from(args))
+        run_config(args.config, workflow_type, overrides_from(args), tracking=getattr(args, "tracking", None))
     except (MissingWeightsError, FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from None
 
@@ -142,133 +130,63 @@ def _tokenize(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .engines.transformer import train_transformer
-
-    for name in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "val_every"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
-    if not 0 <= args.cond_drop < 1:
+    """Run configs/train.yaml; under torchrun (WORLD_SIZE > 1) with configs/multi_gpu_train.yaml merged."""
+    flags = {o.id: o.flag for o in TRANSFORMER_OPTIONS}
+    for key, low in (("max_steps", 1), ("batch_size", 1), ("grad_accum", 1), ("checkpoint_every", 1),
+                     ("val_every", 1), ("warmup_steps", 0)):  # fmt: skip
+        if getattr(args, key) is not None and getattr(args, key) < low:
+            raise UserError(f"{flags[key]} must be >= {low}, got {getattr(args, key)}")
+    if args.cond_drop is not None and not 0 <= args.cond_drop < 1:
         raise UserError(f"--cond-drop must be in [0, 1), got {args.cond_drop}")
+    overrides, overlay = overrides_from(args), []
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        overlay = ["multi_gpu_train"]
+        if args.device == "cuda":  # one GPU per process
+            overrides["device"] = device_expression(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
     try:
-        path = train_transformer(
-            args.store,
-            args.out,
-            tokenizer=args.tokenizer,
-            max_steps=args.max_steps,
-            batch_size=args.batch_size,
-            device=args.device,
-            preset=args.preset,
-            lr=args.lr,
-            warmup_steps=args.warmup,
-            grad_accum=args.grad_accum,
-            cond_drop=args.cond_drop,
-            checkpoint_every=args.checkpoint_every,
-            val_every=args.val_every,
-            bf16=not args.fp32,
-            num_workers=args.workers,
-            seed=args.seed,
-            progress=not args.quiet,
-            distributed=int(os.environ.get("WORLD_SIZE", 1)) > 1,
-            loss_weighting=args.loss_weighting,
-        )
+        run_config(args.config, "train", overrides, overlay)
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from None
-    print(f"medvar train: wrote {path}")
+    print(f"medvar train: wrote {output_path(args, 'model.pt')}")
     return 0
 
 
 def _train_baseline(args: argparse.Namespace) -> int:
-    from .engines.ddpm import train_ddpm
-
-    for name in ("max_steps", "batch_size", "checkpoint_every", "val_every"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
-    if not 0 <= args.cond_drop < 1:
+    """Run configs/train_ddpm.yaml; under torchrun (WORLD_SIZE > 1) with configs/multi_gpu_train.yaml merged."""
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        raise UserError(f"--warmup must be >= 0, got {args.warmup_steps}")
+    if args.cond_drop is not None and not 0 <= args.cond_drop < 1:
         raise UserError(f"--cond-drop must be in [0, 1), got {args.cond_drop}")
+    overlay = ["multi_gpu_train"] if int(os.environ.get("WORLD_SIZE", 1)) > 1 else []
     try:
-        path = train_ddpm(
-            args.store,
-            args.out,
-            max_steps=args.max_steps,
-            batch_size=args.batch_size,
-            device=args.device,
-            preset=args.preset,
-            lr=args.lr,
-            warmup_steps=args.warmup,
-            cond_drop=args.cond_drop,
-            checkpoint_every=args.checkpoint_every,
-            val_every=args.val_every,
-            bf16=not args.fp32,
-            num_workers=args.workers,
-            seed=args.seed,
-            progress=not args.quiet,
-            distributed=int(os.environ.get("WORLD_SIZE", 1)) > 1,
-        )
+        run_config(args.config, "train", overrides_from(args), overlay)
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from None
-    print(f"medvar train-baseline: wrote {path}")
+    print(f"medvar train-baseline: wrote {output_path(args, 'baseline.pt')}")
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .inference import generate
-
     try:
-        summary = generate(
-            args.model,
-            args.dataset,
-            args.num,
-            args.out,
-            cfg=args.cfg,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            temperature=args.temperature,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            device=args.device,
-            bf16=not args.fp32,
-            resample_original=args.resample_original,
-            progression=args.progression,
-            progress=not args.quiet,
-        )
+        run_config(args.config, "infer", overrides_from(args))
     except (FileNotFoundError, ValueError, PermissionError) as exc:
         raise UserError(str(exc)) from None
+    summary = json.loads(Path(output_path(args, "summary.json")).read_text())
     for name, info in summary["datasets"].items():
         print(
-            f"medvar generate: {name}: {args.num} slices ({info['seconds_per_image']:.2f} s/slice)"
+            f"medvar generate: {name}: {summary['num']} slices ({info['seconds_per_image']:.2f} s/slice)"
             f" -> {info['files']['nifti']}"
         )
-    print(f"medvar generate: PNG grids and summary.json in {args.out}")
+    print(f"medvar generate: PNG grids and summary.json in {args.output_dir}")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_generation
     from .evaluation.report import format_cell
     from .weights import MissingWeightsError
 
     try:
-        report = evaluate_generation(
-            args.real,
-            args.fake,
-            args.out,
-            labels=args.label,
-            datasets=args.datasets,
-            inception_weights=args.inception_weights,
-            radimagenet_weights=args.radimagenet_weights,
-            clip_weights=args.clip_weights,
-            allow_download=not args.no_download,
-            max_slices=args.max_slices,
-            heldout_split=args.heldout_split,
-            quality_metric=args.quality_metric,
-            seed=args.seed,
-            device=args.device,
-            batch_size=args.batch_size,
-        )
+        (report,) = run_config(args.config, None, overrides_from(args))
     except (MissingWeightsError, FileNotFoundError, ValueError, PermissionError) as exc:
         raise UserError(str(exc)) from None
     q = report["efficiency"]["q"]
@@ -278,7 +196,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             f"medvar evaluate: {label}: {q} {format_cell(q, overall[q])},"
             f" efficiency {format_cell(q, overall['efficiency'])}"
         )
-    print(f"medvar evaluate: report.md, report.csv, report.json and PNGs in {args.out}")
+    print(f"medvar evaluate: report.md, report.csv, report.json and PNGs in {args.output_dir}")
     return 0
 
 
@@ -342,6 +260,45 @@ def _positive_int(text: str) -> int:
     return value
 
 
+PREPARE_OPTIONS = (
+    ConfigOption("--datalist", "datalist", "MONAI-style datalist JSON (training/validation/test lists)"),
+    ConfigOption("--data-root", "data_root", "folder of MSD tasks, nnU-Net raw datasets, NIfTI/NRRD/MHA files or "
+                 "DICOM series"),
+    ConfigOption("--out", "output_dir", "store folder (created if missing)", required=True),
+    ConfigOption("--size", "size", "in-plane slice size in pixels", type=int),
+    ConfigOption("--workers", "workers", "worker processes (0: in this process)", type=int),
+    ConfigOption("--modality", "modality", "with --data-root: modality of plain NIfTI/NRRD/MHA folders",
+                 choices=["CT", "MR"]),
+    ConfigOption("--val-fraction", "val_fraction", "with --data-root: fraction of volumes held out (by volume)",
+                 type=float),
+    ConfigOption("--rank", "rank", "this machine's share of the datalist (null: $RANK or 0)", type=int),
+    ConfigOption("--world-size", "world_size", "number of shares (null: $WORLD_SIZE or 1)", type=int),
+    ConfigOption("--shard-size", "shard_size", "slices per shard", type=_positive_int),
+    ConfigOption("--quiet", "progress", "no progress bar", const=False),
+)  # fmt: skip
+EVALUATE_OPTIONS = (
+    ConfigOption("--real", "real", "slice store folder", required=True),
+    ConfigOption("--fake", "fake_dirs", "folder(s) written by `medvar generate`", nargs="+", required=True),
+    ConfigOption("--label", "labels", "one method name per --fake folder (null: the folder names)", nargs="+"),
+    ConfigOption("--datasets", "datasets", "datasets to evaluate (null: every store dataset a folder holds)",
+                 nargs="+"),
+    ConfigOption("--out", "output_dir", "report folder", required=True),
+    ConfigOption("--inception-weights", "inception_weights", "FID/KID extractor weights (null: the torch hub "
+                 "cache; without them FID/KID are null)"),
+    ConfigOption("--radimagenet-weights", "radimagenet_weights", "RadFID extractor weights (null: the torch hub "
+                 "cache; without them RadFID is null)"),
+    ConfigOption("--clip-weights", "clip_weights", "CMMD extractor weights (null: the torch hub cache; without "
+                 "them CMMD is null)"),
+    ConfigOption("--no-download", "allow_download", "never try to download extractor weights", const=False),
+    ConfigOption("--max-slices", "max_slices", "at most this many slices per set (training, held-out, generated)",
+                 type=_positive_int),
+    ConfigOption("--heldout-split", "heldout_split", "real split of the floor", choices=["validation", "test"]),
+    ConfigOption("--quality-metric", "quality_metric", "efficiency Q without FID weights",
+                 choices=["power_spectrum", "histogram"]),
+    ConfigOption("--seed", "seed", "seed of the slice subsets", type=int),
+    ConfigOption("--batch-size", "batch_size", "slices per extractor batch", type=_positive_int),
+    ConfigOption("--device", "device", "cpu or cuda[:N]"),
+)  # fmt: skip
 RUN_OPTIONS = (
     ConfigOption("--device", "device", "cpu or cuda[:N]", to_config=device_expression),
     ConfigOption("--fp32", "bf16", "no bf16 autocast", const=False),
@@ -383,6 +340,64 @@ TOKENIZER_OPTIONS = (
     ConfigOption("--val-max-images", "val_max_images", "validation slices (evenly spaced)", type=_positive_int),
     *RUN_OPTIONS,
 )  # fmt: skip
+TRANSFORMER_OPTIONS = (
+    ConfigOption("--store", "dataset_dir", "tokenized slice store folder(s)", nargs="+", required=True),
+    ConfigOption("--tokenizer", "tokenizer", "tokenizer.pt that made the tokens (null: the one recorded in the "
+                 "store's tokens.json)"),
+    ConfigOption("--out", "output_dir", "run folder (checkpoints, model.pt, models/, metrics.jsonl, TensorBoard)",
+                 required=True),
+    ConfigOption("--preset", "preset", "network preset: tiny, small (CPU); d16, d20, d24, d30 (paper)"),
+    ConfigOption("--max-steps", "max_steps", "optimizer steps", type=int),
+    ConfigOption("--batch-size", "batch_size", "images per micro-batch and process", type=int),
+    ConfigOption("--lr", "lr", "base learning rate per 256 images of global batch", type=float),
+    ConfigOption("--warmup", "warmup_steps", "linear warm-up steps before the cosine decay", type=int),
+    ConfigOption("--grad-accum", "grad_accum", "micro-batches accumulated per optimizer step", type=int),
+    ConfigOption("--cond-drop", "cond_drop", "probability of dropping the dataset id", type=float),
+    ConfigOption("--loss-weighting", "loss_weighting", "scale: every scale's mean cross-entropy counts the same; "
+                 "token: every token the same (VAR)", choices=["scale", "token"]),
+    ConfigOption("--checkpoint-every", "checkpoint_every", "steps between checkpoints", type=int),
+    ConfigOption("--val-every", "val_every", "steps between validations (each rewrites model.pt)", type=int),
+    *RUN_OPTIONS,
+)  # fmt: skip
+DDPM_OPTIONS = (
+    ConfigOption("--store", "dataset_dir", "slice store folder(s)", nargs="+", required=True),
+    ConfigOption("--out", "output_dir", "run folder (checkpoints, baseline.pt, metrics.jsonl, TensorBoard)",
+                 required=True),
+    ConfigOption("--preset", "preset", "network preset: tiny, small (CPU); ddpm-s, ddpm-l (paper)"),
+    ConfigOption("--max-steps", "max_steps", "optimizer steps", type=_positive_int),
+    ConfigOption("--batch-size", "batch_size", "slices per step and process", type=_positive_int),
+    ConfigOption("--lr", "lr", "peak AdamW learning rate", type=float),
+    ConfigOption("--warmup", "warmup_steps", "linear warm-up steps before the cosine decay", type=int),
+    ConfigOption("--cond-drop", "cond_drop", "probability of dropping the dataset id", type=float),
+    ConfigOption("--checkpoint-every", "checkpoint_every", "steps between checkpoints", type=_positive_int),
+    ConfigOption("--val-every", "val_every", "steps between validations (each rewrites baseline.pt)",
+                 type=_positive_int),
+    *RUN_OPTIONS,
+)  # fmt: skip
+
+
+GENERATE_OPTIONS = (
+    ConfigOption("--model", "model_file", "model.pt written by `medvar train`", required=True),
+    ConfigOption("--dataset", "datasets", "dataset name(s) of the model's registry (null: all)", nargs="+"),
+    ConfigOption("--num", "num_samples", "slices per dataset", type=int),
+    ConfigOption("--out", "output_dir", "output folder", required=True),
+    ConfigOption("--cfg", "cfg", "classifier-free guidance at the last scale, >= 0", type=float),
+    ConfigOption("--top-k", "top_k", "keep the k most likely codes, >= 1", type=int),
+    ConfigOption("--top-p", "top_p", "nucleus mass in (0, 1]", type=float),
+    ConfigOption("--temperature", "temperature", "softmax temperature, > 0", type=float),
+    ConfigOption("--seed", "seed", "dataset j is drawn with a generator seeded seed + j", type=int),
+    ConfigOption("--batch-size", "batch_size", "slices per batch", type=int),
+    ConfigOption("--resample-original", "resample_original", "resample in-plane to the dataset's median original "
+                 "matrix", const=True),
+    ConfigOption("--progression", "progression", "also write NAME_progression.png (coarse to fine)", const=True),
+    *RUN_OPTIONS[:3],
+)  # fmt: skip
+
+
+def _tracking_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tracking", choices=["mlflow"], help="record parameters and metrics with MLflow (OUT/mlruns.db, SQLite)"
+    )
 
 
 def _runtime_options(p: argparse.ArgumentParser, batch_size: int) -> None:
@@ -464,25 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Harmonise CT/MR volumes (paper §3.2) into a sharded, memory-mapped slice store. "
         "Re-running on the same store skips volumes already done.",
     )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--datalist", help="MONAI-style datalist JSON (training/validation/test lists)")
-    src.add_argument(
-        "--data-root", help="folder of MSD tasks, nnU-Net raw datasets, NIfTI/NRRD/MHA files or DICOM series"
-    )
-    p.add_argument("--out", required=True, help="store folder (created if missing)")
-    p.add_argument("--size", type=int, default=256, help="in-plane slice size in pixels (default 256)")
-    p.add_argument("--workers", type=int, default=0, help="worker processes (default 0: in this process)")
+    add_config_options(p, "prepare", PREPARE_OPTIONS)
     p.add_argument("--strict", action="store_true", help="exit non-zero if any volume failed")
-    p.add_argument(
-        "--modality", choices=["CT", "MR"], help="with --data-root: modality of plain NIfTI/NRRD/MHA folders"
-    )
-    p.add_argument(
-        "--val-fraction", type=float, default=0.0, help="with --data-root: fraction of volumes held out (by volume)"
-    )
-    p.add_argument("--rank", type=int, default=None, help="this machine's share of the datalist (default $RANK or 0)")
-    p.add_argument("--world-size", type=int, default=None, help="number of shares (default $WORLD_SIZE or 1)")
-    p.add_argument("--shard-size", type=int, default=2048, help="slices per shard (default 2048)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser(
@@ -518,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
         "more slice stores; validate on the validation split. Re-running on the same --out resumes.",
     )
     add_config_options(p, "train_tokenizer", TOKENIZER_OPTIONS)
+    _tracking_option(p)
     p.set_defaults(func=_train_tokenizer)
 
     p = sub.add_parser(
@@ -528,32 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and write RUN/model.pt, the one file generation needs. Re-running on the same --out resumes. Under torchrun "
         "(WORLD_SIZE > 1) every process trains on its share of each batch with DistributedDataParallel.",
     )
-    p.add_argument(
-        "--store", required=True, action="extend", nargs="+", help="tokenized slice store folder(s); repeatable"
-    )
-    p.add_argument(
-        "--tokenizer", help="tokenizer.pt that made the tokens (default: the one recorded in the store's tokens.json)"
-    )
-    p.add_argument("--out", required=True, help="run folder (checkpoints, model.pt, metrics.jsonl, TensorBoard)")
-    p.add_argument("--preset", default="tiny", help="network preset: tiny, small (CPU); d16, d20, d24, d30 (paper)")
-    p.add_argument("--max-steps", type=int, default=2000, help="optimizer steps (default 2000)")
-    p.add_argument(
-        "--lr", type=float, default=1e-4, help="base learning rate per 256 images of global batch (default 1e-4)"
-    )
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay (default 100)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step (default 1)")
-    p.add_argument("--cond-drop", type=float, default=0.1, help="probability of dropping the dataset id (default 0.1)")
-    p.add_argument(
-        "--loss-weighting",
-        choices=["scale", "token"],
-        default="scale",
-        help="scale: every scale's mean cross-entropy counts the same (default); token: every token the same (VAR)",
-    )
-    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
-    p.add_argument("--val-every", type=int, default=500, help="steps between validations (each rewrites model.pt)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    _runtime_options(p, batch_size=16)
+    add_config_options(p, "train", TRANSFORMER_OPTIONS)
     p.set_defaults(func=_train)
 
     p = sub.add_parser(
@@ -565,18 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out resumes. Under torchrun (WORLD_SIZE > 1) every process trains on its share with"
         " DistributedDataParallel.",
     )
-    p.add_argument("--store", required=True, action="extend", nargs="+", help="slice store folder(s); repeatable")
-    p.add_argument("--out", required=True, help="run folder (checkpoints, baseline.pt, metrics.jsonl, TensorBoard)")
-    p.add_argument("--preset", default="tiny", help="network preset: tiny, small (CPU); ddpm-s, ddpm-l (paper)")
-    p.add_argument("--max-steps", type=int, default=2000, help="optimizer steps (default 2000)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (default 1e-4)")
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay (default 100)")
-    p.add_argument("--cond-drop", type=float, default=0.1, help="probability of dropping the dataset id (default 0.1)")
-    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
-    p.add_argument("--val-every", type=int, default=500, help="steps between validations (each rewrites baseline.pt)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    _runtime_options(p, batch_size=8)
+    add_config_options(p, "train_ddpm", DDPM_OPTIONS)
     p.set_defaults(func=_train_baseline)
 
     p = sub.add_parser(
@@ -611,22 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
         "spacing = its median slice spacing; CT in int16 Hounsfield units, MR in the normalised 8-bit range), "
         "NAME.png (a grid) and summary.json. Same --seed and --batch-size give the same slices.",
     )
-    p.add_argument("--model", required=True, help="model.pt written by `medvar train`")
-    p.add_argument("--dataset", nargs="+", help="dataset name(s) of the model's registry (default: all)")
-    p.add_argument("--num", type=int, default=16, help="slices per dataset (default 16)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument(
-        "--cfg", type=float, default=4.0, help="classifier-free guidance at the last scale, >= 0 (default 4)"
-    )
-    p.add_argument("--top-k", type=int, default=900, help="keep the k most likely codes, >= 1 (default 900)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass in (0, 1] (default 0.95)")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature, > 0 (default 1)")
-    p.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
-    p.add_argument(
-        "--resample-original", action="store_true", help="resample in-plane to the dataset's median original matrix"
-    )
-    p.add_argument("--progression", action="store_true", help="also write NAME_progression.png (coarse to fine)")
-    _runtime_options(p, batch_size=16)
+    add_config_options(p, "inference", GENERATE_OPTIONS)
     p.set_defaults(func=_generate)
 
     p = sub.add_parser(
@@ -637,15 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
         "note without them); histogram, power-spectrum, MS-SSIM diversity and memorisation always. Writes report.json, "
         "report.md, report.csv, tradeoff.png (metric vs s/image, bubble area = parameters) and samples_NAME.png.",
     )
-    p.add_argument("--real", required=True, help="slice store folder")
-    p.add_argument("--fake", required=True, nargs="+", help="folder(s) written by `medvar generate`")
-    p.add_argument("--label", nargs="+", help="one method name per --fake folder (default: the folder names)")
-    p.add_argument("--datasets", nargs="+", help="datasets to evaluate (default: every store dataset a folder holds)")
-    p.add_argument("--out", required=True, help="report folder")
-    _evaluation_options(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of the slice subsets (default 0)")
-    p.add_argument("--batch-size", type=int, default=32, help="slices per extractor batch (default 32)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    add_config_options(p, "evaluate", EVALUATE_OPTIONS)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser(

@@ -1,11 +1,16 @@
-"""Generation from a self-contained model file: sampler → NIfTI slice stacks and PNG grids.
+"""Generation components: requests → next-scale inferer → NIfTI slice stacks and PNG grids.
 
-`medvar generate` and ``python -m monai.bundle run inference --config_file configs/inference.yaml``
-both call :func:`generate`.
+``configs/inference.yaml`` composes them into a MONAI ``SupervisedEvaluator``: its data are
+:class:`GenerationRequests` (one batch request per item: dataset, count, seed), its
+``iteration_update`` is :class:`GenerationIteration` (which runs the config's ``inferer``, a
+:class:`~medvar_bundle.sampling.medvar.NextScaleInferer`), and :class:`GeneratedStacks` writes each
+dataset's files once its last batch is done. ``medvar generate`` and :func:`generate` run the same
+config.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -14,114 +19,164 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from ignite.engine import Engine, Events
+from torch.utils.data import Dataset
 
+from medvar_bundle.bundle_config import run_config
 from medvar_bundle.files import atomic_write_json
 from medvar_bundle.io import check_writable, save_progression, save_sample_grid, write_slice_stack
-from medvar_bundle.model_file import load_model
-from medvar_bundle.sampling.medvar import SamplingOptions, generate_images
+from medvar_bundle.model_file import MedVARModel
 
 logger = logging.getLogger(__name__)
 
 
-def check_request(datasets: Sequence[str], num: int, batch_size: int) -> None:
-    """Refuse a bad request before any work: no datasets, ``num`` ≤ 0 or ``batch_size`` ≤ 0."""
-    if not datasets:
-        raise ValueError("no dataset given")
-    if num <= 0:
-        raise ValueError(f"--num must be a positive number of slices, got {num}")
-    if batch_size <= 0:
-        raise ValueError(f"--batch-size must be positive, got {batch_size}")
+class GenerationRequests(Dataset):
+    """What to generate, as batch requests: the evaluator's dataset.
+
+    Item ``i`` is ``{"dataset": name, "dataset_id": id, "first": index of its first slice,
+    "count": slices in this batch, "seed": seed of the dataset's generator}``. Dataset ``j`` (in the
+    order given; all of the registry's by id when ``datasets`` is None) is drawn with a generator
+    seeded ``seed + j``, in batches of ``batch_size``, so the same seed and batch size give the
+    same slices.
+
+    Raises:
+        ValueError: no dataset, ``num_samples`` or ``batch_size`` < 1, or a name the model does not know.
+    """
+
+    def __init__(
+        self, model: MedVARModel, datasets: str | Sequence[str] | None, num_samples: int, batch_size: int, seed: int
+    ) -> None:
+        registry = model.datasets
+        names = [datasets] if isinstance(datasets, str) else datasets
+        if names is None:
+            names = sorted(registry, key=lambda n: registry[n]["id"])
+        if not names:
+            raise ValueError("no dataset given")
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be a positive number of slices, got {num_samples}")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        ids = {name: model.dataset_id(name) for name in names}
+        self.names, self.num_samples = list(names), num_samples
+        self.items = [
+            {"dataset": name, "dataset_id": ids[name], "first": first,
+             "count": min(batch_size, num_samples - first), "seed": seed + j}
+            for j, name in enumerate(self.names)
+            for first in range(0, num_samples, batch_size)
+        ]  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+class GenerationIteration:
+    """The evaluator's ``iteration_update``: sample one batch request with the engine's ``inferer``.
+
+    A request with ``first == 0`` starts its dataset's generator (``torch.Generator`` on the
+    engine's device, seeded with the request's seed); later requests of the dataset continue it.
+    Returns ``{"dataset", "first", "pred": uint8 (B, S, S), "stages": uint8 (B, K, S, S) or None}``;
+    ``stages`` (the coarse-to-fine progression) only for the first batch with ``progression``.
+    """
+
+    def __init__(self, progression: bool = False) -> None:
+        self.progression = progression
+        self.generator: torch.Generator | None = None
+
+    def __call__(self, engine: Engine, request: dict) -> dict:
+        device = engine.state.device
+        if request["first"] == 0:
+            self.generator = torch.Generator(device).manual_seed(int(request["seed"]))
+        ids = torch.full((int(request["count"]),), int(request["dataset_id"]), dtype=torch.long, device=device)
+        stages = self.progression and request["first"] == 0
+        images, steps = engine.inferer(ids, engine.network, generator=self.generator, progression=stages)
+        return {"dataset": request["dataset"], "first": request["first"], "pred": images, "stages": steps}
+
+
+class GeneratedStacks:
+    """Evaluator handler: collect each dataset's slices and write its files when its last batch is done.
+
+    Per dataset ``NAME`` in ``output_dir``: ``NAME.nii.gz`` (:func:`~medvar_bundle.io.write_slice_stack`:
+    CT int16 HU, MR uint8, affine in mm; ``resample_original`` resamples in-plane to the
+    dataset's median original matrix), ``NAME.png`` (a grid of up to 64 slices) and, when the
+    iteration returned stages, ``NAME_progression.png`` (up to 8 samples, coarse to fine). At the
+    end ``summary.json`` records ``summary`` (the options), the transformer's parameter count,
+    each dataset's seconds (per slice too) and files.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        registry: dict,
+        network: torch.nn.Module,
+        patch_nums: Sequence[int],
+        summary: dict,
+        resample_original: bool = False,
+    ) -> None:
+        self.out = Path(output_dir)
+        self.registry, self.patch_nums, self.resample_original = registry, patch_nums, resample_original
+        self.summary = {**summary, "parameters": sum(p.numel() for p in network.parameters()), "datasets": {}}
+        self.images: list[np.ndarray] = []
+        self.stages: list[np.ndarray] = []
+        self.started = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda e: check_writable(self.out))
+        engine.add_event_handler(Events.ITERATION_STARTED, self.start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.COMPLETED, lambda e: atomic_write_json(self.out / "summary.json", self.summary))
+
+    def start(self, engine: Engine) -> None:
+        if engine.state.batch["first"] == 0:
+            self.images, self.stages, self.started = [], [], time.perf_counter()
+
+    def collect(self, engine: Engine) -> None:
+        output = engine.state.output
+        self.images.append(output["pred"].cpu().numpy())
+        if output["stages"] is not None:
+            self.stages = [output["stages"][:8, k].cpu().numpy() for k in range(output["stages"].shape[1])]
+        request = engine.state.batch
+        if request["first"] + request["count"] == self.summary["num"]:
+            self.write(request["dataset"], request["seed"], time.perf_counter() - self.started)
+
+    def write(self, name: str, seed: int, seconds: float) -> None:
+        stack = np.concatenate(self.images)
+        cfg = self.summary.get("cfg")
+        files = {
+            "nifti": str(write_slice_stack(stack, self.registry[name], self.out / f"{name}.nii.gz",
+                                           self.resample_original)),
+            "grid": str(save_sample_grid(stack[:64], self.out / f"{name}.png",
+                                         title=f"{name}: MedVAR samples (cfg {cfg}, seed {seed})")),
+        }  # fmt: skip
+        if self.stages:
+            files["progression"] = str(
+                save_progression(
+                    self.stages, self.out / f"{name}_progression.png", self.patch_nums, title=f"{name}: coarse to fine"
+                )
+            )
+        n = len(stack)
+        self.summary["datasets"][name] = {
+            "id": int(self.registry[name]["id"]), "seconds": seconds, "seconds_per_image": seconds / n, "files": files,
+        }  # fmt: skip
+        logger.info("%s: %d slices in %.1f s (%.3f s/slice) -> %s", name, n, seconds, seconds / n, files["nifti"])
 
 
 def generate(
-    model: str | os.PathLike,
-    datasets: str | Sequence[str] | None,
-    num: int,
-    out_dir: str | os.PathLike,
-    cfg: float = 4.0,
-    top_k: int = 900,
-    top_p: float = 0.95,
-    temperature: float = 1.0,
-    seed: int = 42,
-    batch_size: int = 16,
-    device: str = "cpu",
-    bf16: bool = True,
-    resample_original: bool = False,
-    progression: bool = False,
-    progress: bool = True,
+    model: str | os.PathLike, datasets: str | Sequence[str] | None, num: int, out_dir: str | os.PathLike, **overrides
 ) -> dict:
-    """Sample ``num`` slices per dataset and write them under ``out_dir``.
+    """Run ``configs/inference.yaml``: ``num`` slices per dataset of the model file ``model`` into ``out_dir``.
 
-    Per dataset ``NAME``: ``NAME.nii.gz`` (a stack 256×256×num with an affine in mm; CT in int16
-    Hounsfield units, MR in the normalised 8-bit range; see :func:`~medvar_bundle.io.write_slice_stack`),
-    ``NAME.png`` (a grid of the slices) and, with ``progression``, ``NAME_progression.png`` (the
-    image after every scale, coarse to fine, for up to 8 samples). ``summary.json`` records the
-    options, the seed, the transformer's parameter count, timings and the files. Every argument
-    is checked before sampling starts.
-
-    Args:
-        model: a model file written by :func:`~medvar_bundle.model_file.save_model`.
-        datasets: dataset names of the model's registry; None = all of them.
-        seed: dataset ``j`` (in the order given) is sampled with a generator seeded ``seed + j``,
-            so the same seed and batch size give the same slices.
-
-    Returns:
-        The summary written to ``summary.json``.
+    ``overrides`` are other ids of the config (``cfg``, ``top_k``, ``top_p``, ``temperature``,
+    ``seed``, ``batch_size``, ``device``, ``bf16``, ``resample_original``, ``progression``,
+    ``progress``), whose defaults live in the config. Returns the summary written to
+    ``summary.json`` (see :class:`GeneratedStacks`).
     """
-    options = SamplingOptions(cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature)
-    names = [datasets] if isinstance(datasets, str) else datasets
-    check_request(["all"] if names is None else list(names), num, batch_size)
-    loaded = load_model(model, device)
-    names = sorted(loaded.datasets, key=lambda n: loaded.datasets[n]["id"]) if names is None else list(names)
-    ids = {name: loaded.dataset_id(name) for name in names}
-    out = Path(out_dir)
-    check_writable(out)
-
-    patch_nums = loaded.tokenizer.patch_nums
-    summary = {
-        "model": str(model), "num": num, "seed": seed, "batch_size": batch_size, "device": device, "bf16": bf16,
-        "cfg": cfg, "top_k": top_k, "top_p": top_p, "temperature": temperature,
-        "parameters": sum(p.numel() for p in loaded.transformer.parameters()), "datasets": {},
-    }  # fmt: skip
-    bar = tqdm(total=num * len(names), disable=not progress, desc="generate", unit="slice")
-    for j, name in enumerate(names):
-        generator = torch.Generator(device).manual_seed(seed + j)
-        images, stages = [], []
-        start = time.perf_counter()
-        for first in range(0, num, batch_size):
-            b = min(batch_size, num - first)
-            ids_b = torch.full((b,), ids[name], dtype=torch.long, device=device)
-            want_steps = progression and first == 0
-            batch, steps = generate_images(
-                loaded.transformer, loaded.tokenizer, ids_b, options, generator, bf16, want_steps
-            )
-            images.append(batch.cpu().numpy())
-            if want_steps:
-                stages = [steps[:8, k].cpu().numpy() for k in range(steps.shape[1])]
-            bar.update(b)
-        seconds = time.perf_counter() - start
-        stack = np.concatenate(images)
-        entry = loaded.datasets[name]
-        files = {
-            "nifti": str(write_slice_stack(stack, entry, out / f"{name}.nii.gz", resample_original)),
-            "grid": str(
-                save_sample_grid(
-                    stack[:64], out / f"{name}.png", title=f"{name}: MedVAR samples (cfg {cfg}, seed {seed + j})"
-                )
-            ),
-        }
-        if stages:
-            files["progression"] = str(
-                save_progression(stages, out / f"{name}_progression.png", patch_nums, title=f"{name}: coarse to fine")
-            )
-        summary["datasets"][name] = {
-            "id": ids[name],
-            "seconds": seconds,
-            "seconds_per_image": seconds / num,
-            "files": files,
-        }
-        logger.info("%s: %d slices in %.1f s (%.3f s/slice) -> %s", name, num, seconds, seconds / num, files["nifti"])
-    bar.close()
-    atomic_write_json(out / "summary.json", summary)
-    return summary
+    if "device" in overrides:
+        overrides["device"] = f"$torch.device({str(overrides['device'])!r})"
+    run_config(
+        "inference", "infer",
+        {"model_file": str(model), "datasets": datasets, "num_samples": num, "output_dir": str(out_dir), **overrides},
+    )  # fmt: skip
+    return json.loads((Path(out_dir) / "summary.json").read_text())

@@ -47,6 +47,25 @@ def synthetic_store(tmp_path_factory) -> Path:
     return build_synthetic_store(tmp_path_factory.mktemp("synthetic"))
 
 
+TOKEN_VOCAB = 64
+
+
+@pytest.fixture(scope="session")
+def tokenized_store(tmp_path_factory) -> Path:
+    """A 64×64 store (16 training, 16 validation slices, 2 datasets) tokenized by a random tiny tokenizer
+    (V = :data:`TOKEN_VOCAB`), whose file is ``tokenizer.pt`` beside the store. Do not write into it."""
+    from medvar_bundle.model_file import save_tokenizer
+    from medvar_bundle.networks.msvqvae import MultiScaleVQVAE
+    from medvar_bundle.tokenize import tokenize_store
+
+    root = tmp_path_factory.mktemp("tokens")
+    store = build_synthetic_store(root)
+    torch.manual_seed(0)
+    tokenizer = MultiScaleVQVAE.from_preset("tiny", image_size=64, vocab_size=TOKEN_VOCAB)
+    tokenize_store(save_tokenizer(tokenizer, root / "tokenizer.pt", 0), store, progress=False)
+    return store
+
+
 @pytest.fixture
 def offline_hub(tmp_path, monkeypatch):
     """An empty torch hub cache and a network that refuses every download."""

@@ -1,9 +1,19 @@
 """scripts/make_bundle.py: the model-zoo zip has the zoo layout, the package code and nothing compiled."""
 
+import json
+import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from medvar_bundle.model_file import save_model
+from medvar_bundle.networks import MultiScaleVQVAE
+from medvar_bundle.networks.transformer import NextScaleTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "make_bundle.py"
@@ -63,3 +73,37 @@ def test_a_models_folder_without_weights_is_refused(tmp_path):
     out = _make("--out", str(tmp_path / "b.zip"), "--models", str(tmp_path))
     assert out.returncode == 2 and "holds none of" in out.stderr
     assert not (tmp_path / "b.zip").exists()
+
+
+def test_unpacked_bundle_generates_with_monai_alone(tmp_path):
+    """The zip, unpacked into an empty folder, runs `python -m monai.bundle run` on its inference config with
+    its own package and weights (nothing from the repository) and writes NIfTI stacks."""
+    torch.manual_seed(0)
+    tokenizer = MultiScaleVQVAE.from_preset("tiny", image_size=64)
+    transformer = NextScaleTransformer(num_datasets=1, depth=1, patch_nums=tokenizer.patch_nums)
+    models = tmp_path / "models"
+    models.mkdir()
+    registry = {"brain_mr": {"id": 0, "modality": "MR", "anatomy": "brain", "spacing": [1.0, 1.0, 1.5],
+                             "matrix": [192, 256, 120], "ct_window": None}}  # fmt: skip
+    save_model(models / "medvar.pt", tokenizer, transformer, registry, step=1)
+    assert _make("--out", str(tmp_path / "b.zip"), "--models", str(models)).returncode == 0
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    zipfile.ZipFile(tmp_path / "b.zip").extractall(unpacked)
+    root = unpacked / "medvar_bundle"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    where = subprocess.run(
+        [sys.executable, "-c", "import medvar_bundle; print(medvar_bundle.__file__)"],
+        capture_output=True, text=True, cwd=root, env=env,
+    )  # fmt: skip
+    assert Path(where.stdout.strip()).is_relative_to(root), where.stdout
+    out = tmp_path / "samples"
+    run = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml",
+         "--num_samples", "2", "--output_dir", str(out), "--progress", "False"],
+        capture_output=True, text=True, cwd=root, env=env, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    stack = nib.load(out / "brain_mr.nii.gz")
+    assert stack.shape == (64, 64, 2) and stack.get_data_dtype() == np.uint8
+    assert json.loads((out / "summary.json").read_text())["num"] == 2

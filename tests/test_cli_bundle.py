@@ -81,7 +81,6 @@ def test_bundle_prepare_config_and_cli_write_the_same_store(tmp_path):
             "-m",
             "monai.bundle",
             "run",
-            "prepare",
             "--config_file",
             str(ROOT / "configs" / "prepare.yaml"),
             "--meta_file",

@@ -1,4 +1,5 @@
-"""DDPM baseline: preset sizes, respaced sampling, training/resume on Ignite, baseline file, bundle config, CLI."""
+"""DDPM baseline: preset sizes, respaced sampling, training/resume with configs/train_ddpm.yaml, baseline file,
+models/ state_dict, bundle run, CLI."""
 
 import json
 import os
@@ -8,15 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from ignite.engine import Events
 from monai.networks.schedulers import DDPMScheduler
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
+from medvar_bundle.bundle_config import run_config
 from medvar_bundle.cli import main
 from medvar_bundle.data import SliceStore
-from medvar_bundle.engines import common
-from medvar_bundle.engines import ddpm as engine
 from medvar_bundle.engines.common import latest_checkpoint
 from medvar_bundle.model_file import load_baseline, save_baseline
 from medvar_bundle.networks.ddpm import DDPM_PRESETS, ConditionalDDPM
@@ -35,8 +34,14 @@ NET = {
     "num_head_channels": 16,
 }
 # 16 training slices, batch 4: an epoch is 4 steps
-ARGS = dict(batch_size=4, model_overrides=NET, warmup_steps=2, progress=False)
+ARGS = dict(batch_size=4, warmup_steps=2, progress=False, **{f"network_def#{k}": v for k, v in NET.items()})
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def train_baseline(store: str, out: str, **overrides) -> Path:
+    """Run configs/train_ddpm.yaml with config-id overrides; the path of the baseline file."""
+    run_config("train_ddpm", "train", {"dataset_dir": store, "output_dir": out, **overrides})
+    return Path(out) / "baseline.pt"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -125,17 +130,18 @@ def _losses(run: Path) -> list[float]:
 
 def test_loss_falls_and_baseline_file_is_self_contained(synthetic_store, tmp_path):
     out = tmp_path / "run"
-    path = engine.train_ddpm(
+    path = train_baseline(
         str(synthetic_store), str(out), max_steps=20, lr=3e-3, checkpoint_every=10, val_every=10, **ARGS
     )
     loss = _losses(out)
     assert len(loss) == 20 and sum(loss[-5:]) / 5 < 0.5 * sum(loss[:5]) / 5, loss
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [10, 20] and rows[0]["num_images"] == 16 and rows[1]["loss"] < 0.5
+    assert set(rows[0]) == {"step", "loss", "num_images"}
     assert latest_checkpoint(out / "checkpoints").name == "checkpoint_20.pt"
 
     baseline = load_baseline(path)  # network, schedule and registry: nothing else needed
-    assert path == out / "baseline.pt" and baseline.step == 20 and baseline.extra["validation"]["step"] == 20
+    assert path == out / "baseline.pt" and baseline.step == 20 and baseline.extra["validation"] == rows[1]
     assert baseline.datasets == SliceStore(synthetic_store).datasets and baseline.model.num_datasets == 2
     assert baseline.model.image_size == 64 and baseline.model.config["channels"] == NET["channels"]
     with pytest.raises(ValueError, match="do not match the network's 2 dataset ids"):
@@ -144,46 +150,66 @@ def test_loss_falls_and_baseline_file_is_self_contained(synthetic_store, tmp_pat
     with pytest.raises(ValueError, match="not a readable DDPM baseline file"):
         load_baseline(tmp_path / "foreign.pt")
 
+    # models/: the network's plain state_dict (weights only) and the dataset registry
+    weights = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
+    network = ConditionalDDPM(**baseline.model.config)
+    assert len(weights) == len(network.state_dict())
+    network.load_state_dict(weights)
+    assert all(torch.equal(v, baseline.model.state_dict()[k].cpu()) for k, v in weights.items())
+    assert json.loads((out / "models" / "datasets.json").read_text()) == baseline.datasets
 
-def test_interrupted_run_resumes_to_the_same_weights(synthetic_store, tmp_path, monkeypatch):
-    """A run stopped right after its step-4 checkpoint (an epoch boundary) resumes at step 4 and ends
-    exactly as an uninterrupted 8-step run: same data, timesteps, noise and conditional dropout."""
+
+def test_interrupted_run_resumes_to_the_same_weights(synthetic_store, tmp_path):
+    """A run SIGKILLed right after its step-4 checkpoint (an epoch boundary) resumes at step 4 and ends
+    exactly as an uninterrupted 8-step run: same data, timesteps, noise, conditional dropout and
+    learning rates, bit for bit."""
     kwargs = dict(ARGS, max_steps=8, lr=3e-3, checkpoint_every=4, val_every=100)
-    reference = load_baseline(
-        engine.train_ddpm(str(synthetic_store), str(tmp_path / "ref"), **kwargs)
-    ).model.state_dict()
+    reference = load_baseline(train_baseline(str(synthetic_store), str(tmp_path / "ref"), **kwargs))
 
-    attach = common.attach_checkpoints
+    out = tmp_path / "killed"
+    overrides = {
+        "dataset_dir": str(synthetic_store), "output_dir": str(out), **kwargs,
+        "train#trainer#train_handlers": "$@train#handlers + [@kill]",  # attached last: after the step-4 checkpoint
+    }  # fmt: skip
+    code = (
+        "import os, signal\n"
+        "from ignite.engine import Events\n"
+        "from medvar_bundle.bundle_config import run_config\n"
+        "class KillAfterStep4:\n"
+        "    def attach(self, engine):\n"
+        "        engine.add_event_handler(Events.ITERATION_COMPLETED(once=4),"
+        " lambda e: os.kill(os.getpid(), signal.SIGKILL))\n"
+        f"run_config('train_ddpm', 'train', {{**{overrides!r}, 'kill': KillAfterStep4()}})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ONE_THREAD, timeout=300)
+    assert done.returncode == -9, done.stderr[-3000:]
+    assert latest_checkpoint(out / "checkpoints").name == "checkpoint_4.pt" and not (out / "baseline.pt").exists()
 
-    def attach_then_stop(trainer, *args):
-        saver = attach(trainer, *args)  # saves first, then this handler stops the run
-        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=4), lambda e: e.terminate())
-        return saver
-
-    monkeypatch.setattr(common, "attach_checkpoints", attach_then_stop)
-    out = tmp_path / "stopped"
-    engine.train_ddpm(str(synthetic_store), str(out), **kwargs)
-    assert latest_checkpoint(out / "checkpoints").name == "checkpoint_4.pt"
-    monkeypatch.setattr(common, "attach_checkpoints", attach)
-
-    resumed = load_baseline(engine.train_ddpm(str(synthetic_store), str(out), **kwargs))
+    resumed = load_baseline(train_baseline(str(synthetic_store), str(out), **kwargs))
     assert resumed.step == 8
-    for key, weight in reference.items():
-        torch.testing.assert_close(resumed.model.state_dict()[key], weight, msg=f"{key} differs after resume")
+    for key, weight in reference.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], weight), f"{key} differs after resume"
+    final = torch.load(latest_checkpoint(out / "checkpoints"), map_location="cpu", weights_only=True)
+    ref_ckpt = torch.load(latest_checkpoint(tmp_path / "ref" / "checkpoints"), map_location="cpu", weights_only=True)
+    assert final["trainer"]["iteration"] == 8 and final["scheduler"] == ref_ckpt["scheduler"]
+    for k, state in ref_ckpt["optimizer"]["state"].items():
+        assert torch.equal(final["optimizer"]["state"][k]["exp_avg"], state["exp_avg"])
 
 
-def test_bundle_training_config_runs_the_same_trainer(synthetic_store, tmp_path):
+def test_bundle_run_trains_with_the_default_run_id(synthetic_store, tmp_path):
     out = tmp_path / "run"
+    net = [arg for k, v in NET.items() for arg in (f"--network_def#{k}", str(list(v) if isinstance(v, tuple) else v))]
     cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train_ddpm.yaml"),
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "train_ddpm.yaml"),
         "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf"),
-        "--dataset_dir", str(synthetic_store), "--output_dir", str(out), "--model_overrides", json.dumps(NET),
+        "--dataset_dir", str(synthetic_store), "--output_dir", str(out), *net,
         "--max_steps", "2", "--batch_size", "4", "--val_every", "2", "--checkpoint_every", "2",
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=ONE_THREAD)
     assert done.returncode == 0, done.stderr[-3000:]
     baseline = load_baseline(out / "baseline.pt")
     assert baseline.step == 2 and baseline.model.config["channels"] == NET["channels"]
+    assert baseline.model.config["attention_levels"] == NET["attention_levels"]
     assert latest_checkpoint(out / "checkpoints").name == "checkpoint_2.pt"
 
 
@@ -210,7 +236,7 @@ def test_cli_trains_the_tiny_preset(synthetic_store, tmp_path, capsys):
     assert load_baseline(out / "baseline.pt").model.config["channels"] == DDPM_PRESETS["tiny"]["channels"]
 
 
-@pytest.mark.parametrize("case", ["missing store", "unknown preset", "bad value"])
+@pytest.mark.parametrize("case", ["missing store", "unknown preset", "bad value", "negative warm-up"])
 def test_cli_bad_input_is_one_line(case, synthetic_store, tmp_path, capsys):
     args = ["train-baseline", "--store", str(synthetic_store), "--out", str(tmp_path / "run"), "--quiet"]
     if case == "missing store":
@@ -218,9 +244,12 @@ def test_cli_bad_input_is_one_line(case, synthetic_store, tmp_path, capsys):
     elif case == "unknown preset":
         args += ["--preset", "huge"]
         expected = "unknown DDPM preset 'huge'"
-    else:
+    elif case == "bad value":
         args += ["--cond-drop", "1.5"]
         expected = "--cond-drop must be in [0, 1)"
+    else:
+        args += ["--warmup", "-1"]
+        expected = "--warmup must be >= 0"
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("medvar train-baseline: error: ") and expected in err[0], err

@@ -74,7 +74,7 @@ def test_same_seed_same_slices_whatever_else_is_generated(model_path, tmp_path):
     "kwargs, message",
     [
         (dict(datasets="liver"), "unknown dataset 'liver'; this model knows: abdomen_ct, brain_mr"),
-        (dict(num=0), "--num must be a positive number"),
+        (dict(num=0), "num_samples must be a positive number"),
         (dict(cfg=-0.5), "cfg must be >= 0"),
         (dict(top_p=0.0), "top-p must be in"),
         (dict(top_k=0), "top-k must be an integer >= 1"),
@@ -109,7 +109,7 @@ def test_mismatched_tokenizer_and_transformer_are_refused(tmp_path):
     "extra, message",
     [
         (["--dataset", "liver"], "unknown dataset 'liver'; this model knows: abdomen_ct, brain_mr"),
-        (["--num", "-3"], "--num must be a positive number of slices, got -3"),
+        (["--num", "-3"], "num_samples must be a positive number of slices, got -3"),
         (["--cfg", "-1"], "cfg must be >= 0, got -1.0"),
         (["--top-k", "0"], "top-k must be an integer >= 1, got 0"),
         (["--top-p", "1.5"], "top-p must be in (0, 1], got 1.5"),

@@ -15,7 +15,9 @@ LAYERS = {
     "engines": 3, "io": 3, "tokenize": 3,
     "inference": 4,
     "evaluation": 5, "benchmark": 5,
-    "cli": 6, "bundle_run": 6,
+    "bundle_run": 5,
+    "bundle_config": 0,
+    "cli": 6,
 }  # fmt: skip
 
 

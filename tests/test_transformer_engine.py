@@ -1,4 +1,5 @@
-"""Transformer training on MONAI/Ignite engines: loss, resume after SIGKILL, model file, DDP, configs, CLI."""
+"""Transformer training (configs/train.yaml on MONAI/Ignite engines): loss, resume after SIGKILL, model files,
+DDP (configs/multi_gpu_train.yaml), `monai.bundle run`, CLI."""
 
 import json
 import math
@@ -9,23 +10,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_synthetic_store
+from conftest import TOKEN_VOCAB
+from monai.bundle import ConfigParser
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from medvar_bundle.bundle_config import config_path, run_config
 from medvar_bundle.cli import main
 from medvar_bundle.data.tokens import TokenStore
 from medvar_bundle.engines.common import latest_checkpoint, warmup_cosine
-from medvar_bundle.engines.transformer import train_transformer
-from medvar_bundle.model_file import load_model, save_tokenizer
-from medvar_bundle.networks.msvqvae import MultiScaleVQVAE
-from medvar_bundle.tokenize import tokenize_store
+from medvar_bundle.model_file import load_model
+from medvar_bundle.networks.transformer import NextScaleTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-VOCAB = 64
-NET = {"depth": 1, "width": 64, "heads": 4}
+VOCAB = TOKEN_VOCAB
+NET = {"network_def#depth": 1, "network_def#width": 64, "network_def#heads": 4}
 # 16 training slices, batch 4: an epoch is 4 steps
-ARGS = dict(batch_size=4, model_overrides=NET, warmup_steps=2, progress=False)
+ARGS = dict(batch_size=4, warmup_steps=2, progress=False, **NET)
 # one exact fp32 step: peak lr 1e-3 at a global batch of 4 (Adam's first step moves every weight by about the lr)
 EXACT = dict(ARGS, max_steps=1, lr=0.064, bf16=False, cond_drop=0.0, warmup_steps=1, val_every=100)
 # networks this small run fastest on one thread, above all on a shared 2-core machine
@@ -41,16 +42,15 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    """A 64×64 store (16 training, 16 validation slices, 2 datasets) tokenized by a random tiny tokenizer (V = 64)."""
-    root = tmp_path_factory.mktemp("tokens")
-    store = build_synthetic_store(root)
-    torch.manual_seed(0)
-    tokenizer = save_tokenizer(
-        MultiScaleVQVAE.from_preset("tiny", image_size=64, vocab_size=VOCAB), root / "tokenizer.pt", 0
-    )
-    tokenize_store(tokenizer, store, progress=False)
-    return store
+def store(tokenized_store) -> Path:
+    """conftest's tokenized store (V = 64)."""
+    return tokenized_store
+
+
+def train_transformer(store: str, out: str, **overrides) -> Path:
+    """Run configs/train.yaml with config-id overrides; the path of the model file."""
+    run_config("train", "train", {"dataset_dir": store, "output_dir": out, **overrides})
+    return Path(out) / "model.pt"
 
 
 def _state(path) -> dict:
@@ -66,7 +66,7 @@ def test_loss_falls_and_model_file_is_self_contained(store, tmp_path):
         lr=1.0,
         checkpoint_every=10,
         val_every=15,
-        **dict(ARGS, model_overrides={**NET, "depth": 2}),
+        **dict(ARGS, **{"network_def#depth": 2}),
     )
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
@@ -87,6 +87,19 @@ def test_loss_falls_and_model_file_is_self_contained(store, tmp_path):
     assert model.datasets == TokenStore(store).datasets and model.transformer.num_datasets == 2
     assert model.transformer.config["depth"] == 2 and model.tokenizer.config["vocab_size"] == VOCAB
 
+    # models/: plain state_dicts and the registry, for MONAI's CheckpointLoader on the config's network_def
+    saved = torch.load(out / "models" / "model.pt", weights_only=True)
+    parser = ConfigParser(ConfigParser.load_config_file(config_path("train")))
+    parser.update({"dataset_dir": str(store), **NET, "network_def#depth": 2})
+    fresh = parser.get_parsed_content("network_def")
+    assert isinstance(fresh, NextScaleTransformer) and len(saved) == len(fresh.state_dict())
+    fresh.load_state_dict(saved)
+    assert all(torch.equal(v, saved[k]) for k, v in model.transformer.state_dict().items())
+    tokenizer = torch.load(out / "models" / "tokenizer.pt", weights_only=True)
+    assert tokenizer.keys() == model.tokenizer.state_dict().keys()
+    assert all(torch.equal(v, tokenizer[k]) for k, v in model.tokenizer.state_dict().items())
+    assert json.loads((out / "models" / "datasets.json").read_text()) == model.datasets
+
 
 def test_warmup_cosine_schedule():
     assert [warmup_cosine(s, 4, 10, 0.1) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
@@ -103,15 +116,15 @@ def test_resume_after_sigkill_continues_the_same_run(store, tmp_path):
     code = (
         "import os, signal\n"
         "from ignite.engine import Events\n"
-        "from medvar_bundle.engines import common as C, transformer as T\n"
-        "attach = C.attach_checkpoints\n"
-        "def attach_then_die(engine, *args):\n"
-        "    saver = attach(engine, *args)  # saves first, then this handler kills the process\n"
+        "from medvar_bundle.bundle_config import run_config\n"
+        "from medvar_bundle.engines.handlers import ResumableCheckpoint\n"
+        "attach = ResumableCheckpoint.attach\n"
+        "def attach_then_die(self, engine):\n"
+        "    attach(self, engine)  # its saver runs first, then this handler kills the process\n"
         "    die = lambda e: os.kill(os.getpid(), signal.SIGKILL)\n"
         "    engine.add_event_handler(Events.ITERATION_COMPLETED(once=4), die)\n"
-        "    return saver\n"
-        "C.attach_checkpoints = attach_then_die\n"
-        f"T.train_transformer({str(store)!r}, {str(out)!r}, **{kwargs!r})\n"
+        "ResumableCheckpoint.attach = attach_then_die\n"
+        f"run_config('train', 'train', {{'dataset_dir': {str(store)!r}, 'output_dir': {str(out)!r}, **{kwargs!r}}})\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=ONE_THREAD)
     assert proc.returncode == -9, proc.stderr[-2000:]
@@ -130,10 +143,11 @@ def test_resume_after_sigkill_continues_the_same_run(store, tmp_path):
 
 def _bundle_run(config_files: list[str], store: Path, out: Path, *extra: str, launcher: tuple[str, ...] = ()) -> None:
     files = [str(CONFIGS / f) for f in config_files]
+    net = [str(a) for key, value in NET.items() for a in (f"--{key}", value)]
     cmd = [
-        sys.executable, *launcher, "-m", "monai.bundle", "run", "training", "--config_file", str(files),
+        sys.executable, *launcher, "-m", "monai.bundle", "run", "--config_file", str(files),
         "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf"),
-        "--dataset_dir", str(store), "--output_dir", str(out), "--model_overrides", json.dumps(NET), *extra,
+        "--dataset_dir", str(store), "--output_dir", str(out), "--progress", "False", *net, *extra,
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=ONE_THREAD)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -159,7 +173,7 @@ def test_one_ddp_step_equals_the_single_process_step(store, tmp_path):
     assert latest_checkpoint(tmp_path / "ddp" / "checkpoints").name == "checkpoint_1.pt"
 
 
-def test_bundle_training_config_runs_the_same_trainer(store, tmp_path):
+def test_monai_bundle_run_trains_with_the_default_run_id(store, tmp_path):
     out = tmp_path / "run"
     _bundle_run(
         ["train.yaml"],

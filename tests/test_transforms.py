@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from medvar_bundle.bundle_config import config_component
 from medvar_bundle.data.transforms import (
     DEFAULT_CT_WINDOW,
     CastLabeld,
@@ -29,12 +30,17 @@ from medvar_bundle.data.transforms import (
     VolumeError,
     body_mask,
     ct_window,
-    preprocessing,
 )
 
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+
+
+def preprocessing(**overrides):
+    """The ``preprocessing`` Compose of configs/prepare.yaml, with config-id overrides (``size=40``)."""
+    return config_component("prepare", "preprocessing", overrides)
+
 
 AIR_HU = -1000.0
 BODY_HU = 20.0  # (20 + 160) / 400 * 255 = 114.75 -> 115, far from a .5 rounding tie

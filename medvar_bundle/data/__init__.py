@@ -3,7 +3,6 @@
 from .prepare import PrepareResult, prepare_store
 from .sources import DatalistError, discover, load_datalist
 from .store import SliceStore
-from .transforms import preprocessing
 
 __all__ = [
     "DatalistError",
@@ -12,5 +11,4 @@ __all__ = [
     "discover",
     "load_datalist",
     "prepare_store",
-    "preprocessing",
 ]

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,9 +21,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..bundle_config import config_component
 from ..files import atomic_write_json
 from .store import ShardWriter, done_volume_keys, volume_key, write_store_index
-from .transforms import DEFAULT_CT_WINDOW, MODALITIES, SLICE_SIZE, NoSlicesError, VolumeError, preprocessing
+from .transforms import DEFAULT_CT_WINDOW, MODALITIES, SLICE_SIZE, NoSlicesError, VolumeError
 
 MAX_ERROR_CHARS = 300
 
@@ -61,15 +63,15 @@ def precheck(item: dict) -> str | None:
 
 
 class PreparedVolumes(Dataset):
-    """Runs :func:`~medvar_bundle.data.transforms.preprocessing` on datalist items, never raising.
+    """Runs ``transform`` (the ``preprocessing`` of ``configs/prepare.yaml``) on datalist items, never raising.
 
     Each item becomes ``{"item", "status" ("ok"|"failed"|"skipped"), "error", "images" (uint8
     (n, size, size) or None), "labels", "geometry", "slice_indices", "has_label"}``.
     """
 
-    def __init__(self, items: list[dict], size: int = SLICE_SIZE, **pipeline_kwargs) -> None:
+    def __init__(self, items: list[dict], transform: Callable[[dict], dict]) -> None:
         self.items = items
-        self.transform = preprocessing(size=size, **pipeline_kwargs)
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.items)
@@ -139,23 +141,25 @@ def _merge_reports(out: Path, world_size: int) -> list[dict]:
 def prepare_store(
     items: list[dict],
     out: str | os.PathLike,
+    transform: Callable[[dict], dict] | None = None,
     size: int = SLICE_SIZE,
     workers: int = 0,
     rank: int | None = None,
     world_size: int | None = None,
     shard_size: int = 2048,
     progress: bool = True,
-    **pipeline_kwargs,
 ) -> PrepareResult:
     """Prepare ``items`` (see :mod:`~medvar_bundle.data.sources`) into the store at ``out``.
 
     Args:
-        size: in-plane slice size in pixels.
+        transform: one datalist item → ``image`` uint8 ``(1, size, size, n)`` (and ``label``,
+            ``image_geometry``, ``slice_indices``, ``has_label``); default: the ``preprocessing``
+            of ``configs/prepare.yaml`` at this ``size``.
+        size: in-plane slice size in pixels (the transform's).
         workers: DataLoader worker processes (0: in this process).
         rank, world_size: this machine's share of ``items`` (``items[rank::world_size]``);
             default to torchrun's ``RANK``/``WORLD_SIZE``, else 0 and 1.
         shard_size: slices per shard.
-        pipeline_kwargs: passed to :func:`~medvar_bundle.data.transforms.preprocessing`.
 
     Returns:
         The run's report (this rank's volumes) and the store's dataset registry.
@@ -164,6 +168,8 @@ def prepare_store(
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
+    if transform is None:
+        transform = config_component("prepare", "preprocessing", {"size": size})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     declared = {}
@@ -190,7 +196,7 @@ def prepare_store(
         out, shard_size=shard_size, rank=rank, on_commit=lambda: write_store_index(out, declared, manifest=False)
     )
     loader = DataLoader(
-        PreparedVolumes(todo, size=size, **pipeline_kwargs),
+        PreparedVolumes(todo, transform),
         batch_size=None,
         num_workers=workers,
         collate_fn=_identity,

@@ -1,9 +1,9 @@
 """MONAI dictionary transforms that turn a CT/MR volume into 256×256 uint8 axial slices (paper §3.2).
 
 Every transform here works on channel-first volumes ``(1, X, Y, Z)`` oriented to RAS, so the last
-axis is the axial (inferior → superior) axis. :func:`preprocessing` chains them, with MONAI's own
-loaders, orientation and resizing, into the one ``Compose`` shared by ``medvar prepare`` and
-``configs/prepare.yaml``.
+axis is the axial (inferior → superior) axis. ``configs/prepare.yaml`` chains them, with MONAI's own
+channel handling, orientation and resizing, into the ``preprocessing`` Compose that ``medvar
+prepare`` runs.
 """
 
 from __future__ import annotations
@@ -15,11 +15,8 @@ import torch
 from monai.config import KeysCollection
 from monai.data import ITKReader, MetaTensor, NibabelReader
 from monai.transforms import (
-    Compose,
-    EnsureChannelFirstd,
     LoadImaged,
     MapTransform,
-    Orientationd,
     Resized,
     ScaleIntensityRange,
     Transform,
@@ -349,37 +346,3 @@ class LoadVolumed(MapTransform):
             loader = LoadImaged(key, reader=_reader_for(d[key]), image_only=True, dtype=np.float32)
             d = loader(d)
         return d
-
-
-def preprocessing(
-    size: int = SLICE_SIZE,
-    body_threshold: float = 0.05,
-    min_component_fraction: float = 0.1,
-    min_body_fraction: float = 0.01,
-) -> Compose:
-    """The whole volume → uint8 slice pipeline of paper §3.2, as one MONAI ``Compose``.
-
-    Input: a datalist item ``{"image": path, "label": path?, "modality": "CT"|"MR",
-    "ct_window": [level, width]?}``. Output adds ``image`` as uint8 ``(1, size, size, n)``,
-    ``label`` as uint8 ``(1, size, size, n)`` when given, ``image_geometry`` (original RAS spacing
-    in mm and matrix), ``slice_indices`` (kept axial indices) and ``has_label``.
-    No resampling along z: only the kept slices are resized in-plane.
-    """
-    keys = ("image", "label")
-    return Compose(
-        [
-            LoadVolumed(keys),
-            EnsureChannelFirstd(keys, allow_missing_keys=True),
-            ValidateVolumed("image", label_key="label"),
-            Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
-            RecordGeometryd("image"),
-            NormalizeByModalityd("image"),
-            RemoveBackgroundd("image", threshold=body_threshold, min_fraction=min_component_fraction),
-            SelectAxialSlicesd(keys, min_body_fraction=min_body_fraction),
-            ResizeSlicesd("image", size=size),
-            Resized("label", spatial_size=(size, size, -1), mode="nearest-exact", allow_missing_keys=True),
-            QuantizeUint8d("image"),
-            CastLabeld("label", allow_missing_keys=True),
-        ],
-        map_items=False,
-    )

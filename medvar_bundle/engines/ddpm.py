@@ -1,40 +1,44 @@
-"""Training of the DDPM baseline on a slice store, on MONAI/Ignite engines (paper §6, Table 1).
+"""Components of the DDPM baseline's training (paper §6, Table 1; ``configs/train_ddpm.yaml`` composes them).
 
-`medvar train-baseline` and ``python -m monai.bundle run training --config_file
-configs/train_ddpm.yaml`` both call :func:`train_ddpm`. One trainer iteration is one optimizer
-step on ``batch_size`` slices per process.
+The config builds a MONAI ``SupervisedTrainer`` whose ``iteration_update`` is :class:`DDPMIteration`
+(one optimizer step on ``batch_size`` slices per process) and a ``SupervisedEvaluator`` whose
+``iteration_update`` is :class:`DDPMEvaluation`, scored by :class:`DDPMFigures`; :class:`SaveBaseline`
+writes the run's files after each validation. ``medvar train-baseline`` runs the same config.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import logging
-import time
-from collections.abc import Sequence
+import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from ignite.engine import Engine, Events
-from ignite.handlers import ProgressBar
-from monai.handlers import StatsHandler, TensorBoardStatsHandler
+from ignite.engine import Engine
+from ignite.metrics import Metric
 from monai.networks.schedulers import DDPMScheduler
-from monai.utils import set_determinism
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader, Subset
-from torch.utils.tensorboard import SummaryWriter
 
-from ..data.store import SliceStore
+from ..files import atomic_torch_save, atomic_write_json
 from ..model_file import BASELINE_FILE, save_baseline
 from ..networks.ddpm import ConditionalDDPM
 from ..runtime import autocast, model_input
-from .common import evenly_spaced, process_group, reseed, step_trainer, store_loader, warmup_cosine
+from .common import reseed
 
-logger = logging.getLogger(__name__)
+
+def raw_network(model: nn.Module) -> nn.Module:
+    """The network itself: ``model`` or, for a ``DistributedDataParallel`` wrapper, its ``module``."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def ddpm_network(preset: str, num_datasets: int, image_size: int, cond_drop: float, **overrides) -> ConditionalDDPM:
+    """:meth:`ConditionalDDPM.from_preset` with ``overrides`` of the preset's constructor arguments
+    (``channels``, ``attention_levels``, ...), its weights in ``channels_last`` (the fast layout of
+    the convolutions under bf16; a later ``.to(device)`` keeps it)."""
+    network = ConditionalDDPM.from_preset(
+        preset, num_datasets=num_datasets, **{**overrides, "image_size": image_size, "cond_drop": cond_drop}
+    )
+    return network.to(memory_format=torch.channels_last)
 
 
 def epsilon_loss(
@@ -66,192 +70,112 @@ def epsilon_loss(
     return F.mse_loss(predicted.float(), noise, reduction="none").mean(dim=(1, 2, 3))
 
 
-@torch.no_grad()
-def evaluate_ddpm(
-    model: ConditionalDDPM,
-    store: SliceStore,
-    batch_size: int = 16,
-    device: str | torch.device = "cpu",
-    bf16: bool = True,
-    max_images: int | None = None,
-    num_workers: int = 0,
-    seed: int = 0,
-) -> dict:
-    """ε-prediction MSE of ``model`` (eval mode: no conditional dropout) on the slices of ``store``,
-    an evenly spaced subset with ``max_images``.
+class DDPMIteration:
+    """One optimizer step of the DDPM baseline: the ``SupervisedTrainer``'s ``iteration_update``.
 
-    The figure is comparable between calls: image ``j`` of the ``n`` evaluated gets the training
-    timestep ``round(j·(T−1)/(n−1))`` (the timesteps evenly cover the schedule) and noise from a
-    generator seeded with ``seed``.
+    ``batch``: ``image`` store slices in [0, 255] ``(B, H, W)`` or ``(B, 1, H, W)``, ``dataset_id``
+    ``(B,)``. Each slice gets a timestep drawn uniformly in ``0..T-1`` and Gaussian noise; the loss
+    is the mean squared error of the predicted noise (:func:`epsilon_loss`), with the network's
+    conditional dropout of dataset ids (training mode). Gradients are clipped to ``grad_clip``;
+    the trainer's ``optimizer`` steps (the learning rate is the ``LrScheduleHandler``'s). The
+    random draws of a step depend on ``seed``, the step and the process rank only
+    (:func:`~medvar_bundle.engines.common.reseed`), so a resumed run repeats them.
+    ``engine.network`` may be wrapped in ``DistributedDataParallel``.
 
-    Returns:
-        ``loss`` (mean over images) and ``num_images``.
+    Returns the step's ``loss`` (fp32 ε-MSE), ``lr`` (of this step) and ``grad_norm`` (before clipping).
     """
-    model.eval()
-    dev = torch.device(device)
-    indices = evenly_spaced(len(store), max_images).tolist()
-    timesteps = torch.linspace(0, model.scheduler.num_train_timesteps - 1, len(indices)).round().long().to(dev)
-    generator = torch.Generator(device=dev).manual_seed(seed)
-    total, start = 0.0, 0
-    for batch in DataLoader(Subset(store, indices), batch_size=batch_size, num_workers=num_workers):
+
+    def __init__(self, bf16: bool = True, grad_clip: float = 1.0, seed: int = 0) -> None:
+        self.bf16, self.grad_clip, self.seed = bf16, grad_clip, seed
+
+    def __call__(self, engine: Engine, batch: dict) -> dict:
+        model, optimizer, dev = engine.network, engine.optimizer, engine.state.device
+        network = raw_network(model)
+        model.train()
+        reseed(self.seed, engine.state.iteration, dist.get_rank() if dist.is_initialized() else 0)
         images, ids = model_input(batch["image"], dev), batch["dataset_id"].to(dev)
-        noise = torch.randn(images.shape, generator=generator, device=dev).contiguous(memory_format=torch.channels_last)
-        t = timesteps[start : start + len(ids)]
-        total += float(epsilon_loss(model, model.scheduler, images, ids, noise, t, bf16).sum())
-        start += len(ids)
-    return {"loss": total / len(indices), "num_images": len(indices)}
+        noise = torch.randn_like(images)
+        timesteps = torch.randint(0, network.scheduler.num_train_timesteps, (images.shape[0],), device=dev)
+        optimizer.zero_grad(set_to_none=True)
+        loss = epsilon_loss(model, network.scheduler, images, ids, noise, timesteps, self.bf16).mean()
+        loss.backward()
+        grad_norm = float(nn.utils.clip_grad_norm_(network.parameters(), self.grad_clip))
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        return {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm}
 
 
-def train_ddpm(
-    dataset_dir: str | Sequence[str],
-    output_dir: str,
-    max_steps: int = 2000,
-    batch_size: int = 8,
-    device: str = "cpu",
-    preset: str = "tiny",
-    model_overrides: dict | None = None,
-    lr: float = 1e-4,
-    warmup_steps: int = 100,
-    min_lr_ratio: float = 0.01,
-    weight_decay: float = 0.0,
-    betas: Sequence[float] = (0.9, 0.999),
-    grad_clip: float = 1.0,
-    cond_drop: float = 0.1,
-    checkpoint_every: int = 200,
-    val_every: int = 500,
-    val_max_images: int | None = 256,
-    bf16: bool = True,
-    num_workers: int = 0,
-    seed: int = 0,
-    progress: bool = True,
-    distributed: bool = False,
-    max_seconds: float | None = None,
-) -> Path:
-    """Train the dataset-conditioned DDPM baseline on the slices of one or several stores.
+class DDPMEvaluation:
+    """The evaluator's ``iteration_update``: per-image ε-prediction MSE in eval mode (no conditional dropout).
 
-    Each step draws, per slice, a timestep uniformly in ``0..T-1`` (T = 1000) and Gaussian noise,
-    and minimises the mean squared error of the predicted noise (:func:`epsilon_loss`); dataset
-    ids are replaced by the null id with probability ``cond_drop`` (classifier-free guidance).
-    AdamW (``betas``, ``weight_decay`` on all parameters) at a peak learning rate ``lr`` after a
-    linear warm-up of ``warmup_steps``, then a cosine down to ``min_lr_ratio · lr`` at
-    ``max_steps`` (:func:`warmup_cosine`); bf16 autocast and ``channels_last``; gradient norm
-    clipped to ``grad_clip``. The network is ``preset`` with ``model_overrides`` and
-    ``cond_drop``; its image size is the stores' slice size.
+    The figure is comparable between runs: of the ``n`` images of the evaluator's (unshuffled)
+    loader, image ``j`` gets the training timestep ``round(j·(T−1)/(n−1))`` (the timesteps evenly
+    cover the schedule) and its noise comes from a generator seeded with ``seed`` at the first
+    batch of every evaluator run. ``batch`` as for :class:`DDPMIteration`.
 
-    Args:
-        dataset_dir: store folder(s); training uses their ``training`` split, validation their
-            ``validation`` split (the training split if there is none).
-        output_dir: run folder: ``checkpoints/``, ``tensorboard/``, ``metrics.jsonl``, ``baseline.pt``.
-        batch_size: slices per step and process.
-        distributed: run under DDP (as does an already initialised process group); a group is
-            initialised from torchrun's environment if needed (NCCL on CUDA, gloo on CPU). Only
-            rank 0 logs, writes TensorBoard, checkpoints and ``baseline.pt``.
-        max_seconds: wall-clock training budget in seconds, counted from the start of this call
-            (:func:`~medvar_bundle.engines.common.attach_time_budget`): training stops after the step
-            that spends it, then the end-of-training validation, save and checkpoint run as after
-            ``max_steps``. None: no budget.
-
-    Checkpoints (network, optimizer, LR scheduler, trainer state) go to ``output_dir/checkpoints``
-    every ``checkpoint_every`` steps and at the end; a run started on a folder with checkpoints
-    resumes from the latest one (each step's random draws depend on the seed and the step only).
-    The cosine follows the ``max_steps`` of the current call, so a finished run can be extended.
-    Validation (:func:`evaluate_ddpm` on at most ``val_max_images`` slices) runs every
-    ``val_every`` steps and at the end; it is appended to ``metrics.jsonl``, logged to TensorBoard
-    as ``val/loss``, and each time ``baseline.pt`` (:func:`~medvar_bundle.model_file.save_baseline`:
-    network, the stores' dataset registry, step, ``extra={"validation": ...}``) is rewritten.
-
-    Returns:
-        Path of ``output_dir/baseline.pt``.
+    Returns ``{"loss": (B,) fp32}``, the input of :class:`DDPMFigures`.
     """
-    started = time.monotonic()
-    out = Path(output_dir)
-    with process_group(distributed, device) as (rank, world_size, dev):
-        main = rank == 0
-        set_determinism(seed=seed)
-        loader = store_loader(
-            dataset_dir, "training", batch_size, num_workers=num_workers, seed=seed, num_replicas=world_size, rank=rank
-        )
-        store: SliceStore = loader.dataset
-        val_store = SliceStore(dataset_dir, split="validation")
-        if len(val_store) == 0:
-            logger.warning("no 'validation' split in %s: validating on the training split", dataset_dir)
-            val_store = store
-        registry = store.datasets
 
-        image_size = int(store[0]["image"].shape[-1])
-        network = ConditionalDDPM.from_preset(
-            preset,
-            num_datasets=len(registry),
-            **{**(model_overrides or {}), "image_size": image_size, "cond_drop": cond_drop},
-        ).to(dev, memory_format=torch.channels_last)
-        model: nn.Module = network
-        if dist.is_initialized():
-            model = DistributedDataParallel(network, device_ids=[dev.index] if dev.type == "cuda" else None)
-        optimizer = torch.optim.AdamW(network.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
-        schedule = functools.partial(
-            warmup_cosine, warmup_steps=warmup_steps, max_steps=max_steps, min_lr_ratio=min_lr_ratio
-        )
-        lr_scheduler = LambdaLR(optimizer, schedule)
-        noise_schedule, T = network.scheduler, network.scheduler.num_train_timesteps
-        if main:
-            logger.info(
-                "DDPM %.1fM parameters at %d²; global batch %d (%d × %d processes), peak lr %.3g",
-                sum(p.numel() for p in network.parameters()) / 1e6, image_size, batch_size * world_size, batch_size,
-                world_size, lr,
-            )  # fmt: skip
+    def __init__(self, bf16: bool = True, seed: int = 0) -> None:
+        self.bf16, self.seed = bf16, seed
+        self.generator: torch.Generator | None = None
+        self.timesteps: Tensor | None = None
+        self.start = 0
 
-        def step(engine: Engine, batch: dict) -> dict:
-            model.train()
-            reseed(seed, engine.state.iteration, rank)
-            images, ids = model_input(batch["image"], dev), batch["dataset_id"].to(dev)
-            noise = torch.randn_like(images)
-            timesteps = torch.randint(0, T, (images.shape[0],), device=dev)
-            optimizer.zero_grad(set_to_none=True)
-            loss = epsilon_loss(model, noise_schedule, images, ids, noise, timesteps, bf16).mean()
-            loss.backward()
-            grad_norm = float(nn.utils.clip_grad_norm_(network.parameters(), grad_clip))
-            lr_now = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            lr_scheduler.step()
-            return {"loss": loss.item(), "lr": lr_now, "grad_norm": grad_norm}
+    @torch.no_grad()
+    def __call__(self, engine: Engine, batch: dict) -> dict:
+        network, dev = raw_network(engine.network), engine.state.device
+        network.eval()
+        if engine.state.iteration == 1:  # a new evaluator run
+            n, last = len(engine.data_loader.dataset), network.scheduler.num_train_timesteps - 1
+            self.timesteps = torch.linspace(0, last, n).round().long().to(dev)
+            self.generator = torch.Generator(device=dev).manual_seed(self.seed)
+            self.start = 0
+        images, ids = model_input(batch["image"], dev), batch["dataset_id"].to(dev)
+        noise = torch.randn(images.shape, generator=self.generator, device=dev)
+        noise = noise.contiguous(memory_format=torch.channels_last)
+        t = self.timesteps[self.start : self.start + len(ids)]
+        self.start += len(ids)
+        return {"loss": epsilon_loss(network, network.scheduler, images, ids, noise, t, self.bf16)}
 
-        trainer, checkpointer = step_trainer(
-            step, loader, model, optimizer, dev, max_steps,
-            {"network": network, "optimizer": optimizer, "scheduler": lr_scheduler},
-            out / "checkpoints", checkpoint_every, max_seconds, started,
-        )  # fmt: skip
 
-        if main:
-            out.mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(log_dir=str(out / "tensorboard")) if main else None
+class DDPMFigures(Metric):
+    """The validation figures of the baseline, accumulated over batches (an Ignite metric).
 
-        def validate(engine: Engine) -> None:
-            metrics = evaluate_ddpm(network, val_store, batch_size, dev, bf16, val_max_images, num_workers, seed)
-            row = {"step": engine.state.iteration, **metrics}
-            with open(out / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            writer.add_scalar("val/loss", metrics["loss"], row["step"])
-            logger.info("step %d: val ε-MSE %.4f on %d slices", row["step"], row["loss"], row["num_images"])
-            save_baseline(out / BASELINE_FILE, network, registry, row["step"], {"validation": row})
+    ``update`` takes the evaluator's output ``{"loss": (B,)}`` (per-image ε-MSE); ``compute`` gives
+    ``loss`` (the mean over images) and ``num_images``.
+    """
 
-        if main:
-            StatsHandler(
-                iteration_log=lambda e, i: i % 50 == 0, output_transform=lambda o: o["loss"], name=logger.name
-            ).attach(trainer)
-            TensorBoardStatsHandler(
-                summary_writer=writer, output_transform=lambda o: o, iteration_log=True, epoch_log=False
-            ).attach(trainer)
-            trainer.add_event_handler(Events.ITERATION_COMPLETED(every=val_every), validate)
-            if progress:
-                ProgressBar(persist=True).attach(trainer, output_transform=lambda o: {"loss": o["loss"]})
+    def reset(self) -> None:
+        self.total = 0.0
+        self.n = 0
 
-        if trainer.state.iteration < max_steps:
-            trainer.run()
-        if main and (trainer.state.iteration % val_every or not (out / BASELINE_FILE).exists()):
-            validate(trainer)
-        checkpointer(trainer)
-        if main:
-            writer.close()
-        if dist.is_initialized():
-            dist.barrier()  # baseline.pt is complete when any rank returns
-    return out / BASELINE_FILE
+    def iteration_completed(self, engine: Engine) -> None:
+        """Ignite unpacks mappings into ``(y_pred, y)``; this metric takes the whole output dictionary."""
+        self.update(self._output_transform(engine.state.output))
+
+    def update(self, output: dict) -> None:
+        self.total += float(output["loss"].sum())
+        self.n += len(output["loss"])
+
+    def compute(self) -> dict:
+        return {"loss": self.total / max(self.n, 1), "num_images": self.n}
+
+
+class SaveBaseline:
+    """A validation record: the baseline files of the run folder ``output_dir``.
+
+    Writes ``baseline.pt`` (the portable file of :func:`~medvar_bundle.model_file.save_baseline`:
+    network, the dataset registry ``datasets``, step and the validation row under
+    ``"validation"``), ``models/model.pt`` (the network's plain state_dict, for MONAI's
+    ``CheckpointLoader``) and ``models/datasets.json`` (the registry).
+    """
+
+    def __init__(self, network: nn.Module, output_dir: str | os.PathLike, datasets: dict) -> None:
+        self.network, self.out, self.datasets = network, Path(output_dir), datasets
+
+    def __call__(self, row: dict, metrics: dict) -> None:
+        network = raw_network(self.network)
+        save_baseline(self.out / BASELINE_FILE, network, self.datasets, row["step"], {"validation": row})
+        atomic_torch_save(self.out / "models" / "model.pt", network.state_dict())
+        atomic_write_json(self.out / "models" / "datasets.json", self.datasets)

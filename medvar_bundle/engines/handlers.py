@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -46,9 +45,10 @@ class ResumableCheckpoint:
     """Atomic ``checkpoint_<step>.pt`` files every ``save_interval`` steps and at the end; resume.
 
     At attach time the newest checkpoint of ``save_dir`` (if any) is loaded into ``save_dict`` and
-    the trainer (its step count), all with ``weights_only=True``; the trainer's epoch budget is then
-    refitted to ``max_steps`` of this run (a finished run can be extended). Only the main process
-    writes. The checkpoint keys are those of ``save_dict`` plus ``trainer``.
+    the trainer (its step count), all with ``weights_only=True``; the trainer keeps the epoch budget
+    it was built with (``max_epochs`` of this run's config, not of the checkpointed run), so a
+    finished run can be extended. Only the main process writes. The checkpoint keys are those of
+    ``save_dict`` plus ``trainer``.
 
     Args:
         save_dir: folder of the checkpoints.
@@ -72,11 +72,11 @@ class ResumableCheckpoint:
         objects = {**self.save_dict, "trainer": engine}
         resume = latest_checkpoint(self.save_dir)
         if resume is not None:
+            epochs = engine.state.max_epochs  # this run's budget, not the checkpointed run's
             Checkpoint.load_objects(to_load=objects, checkpoint=load_weights(resume, "checkpoint"))
             logger.info("resumed from %s at step %d", resume, engine.state.iteration)
-        epochs = math.ceil(self.max_steps / engine.state.epoch_length)
-        # a run resumed at its last step must not look finished to Ignite (it would start over)
-        engine.state.max_epochs = max(epochs, engine.state.epoch + int(engine.state.iteration >= self.max_steps))
+            # a run resumed at its last step must not look finished to Ignite (it would start over)
+            engine.state.max_epochs = max(epochs, engine.state.epoch + int(engine.state.iteration >= self.max_steps))
         if not is_main_process():
             return
         saver = Checkpoint(
@@ -183,8 +183,8 @@ class StepValidation(ValidationHandler):
     Runs ``validator`` every ``interval`` steps after ``start_after`` and once more when training
     ends on a step that was not validated (unless ``output_file`` exists and the last step is a
     validation step: a finished run resumed). After each run every callable of ``records`` gets
-    ``(row, metrics)``: the trainer-step row of :func:`validation_row` and the evaluator's full
-    ``state.metrics``. Only the main process validates.
+    ``(row, metrics)``: the trainer-step row of :func:`validation_row` and the evaluator's
+    ``state.metrics`` merged with its ``state.metric_details``. Only the main process validates.
     """
 
     def __init__(
@@ -210,7 +210,7 @@ class StepValidation(ValidationHandler):
 
     def __call__(self, engine: Engine) -> None:
         self.validator.run(engine.state.epoch)
-        metrics = dict(self.validator.state.metrics)
+        metrics = {**self.validator.state.metrics, **self.validator.state.metric_details}
         row = validation_row(engine.state.iteration, metrics)
         for record in self.records:
             record(row, metrics)

@@ -56,6 +56,13 @@ class TokenizerFigures(Metric):
         self.psnr_sum = self.ssim_sum = 0.0
         self.n = 0
 
+    def completed(self, engine: Engine, name: str) -> None:
+        """Scalars go to ``engine.state.metrics``; ``per_scale_usage`` and ``counts`` to
+        ``engine.state.metric_details`` (metric trackers such as MLflow log only scalars)."""
+        for key, value in self.compute().items():
+            target = engine.state.metrics if isinstance(value, (int, float)) else engine.state.metric_details
+            target[key] = value
+
     def iteration_completed(self, engine: Engine) -> None:
         """Ignite unpacks mappings into ``(y_pred, y)``; this metric takes the whole output dictionary."""
         self.update(self._output_transform(engine.state.output))
@@ -203,9 +210,10 @@ class TokenizerIteration:
     autoencoder, on ``cropper``'s random crops if given); at the last warm-up step every code is
     re-drawn from the learned features, then every ``dead_code_every`` steps the dead ones are.
 
-    Returns the step's figures: ``loss``, ``l1``, ``l2``, ``vq``, ``grad_norm``, ``lr`` and, once
-    quantizing, codebook usage (overall and per scale); ``lpips``, ``g``, ``d``, ``reinit_codes``
-    when they apply.
+    Returns a one-element list (the shape of a decollated MONAI output, which ``from_engine(keys,
+    first=True)`` and MONAI's tracking handlers read) holding the step's figures: ``loss``, ``l1``,
+    ``l2``, ``vq``, ``grad_norm``, ``lr`` and, once quantizing, codebook usage (overall and per
+    scale); ``lpips``, ``g``, ``d``, ``reinit_codes`` when they apply.
     """
 
     def __init__(
@@ -280,7 +288,7 @@ class TokenizerIteration:
         if not warming_up:
             logs.update({k: float(v) for k, v in model.quantizer.usage_stats().items()})  # overall and per scale
         logs["loss"] = loss.item()
-        return logs
+        return [logs]
 
 
 def crop_sampler(size: int, image_size: int, downsampling: int, seed: int = 0) -> Callable | None:

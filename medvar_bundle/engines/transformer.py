@@ -1,8 +1,10 @@
-"""Training of the next-scale transformer on a token store, on MONAI/Ignite engines (paper §5.1).
+"""Components of the next-scale transformer's training (``configs/train.yaml`` composes them; paper §5.1).
 
-`medvar train` and ``python -m monai.bundle run training --config_file configs/train.yaml`` both
-call :func:`train_transformer`; ``configs/multi_gpu_train.yaml`` runs it under torchrun with
-DistributedDataParallel.
+The config builds a MONAI ``SupervisedTrainer`` whose ``iteration_update`` is
+:class:`TransformerIteration` and a ``SupervisedEvaluator`` whose ``iteration_update`` is
+:class:`TransformerEvaluation`, scored by :class:`TransformerFigures`; :class:`SaveModel` writes the
+run's model files after each validation. ``medvar train`` runs the same config, and
+``configs/multi_gpu_train.yaml`` wraps the network in DistributedDataParallel under torchrun.
 
 One trainer iteration is one optimizer step: the loader yields ``batch_size · grad_accum`` token
 rows per process, split into ``grad_accum`` micro-batches of ``batch_size`` whose gradients are
@@ -12,39 +14,30 @@ warm-up, checkpoints, validation) counts optimizer steps.
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import os
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from ignite.engine import Engine, Events
-from ignite.handlers import ProgressBar
-from monai.handlers import StatsHandler, TensorBoardStatsHandler
-from monai.utils import set_determinism
+from ignite.engine import Engine
+from ignite.metrics import Metric
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader, Subset
-from torch.utils.tensorboard import SummaryWriter
 
 from ..data.tokens import TOKENS_META, TokenStore, file_digest
-from ..model_file import MODEL_FILE, load_tokenizer, save_model
+from ..files import atomic_torch_save, atomic_write_json
+from ..model_file import MODEL_FILE, TOKENIZER_FILE, save_model
 from ..networks.msvqvae import MultiScaleVQVAE
-from ..networks.transformer import NextScaleTransformer, scale_of_positions, token_loss_weights
+from ..networks.transformer import NextScaleTransformer, scale_of_positions
 from ..runtime import autocast
-from .common import evenly_spaced, process_group, reseed, step_trainer, store_loader, warmup_cosine
+from .common import reseed
+from .handlers import is_main_process
 
 logger = logging.getLogger(__name__)
-
-LR_REFERENCE_BATCH = 256
-"""The base learning rate is given per this many images of global batch (VAR's linear scaling)."""
 
 
 def resolve_tokenizer(store: TokenStore, tokenizer: str | os.PathLike | None = None) -> Path:
@@ -71,6 +64,11 @@ def resolve_tokenizer(store: TokenStore, tokenizer: str | os.PathLike | None = N
             "pass that one or re-tokenize with `medvar tokenize --force`"
         )
     return path
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The module inside a :class:`DistributedDataParallel` wrapper, or ``network`` itself."""
+    return network.module if isinstance(network, DistributedDataParallel) else network
 
 
 def teacher_forced_loss(
@@ -124,214 +122,149 @@ class TokenStats:
         }  # fmt: skip
 
 
-@torch.no_grad()
-def evaluate_transformer(
-    tokenizer: MultiScaleVQVAE,
-    transformer: NextScaleTransformer,
-    store: TokenStore,
-    batch_size: int = 16,
-    device: str | torch.device = "cpu",
-    bf16: bool = True,
-    max_images: int | None = None,
-    num_workers: int = 0,
-) -> dict:
-    """Teacher-forced cross-entropy and token accuracy of ``transformer`` on the slices of ``store``
-    (eval mode, so no conditional dropout); an evenly spaced subset with ``max_images``.
+class TransformerFigures(Metric):
+    """Teacher-forced cross-entropy and token accuracy over the validation slices (an Ignite metric).
 
-    Returns:
-        :meth:`TokenStats.summary` plus ``num_images``.
+    ``update`` takes the evaluator's output ``{"ce", "logits", "tokens"}`` (per-token CE ``(B, L)``,
+    logits ``(B, L, V)``, target ids ``(B, L)``) and adds it to a :class:`TokenStats` on ``device``.
+    ``compute`` gives :meth:`TokenStats.summary` plus ``num_images``. The figures go into the
+    evaluator's ``state.metrics`` each under its own name (Ignite's ``"flatten"`` mode), so the
+    evaluator's key metric can be any of them (``ce``).
     """
-    transformer.eval()
-    indices = evenly_spaced(len(store), max_images).tolist()
-    stats = TokenStats(transformer.patch_nums, device)
-    for batch in DataLoader(Subset(store, indices), batch_size=batch_size, num_workers=num_workers):
-        tokens, ids = batch["tokens"].to(device), batch["dataset_id"].to(device)
-        ce, logits = teacher_forced_loss(tokenizer, transformer, tokens, ids, bf16)
-        stats.add(ce, logits, tokens)
-    return {**stats.summary(), "num_images": len(indices)}
+
+    def __init__(
+        self, patch_nums: Sequence[int], device: torch.device | str = "cpu", output_transform: Callable = lambda x: x
+    ) -> None:
+        self.patch_nums, self.stats_device = tuple(patch_nums), device
+        super().__init__(output_transform=output_transform, metrics_result_mode="flatten")
+
+    def reset(self) -> None:
+        self.stats = TokenStats(self.patch_nums, self.stats_device)
+        self.n = 0
+
+    def iteration_completed(self, engine: Engine) -> None:
+        """Ignite unpacks mappings into ``(y_pred, y)``; this metric takes the whole output dictionary."""
+        self.update(self._output_transform(engine.state.output))
+
+    def update(self, output: dict) -> None:
+        self.stats.add(output["ce"], output["logits"], output["tokens"])
+        self.n += output["tokens"].shape[0]
+
+    def compute(self) -> dict:
+        return {**self.stats.summary(), "num_images": self.n}
 
 
-def train_transformer(
-    dataset_dir: str | Sequence[str],
-    output_dir: str,
-    tokenizer: str | None = None,
-    max_steps: int = 2000,
-    batch_size: int = 16,
-    device: str = "cpu",
-    preset: str = "tiny",
-    model_overrides: dict | None = None,
-    lr: float = 1e-4,
-    warmup_steps: int = 100,
-    min_lr_ratio: float = 0.01,
-    weight_decay: float = 0.05,
-    betas: Sequence[float] = (0.9, 0.95),
-    grad_clip: float = 2.0,
-    grad_accum: int = 1,
-    cond_drop: float = 0.1,
-    checkpoint_every: int = 200,
-    val_every: int = 500,
-    val_max_images: int | None = 1024,
-    bf16: bool = True,
-    num_workers: int = 0,
-    seed: int = 0,
-    progress: bool = True,
-    distributed: bool = False,
-    loss_weighting: str = "scale",
-    max_seconds: float | None = None,
-) -> Path:
-    """Train the next-scale transformer on the tokens of one or several (tokenized) slice stores.
+class TransformerEvaluation:
+    """The evaluator's ``iteration_update``: teacher-forced prediction of a batch of token rows.
 
-    Teacher forcing: the loss is the cross-entropy of all L tokens (680 at 256²), weighted by
-    :func:`~medvar_bundle.networks.transformer.token_loss_weights` — by default every scale's mean
-    cross-entropy counts the same (``loss_weighting="scale"``; ``"token"`` weighs every token the
-    same, as VAR) — and averaged over images. AdamW (``betas``, ``weight_decay`` on weight matrices only) at a peak
-    learning rate ``lr · global_batch / 256``, ``global_batch = batch_size · world_size ·
-    grad_accum``, after a linear warm-up of ``warmup_steps`` and down a cosine to
-    ``min_lr_ratio · peak`` at ``max_steps`` (:func:`warmup_cosine`); bf16 autocast; gradient
-    norm clipped to ``grad_clip``. The network is ``preset`` with ``model_overrides`` and
-    ``cond_drop``; vocabulary, code dimension and scales always come from the tokenizer.
-
-    Args:
-        dataset_dir: store folder(s) tokenized by ``tokenizer``; training uses their ``training``
-            split, validation their ``validation`` split (the training split if there is none).
-        output_dir: run folder: ``checkpoints/``, ``tensorboard/``, ``metrics.jsonl``, ``model.pt``.
-        tokenizer: ``tokenizer.pt``; default: the file recorded in the store's ``tokens.json``.
-            Its sha256 must be the one recorded there.
-        batch_size: images per micro-batch and process.
-        distributed: run under DDP (as does an already initialised process group); a group is
-            initialised from torchrun's environment if needed (NCCL on CUDA, gloo on CPU). Only
-            rank 0 logs, writes TensorBoard, checkpoints and ``model.pt``.
-        max_seconds: wall-clock training budget in seconds, counted from the start of this call
-            (:func:`~medvar_bundle.engines.common.attach_time_budget`): training stops after the step
-            that spends it, then the end-of-training validation, save and checkpoint run as after
-            ``max_steps``. None: no budget.
-
-    Checkpoints (network, optimizer, LR scheduler, trainer state) go to ``output_dir/checkpoints``
-    every ``checkpoint_every`` steps and at the end; a run started on a folder with checkpoints
-    resumes from the latest one with the same step count and optimizer state (same data order
-    from an epoch boundary, see :func:`~medvar_bundle.engines.common.store_loader`; each step's
-    random draws depend on the seed and the step only). The cosine follows the ``max_steps`` of
-    the current call, so a finished run can be extended. Validation (CE and token accuracy, per
-    scale too) runs every ``val_every`` steps and at the end, on at most ``val_max_images``
-    slices; it is appended to ``metrics.jsonl``, logged to TensorBoard, and each time
-    ``model.pt`` (:func:`~medvar_bundle.model_file.save_model`: tokenizer, transformer, the
-    stores' dataset registry, step, ``extra={"validation": ...}``) is rewritten.
-
-    Returns:
-        Path of ``output_dir/model.pt``.
+    ``batch``: ``{"tokens": (B, L) long, "dataset_id": (B,) long}``. The network (unwrapped from
+    DDP) runs in eval mode, so without conditional dropout. Returns the :class:`TransformerFigures`
+    input ``{"ce", "logits", "tokens"}``.
     """
-    started = time.monotonic()
-    out = Path(output_dir)
-    with process_group(distributed, device) as (rank, world_size, dev):
-        main = rank == 0
-        set_determinism(seed=seed)
-        loader = store_loader(
-            dataset_dir, "training", batch_size * grad_accum, num_workers=num_workers, seed=seed,
-            num_replicas=world_size, rank=rank, dataset_class=TokenStore,
-        )  # fmt: skip
-        store: TokenStore = loader.dataset
-        tok = load_tokenizer(resolve_tokenizer(store, tokenizer), dev).requires_grad_(False)
-        val_store = TokenStore(dataset_dir, split="validation")
-        if len(val_store) == 0:
-            logger.warning("no 'validation' split in %s: validating on the training split", dataset_dir)
-            val_store = TokenStore(dataset_dir, split="training")
-        registry = store.datasets
 
-        from_tokenizer = {key: tok.config[key] for key in ("vocab_size", "embed_dim", "patch_nums")}
-        transformer = NextScaleTransformer.from_preset(
-            preset, num_datasets=len(registry), **{**(model_overrides or {}), "cond_drop": cond_drop, **from_tokenizer}
-        ).to(dev)
-        model: nn.Module = transformer
-        if dist.is_initialized():
-            # the only buffers (mask, scale ids) are constants: no syncing in forward
-            model = DistributedDataParallel(
-                transformer, device_ids=[dev.index] if dev.type == "cuda" else None, forward_sync_buffers=False
-            )
-        global_batch = batch_size * world_size * grad_accum
-        optimizer = torch.optim.AdamW(
-            transformer.param_groups(weight_decay), lr=lr * global_batch / LR_REFERENCE_BATCH, betas=tuple(betas)
+    def __init__(self, tokenizer: MultiScaleVQVAE, bf16: bool = True) -> None:
+        self.tokenizer, self.bf16 = tokenizer, bf16
+
+    @torch.no_grad()
+    def __call__(self, engine: Engine, batch: dict) -> dict:
+        transformer = unwrap(engine.network)
+        transformer.eval()
+        tokens, ids = batch["tokens"].to(engine.state.device), batch["dataset_id"].to(engine.state.device)
+        ce, logits = teacher_forced_loss(self.tokenizer, transformer, tokens, ids, self.bf16)
+        return {"ce": ce, "logits": logits, "tokens": tokens}
+
+
+class TransformerIteration:
+    """One optimizer step of the transformer: the ``SupervisedTrainer``'s ``iteration_update``.
+
+    ``batch``: ``{"tokens": (grad_accum · batch_size, L) long, "dataset_id": (grad_accum · batch_size,)
+    long}``, split into ``grad_accum`` micro-batches of ``batch_size``. Teacher forcing: the loss
+    of an image is its per-token cross-entropy weighted by ``loss_weights`` ``(L,)``
+    (:func:`~medvar_bundle.networks.transformer.token_loss_weights`), averaged over images; the
+    gradients of the micro-batches are accumulated (under DDP all-reduced once, after the last),
+    their norm is clipped to ``grad_clip`` on the raw module's parameters, and the trainer's
+    ``optimizer`` steps (the learning rate is the ``LrScheduleHandler``'s). Torch's global
+    generator is reseeded from ``(seed, step, rank)`` first, so conditional dropout draws the same
+    in a resumed run as in an uninterrupted one.
+
+    Returns the step's figures: ``loss`` (the objective), ``ce``, ``acc``, ``ce_first``,
+    ``ce_last``, ``acc_first``, ``acc_last`` of the global batch, ``lr`` (of this step) and
+    ``grad_norm`` (before clipping).
+    """
+
+    def __init__(
+        self,
+        tokenizer: MultiScaleVQVAE,
+        loss_weights: Tensor,
+        batch_size: int,
+        grad_accum: int = 1,
+        grad_clip: float = 2.0,
+        bf16: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.tokenizer, self.loss_weights = tokenizer, loss_weights
+        self.batch_size, self.grad_accum, self.grad_clip = batch_size, grad_accum, grad_clip
+        self.bf16, self.seed = bf16, seed
+
+    def __call__(self, engine: Engine, batch: dict) -> dict:
+        model, optimizer, dev = engine.network, engine.optimizer, engine.state.device
+        transformer = unwrap(model)
+        model.train()
+        reseed(self.seed, engine.state.iteration, dist.get_rank() if dist.is_initialized() else 0)
+        stats = TokenStats(transformer.patch_nums, dev)
+        objective = 0.0
+        optimizer.zero_grad(set_to_none=True)
+        micro_batches = zip(
+            batch["tokens"].to(dev).split(self.batch_size), batch["dataset_id"].to(dev).split(self.batch_size)
         )
-        schedule = functools.partial(
-            warmup_cosine, warmup_steps=warmup_steps, max_steps=max_steps, min_lr_ratio=min_lr_ratio
-        )
-        scheduler = LambdaLR(optimizer, schedule)
-        weights = token_loss_weights(transformer.patch_nums, loss_weighting).to(dev)
-        if main:
-            logger.info(
-                "transformer %.1fM parameters; global batch %d (%d × %d processes × %d accumulated), peak lr %.3g",
-                sum(p.numel() for p in transformer.parameters()) / 1e6, global_batch, batch_size, world_size,
-                grad_accum, optimizer.param_groups[0]["initial_lr"],
-            )  # fmt: skip
-
-        def step(engine: Engine, batch: dict) -> dict:
-            model.train()
-            reseed(seed, engine.state.iteration, rank)
-            stats = TokenStats(transformer.patch_nums, dev)
-            objective = 0.0
-            optimizer.zero_grad(set_to_none=True)
-            micro_batches = zip(
-                batch["tokens"].to(dev).split(batch_size), batch["dataset_id"].to(dev).split(batch_size)
-            )
-            for i, (tokens, ids) in enumerate(micro_batches):
-                sync = i == grad_accum - 1 or model is transformer  # DDP all-reduces after the last micro-batch
-                with nullcontext() if sync else model.no_sync():
-                    ce, logits = teacher_forced_loss(tok, model, tokens, ids, bf16)
-                    loss = (ce * weights).sum(1).mean()
-                    (loss / grad_accum).backward()
-                objective += loss.item() / grad_accum
-                stats.add(ce, logits, tokens)
-            grad_norm = float(nn.utils.clip_grad_norm_(transformer.parameters(), grad_clip))
-            lr_now = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            if dist.is_initialized():
-                dist.all_reduce(stats.sums)  # figures of the global batch
-            figures = {k: v for k, v in stats.summary().items() if not k.endswith("_per_scale")}
-            return {"loss": objective, **figures, "lr": lr_now, "grad_norm": grad_norm}
-
-        trainer, checkpointer = step_trainer(
-            step, loader, model, optimizer, dev, max_steps,
-            {"network": transformer, "optimizer": optimizer, "scheduler": scheduler},
-            out / "checkpoints", checkpoint_every, max_seconds, started,
-        )  # fmt: skip
-
-        if main:
-            out.mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(log_dir=str(out / "tensorboard")) if main else None
-
-        def validate(engine: Engine) -> None:
-            metrics = evaluate_transformer(
-                tok, transformer, val_store, batch_size, dev, bf16, val_max_images, num_workers
-            )
-            row = {"step": engine.state.iteration, **metrics}
-            with open(out / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            for key in ("ce", "acc", "ce_first", "ce_last", "acc_first", "acc_last"):
-                writer.add_scalar(f"val/{key}", metrics[key], row["step"])
-            logger.info(
-                "step %d: val CE %.4f nats/token, accuracy %.2f%% (first scale CE %.3f, last scale CE %.3f)",
-                row["step"], row["ce"], 100 * row["acc"], row["ce_first"], row["ce_last"],
-            )  # fmt: skip
-            save_model(out / MODEL_FILE, tok, transformer, registry, row["step"], {"validation": row})
-
-        if main:
-            StatsHandler(
-                iteration_log=lambda e, i: i % 50 == 0, output_transform=lambda o: o["loss"], name=logger.name
-            ).attach(trainer)
-            TensorBoardStatsHandler(
-                summary_writer=writer, output_transform=lambda o: o, iteration_log=True, epoch_log=False
-            ).attach(trainer)
-            trainer.add_event_handler(Events.ITERATION_COMPLETED(every=val_every), validate)
-            if progress:
-                ProgressBar(persist=True).attach(trainer, output_transform=lambda o: {"loss": o["loss"]})
-
-        if trainer.state.iteration < max_steps:
-            trainer.run()
-        if main and (trainer.state.iteration % val_every or not (out / MODEL_FILE).exists()):
-            validate(trainer)
-        checkpointer(trainer)
-        if main:
-            writer.close()
+        for i, (tokens, ids) in enumerate(micro_batches):
+            sync = i == self.grad_accum - 1 or model is transformer  # DDP all-reduces after the last micro-batch
+            with nullcontext() if sync else model.no_sync():
+                ce, logits = teacher_forced_loss(self.tokenizer, model, tokens, ids, self.bf16)
+                loss = (ce * self.loss_weights).sum(1).mean()
+                (loss / self.grad_accum).backward()
+            objective += loss.item() / self.grad_accum
+            stats.add(ce, logits, tokens)
+        grad_norm = float(nn.utils.clip_grad_norm_(transformer.parameters(), self.grad_clip))
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
         if dist.is_initialized():
-            dist.barrier()  # model.pt is complete when any rank returns
-    return out / MODEL_FILE
+            dist.all_reduce(stats.sums)  # figures of the global batch
+        figures = {k: v for k, v in stats.summary().items() if not k.endswith("_per_scale")}
+        return {"loss": objective, **figures, "lr": lr, "grad_norm": grad_norm}
+
+
+class SaveModel:
+    """A validation record: the model files of the run folder ``output_dir``.
+
+    Writes ``model.pt`` (the self-contained file of :func:`~medvar_bundle.model_file.save_model`:
+    tokenizer, transformer, the dataset registry ``datasets``, the step and the validation row under
+    ``extra["validation"]``) and, for MONAI's ``CheckpointLoader``, ``models/model.pt`` (the
+    transformer's state_dict), ``models/tokenizer.pt`` (the tokenizer's) and
+    ``models/datasets.json`` (the registry).
+    """
+
+    def __init__(
+        self,
+        network: NextScaleTransformer,
+        tokenizer: MultiScaleVQVAE,
+        datasets: dict,
+        output_dir: str | os.PathLike,
+    ) -> None:
+        self.network, self.tokenizer, self.datasets, self.out = network, tokenizer, datasets, Path(output_dir)
+
+    def __call__(self, row: dict, metrics: dict) -> None:
+        save_model(self.out / MODEL_FILE, self.tokenizer, self.network, self.datasets, row["step"], {"validation": row})
+        atomic_torch_save(self.out / "models" / MODEL_FILE, self.network.state_dict())
+        atomic_torch_save(self.out / "models" / TOKENIZER_FILE, self.tokenizer.state_dict())
+        atomic_write_json(self.out / "models" / "datasets.json", self.datasets)
+
+
+def log_setup(network: nn.Module, batch_size: int, world_size: int, grad_accum: int, peak_lr: float) -> None:
+    """Log (main process only) the transformer's size, the global batch and the peak learning rate."""
+    if is_main_process():
+        logger.info(
+            "transformer %.1fM parameters; global batch %d (%d × %d processes × %d accumulated), peak lr %.3g",
+            sum(p.numel() for p in network.parameters()) / 1e6, batch_size * world_size * grad_accum, batch_size,
+            world_size, grad_accum, peak_lr,
+        )  # fmt: skip

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from medvar_bundle.files import atomic_write_bytes, atomic_write_json
-from medvar_bundle.inference import check_request, generate
+from medvar_bundle.inference import GenerationRequests, generate
 from medvar_bundle.io import check_writable
 from medvar_bundle.model_file import load_model
 from medvar_bundle.sampling.medvar import SamplingOptions
@@ -140,9 +140,8 @@ def ablate(
         ``rows`` (description, cfg, top_k, top_p, folder, value, delta, seconds_per_image).
     """
     settings = ablation_settings(grid)
-    check_request([dataset], num, batch_size)
     loaded = load_model(model)
-    loaded.dataset_id(dataset)
+    GenerationRequests(loaded, [dataset], num, batch_size, seed)  # a bad request fails before any work
     options = [SamplingOptions(s["cfg"], s["top_k"] or loaded.transformer.vocab_size, s["top_p"]) for _, s in settings]
     parameters = sum(p.numel() for p in loaded.transformer.parameters())
     del loaded

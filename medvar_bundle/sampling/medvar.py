@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from monai.inferers import Inferer
 from torch import Tensor
 
 from medvar_bundle.networks.msvqvae import MultiScaleVQVAE
@@ -153,3 +154,26 @@ def generate_images(
             torch.stack([to_uint8(tokenizer.fhat_to_image(f))[:, 0] for f in stages], dim=1) if progression else None
         )
     return images, steps
+
+
+class NextScaleInferer(Inferer):
+    """MONAI inferer of next-scale generation: dataset ids → slices, one transformer pass per scale.
+
+    ``inferer(dataset_id, transformer, generator=g, progression=False)`` returns uint8 slices
+    ``(B, S, S)`` and, with ``progression``, the decodings after every scale ``(B, K, S, S)``
+    (:func:`generate_images`). The tokenizer that decodes the tokens and the sampling options are
+    the inferer's; the transformer is the network the MONAI workflow passes in.
+    """
+
+    def __init__(self, tokenizer: MultiScaleVQVAE, options: SamplingOptions, bf16: bool = True) -> None:
+        super().__init__()
+        self.tokenizer, self.options, self.bf16 = tokenizer, options, bf16
+
+    def __call__(
+        self,
+        inputs: Tensor,
+        network: NextScaleTransformer,
+        generator: torch.Generator,
+        progression: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        return generate_images(network, self.tokenizer, inputs, self.options, generator, self.bf16, progression)

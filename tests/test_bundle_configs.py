@@ -1,0 +1,153 @@
+"""The configs are MONAI bundle workflows: the zoo properties hold, nested overrides reach the run,
+and MONAI's own tools load every tensor of the weights a run writes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from ignite.engine import Engine
+from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.handlers import CheckpointLoader
+
+from medvar_bundle.bundle_config import CONFIGS, run_config
+from medvar_bundle.model_file import save_model
+from medvar_bundle.networks import MultiScaleVQVAE
+from medvar_bundle.networks.transformer import NextScaleTransformer
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_CONFIGS = [("train_tokenizer", "synthetic_store"), ("train", "tokenized_store")]
+SMALL_TOKENIZER = {"network_def#ch": 32, "network_def#num_res_blocks": 1, "network_def#vocab_size": 64}
+REGISTRY = {
+    "brain_mr": {"id": 0, "modality": "MR", "anatomy": "brain", "spacing": [1.0, 1.0, 1.5],
+                 "matrix": [192, 256, 120], "ct_window": None},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    tokenizer = MultiScaleVQVAE.from_preset("tiny", image_size=64)
+    transformer = NextScaleTransformer(num_datasets=1, depth=1, patch_nums=tokenizer.patch_nums)
+    return save_model(tmp_path_factory.mktemp("model") / "medvar.pt", tokenizer, transformer, REGISTRY, step=1)
+
+
+def _workflow(config: Path, workflow_type: str, **overrides) -> ConfigWorkflow:
+    workflow = ConfigWorkflow(
+        config_file=str(config), meta_file=str(CONFIGS / "metadata.json"), workflow_type=workflow_type, **overrides
+    )
+    workflow.initialize()
+    return workflow
+
+
+@pytest.mark.parametrize("name, store", TRAIN_CONFIGS)
+def test_training_configs_have_the_zoo_train_properties(name, store, request, tmp_path):
+    store = request.getfixturevalue(store)
+    workflow = _workflow(CONFIGS / f"{name}.yaml", "train", dataset_dir=str(store), output_dir=str(tmp_path))
+    assert workflow.check_properties() in (None, [])
+    assert isinstance(workflow.parser.get_parsed_content("train#trainer").optimizer, torch.optim.Optimizer)
+
+
+def test_the_property_check_can_fail(synthetic_store, tmp_path):
+    config = yaml.safe_load((CONFIGS / "train_tokenizer.yaml").read_text())
+    del config["train"]["inferer"]
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump(config))
+    workflow = _workflow(broken, "train", dataset_dir=str(synthetic_store), output_dir=str(tmp_path / "run"))
+    with pytest.raises(Exception, match="inferer"):
+        missing = workflow.check_properties()
+        assert not missing, f"missing properties: {missing}"
+
+
+def test_inference_config_has_the_zoo_infer_properties(model_file, tmp_path):
+    workflow = _workflow(CONFIGS / "inference.yaml", "infer", model_file=str(model_file), output_dir=str(tmp_path))
+    assert workflow.check_properties() in (None, [])
+
+
+def test_monai_bundle_run_generates_with_the_default_run_id(model_file, tmp_path):
+    out = tmp_path / "samples"
+    done = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml",
+         "--model_file", str(model_file), "--num_samples", "3", "--output_dir", str(out), "--progress", "False"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "brain_mr.nii.gz").is_file() and (out / "summary.json").is_file()
+
+
+def test_a_nested_override_changes_the_run(synthetic_store, tmp_path):
+    """``train#trainer#max_epochs`` beats the step budget: 16 training slices in batches of 4 are 4 steps an epoch."""
+    out = tmp_path / "run"
+    overrides = dict(dataset_dir=str(synthetic_store), output_dir=str(out), max_steps=50, batch_size=4, val_every=100,
+                     checkpoint_every=100, val_max_images=4, progress=False, **SMALL_TOKENIZER)  # fmt: skip
+    run_config("train_tokenizer", "train", {**overrides, "train#trainer#max_epochs": 1})
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint_4.pt"]
+    two = {**overrides, "output_dir": str(tmp_path / "two"), "train#handlers#2#max_steps": 2}
+    run_config("train_tokenizer", "train", two)
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["checkpoint_2.pt"]
+
+
+def test_checkpoint_loader_and_ckpt_export_load_every_tokenizer_tensor(synthetic_store, tmp_path):
+    out = tmp_path / "run"
+    run_config(
+        "train_tokenizer", "train",
+        dict(dataset_dir=str(synthetic_store), output_dir=str(out), max_steps=2, batch_size=4, val_every=2,
+             checkpoint_every=2, val_max_images=4, progress=False, **SMALL_TOKENIZER),
+    )  # fmt: skip
+    saved = torch.load(out / "models" / "tokenizer.pt", weights_only=True)
+    parser = ConfigParser(ConfigParser.load_config_file(CONFIGS / "train_tokenizer.yaml"))
+    parser["image_size"] = 64
+    for key, value in SMALL_TOKENIZER.items():
+        parser[key] = value
+    fresh = parser.get_parsed_content("network_def")
+    differ = [k for k, v in fresh.state_dict().items() if not torch.equal(v, saved[k])]
+    assert differ, "a fresh network should differ from the trained one"
+    engine = Engine(lambda e, b: None)
+    CheckpointLoader(load_path=str(out / "models" / "tokenizer.pt"), load_dict={"model": fresh}).attach(engine)
+    engine.run([0], max_epochs=1)
+    loaded = fresh.state_dict()
+    assert len(saved) == len(loaded) and all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+    exported = tmp_path / "tokenizer.ts"
+    done = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(exported),
+         "--ckpt_file", str(out / "models" / "tokenizer.pt"), "--config_file", "configs/train_tokenizer.yaml",
+         "--meta_file", "configs/metadata.json", "--image_size", "64", "--use_trace", "True",
+         *[arg for key, value in SMALL_TOKENIZER.items() for arg in (f"--{key}", str(value))],
+         "--input_shape", "[1, 1, 64, 64]", "--converter_kwargs", "{'strict': False}"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    scripted = torch.jit.load(str(exported))
+    weights = dict(scripted.state_dict())
+    assert all(torch.equal(weights[k], saved[k]) for k in saved if k in weights)
+    assert sum(k in weights for k in saved) == len(saved)
+
+
+def test_mlflow_tracking_records_parameters_and_metrics_of_a_short_run(synthetic_store, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train_tokenizer.yaml",
+         "--meta_file", "configs/metadata.json", "--dataset_dir", str(synthetic_store), "--output_dir", str(out),
+         "--max_steps", "3", "--batch_size", "4", "--val_every", "3", "--val_max_images", "4", "--progress", "False",
+         *[arg for key, value in SMALL_TOKENIZER.items() for arg in (f"--{key}", str(value))],
+         "--tracking", "mlflow"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs(e.experiment_id)]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    data = runs[0].data
+    assert {"max_epochs", "epoch_length"} <= set(data.params)
+    assert {"train_loss", "lr_group_0", "psnr", "ssim", "codebook_usage", "perplexity"} <= set(data.metrics)
+    losses = client.get_metric_history(runs[0].info.run_id, "train_loss")
+    assert sorted(m.step for m in losses) == [1, 2, 3]
+    row = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert data.metrics["psnr"] == pytest.approx(row["psnr"])
