@@ -25,8 +25,6 @@ class UserError(Exception):
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from .data import DatalistError
-
     if (args.datalist is None) == (args.data_root is None):
         raise UserError("give one of --datalist and --data-root")
     if args.size is not None and args.size < 16:
@@ -37,10 +35,7 @@ def _prepare(args: argparse.Namespace) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if args.world_size is None else args.world_size
     if world_size < 1 or not 0 <= rank < world_size:
         raise UserError(f"--rank must be in [0, --world-size), got rank {rank} of world size {world_size}")
-    try:
-        (result,) = run_config(args.config, None, overrides_from(args))
-    except (DatalistError, FileNotFoundError, ValueError) as exc:
-        raise UserError(str(exc)) from None
+    (result,) = _run_bundle(args, None)
     counts = result.counts
     total = sum(d["num_slices"] for d in result.registry.values())
     print(
@@ -77,13 +72,22 @@ def _preview(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_bundle(args: argparse.Namespace, workflow_type: str = "train") -> None:
-    """Run the subcommand's config with the flags given; user errors become one line."""
+def _run_bundle(args: argparse.Namespace, workflow_type: str | None = "train", distributed: bool = False) -> list:
+    """Run the subcommand's config with the flags given; returns what its ``run`` expressions returned.
+
+    With ``distributed`` under torchrun (``WORLD_SIZE`` > 1), ``configs/multi_gpu_train.yaml`` is merged
+    and ``--device cuda`` becomes ``cuda:$LOCAL_RANK`` (one GPU per process). User errors become one line.
+    """
     from .weights import MissingWeightsError
 
+    overrides, overlays = overrides_from(args), []
+    if distributed and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        overlays = ["multi_gpu_train"]
+        if getattr(args, "device", None) == "cuda":
+            overrides["device"] = device_expression(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
     try:
-        run_config(args.config, workflow_type, overrides_from(args), tracking=getattr(args, "tracking", None))
-    except (MissingWeightsError, FileNotFoundError, ValueError) as exc:
+        return run_config(args.config, workflow_type, overrides, overlays, tracking=getattr(args, "tracking", None))
+    except (MissingWeightsError, FileNotFoundError, ValueError, PermissionError) as exc:
         raise UserError(str(exc)) from None
 
 
@@ -138,15 +142,7 @@ def _train(args: argparse.Namespace) -> int:
             raise UserError(f"{flags[key]} must be >= {low}, got {getattr(args, key)}")
     if args.cond_drop is not None and not 0 <= args.cond_drop < 1:
         raise UserError(f"--cond-drop must be in [0, 1), got {args.cond_drop}")
-    overrides, overlay = overrides_from(args), []
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        overlay = ["multi_gpu_train"]
-        if args.device == "cuda":  # one GPU per process
-            overrides["device"] = device_expression(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
-    try:
-        run_config(args.config, "train", overrides, overlay)
-    except (FileNotFoundError, ValueError) as exc:
-        raise UserError(str(exc)) from None
+    _run_bundle(args, distributed=True)
     print(f"medvar train: wrote {output_path(args, 'model.pt')}")
     return 0
 
@@ -157,20 +153,13 @@ def _train_baseline(args: argparse.Namespace) -> int:
         raise UserError(f"--warmup must be >= 0, got {args.warmup_steps}")
     if args.cond_drop is not None and not 0 <= args.cond_drop < 1:
         raise UserError(f"--cond-drop must be in [0, 1), got {args.cond_drop}")
-    overlay = ["multi_gpu_train"] if int(os.environ.get("WORLD_SIZE", 1)) > 1 else []
-    try:
-        run_config(args.config, "train", overrides_from(args), overlay)
-    except (FileNotFoundError, ValueError) as exc:
-        raise UserError(str(exc)) from None
+    _run_bundle(args, distributed=True)
     print(f"medvar train-baseline: wrote {output_path(args, 'baseline.pt')}")
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
-    try:
-        run_config(args.config, "infer", overrides_from(args))
-    except (FileNotFoundError, ValueError, PermissionError) as exc:
-        raise UserError(str(exc)) from None
+    _run_bundle(args, "infer")
     summary = json.loads(Path(output_path(args, "summary.json")).read_text())
     for name, info in summary["datasets"].items():
         print(
@@ -183,12 +172,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation.report import format_cell
-    from .weights import MissingWeightsError
 
-    try:
-        (report,) = run_config(args.config, None, overrides_from(args))
-    except (MissingWeightsError, FileNotFoundError, ValueError, PermissionError) as exc:
-        raise UserError(str(exc)) from None
+    (report,) = _run_bundle(args, None)
     q = report["efficiency"]["q"]
     for label, rows in report["rows"].items():
         overall = rows["overall"]
@@ -528,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(WORLD_SIZE > 1) every process trains on its share of each batch with DistributedDataParallel.",
     )
     add_config_options(p, "train", TRANSFORMER_OPTIONS)
+    _tracking_option(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser(
@@ -540,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
         " DistributedDataParallel.",
     )
     add_config_options(p, "train_ddpm", DDPM_OPTIONS)
+    _tracking_option(p)
     p.set_defaults(func=_train_baseline)
 
     p = sub.add_parser(

@@ -23,8 +23,14 @@ from ignite.engine import Engine, Events
 from torch.utils.data import Dataset
 
 from medvar_bundle.bundle_config import run_config
-from medvar_bundle.files import atomic_write_json
-from medvar_bundle.io import check_writable, save_progression, save_sample_grid, write_slice_stack
+from medvar_bundle.io import (
+    SUMMARY_FILE,
+    check_writable,
+    save_progression,
+    save_sample_grid,
+    write_slice_stack,
+    write_summary,
+)
 from medvar_bundle.model_file import MedVARModel
 
 logger = logging.getLogger(__name__)
@@ -126,7 +132,7 @@ class GeneratedStacks:
         engine.add_event_handler(Events.STARTED, lambda e: check_writable(self.out))
         engine.add_event_handler(Events.ITERATION_STARTED, self.start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
-        engine.add_event_handler(Events.COMPLETED, lambda e: atomic_write_json(self.out / "summary.json", self.summary))
+        engine.add_event_handler(Events.COMPLETED, lambda e: write_summary(self.out, self.summary))
 
     def start(self, engine: Engine) -> None:
         if engine.state.batch["first"] == 0:
@@ -179,4 +185,4 @@ def generate(
         "inference", "infer",
         {"model_file": str(model), "datasets": datasets, "num_samples": num, "output_dir": str(out_dir), **overrides},
     )  # fmt: skip
-    return json.loads((Path(out_dir) / "summary.json").read_text())
+    return json.loads((Path(out_dir) / SUMMARY_FILE).read_text())

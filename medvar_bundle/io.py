@@ -1,4 +1,5 @@
-"""Writers for generated slices: NIfTI slice stacks with real spacing, and PNG grids.
+"""The generated-folder format: NIfTI slice stacks with real spacing, PNG grids and ``summary.json``,
+written by generation and read back by evaluation.
 
 Axis convention (the slice store's, see :mod:`medvar_bundle.data.store`): ``prepare`` orients every
 volume to RAS with MONAI ``Orientationd("RAS")`` and takes axial slices along the last axis, so a
@@ -18,10 +19,12 @@ were percentile-normalised, which cannot be inverted, so they stay uint8.
 from __future__ import annotations
 
 import gzip
+import json
 import math
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -33,8 +36,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from .data.transforms import DEFAULT_CT_WINDOW  # noqa: E402
-from .files import atomic_write_bytes  # noqa: E402
+from .data.transforms import DEFAULT_CT_WINDOW, NormalizeByModalityd, QuantizeUint8d  # noqa: E402
+from .files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from .visualize import radiological, save_figure, save_grid  # noqa: E402
 
 __all__ = [
@@ -351,3 +354,81 @@ def save_progression(
     if title:
         fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
+
+
+SUMMARY_FILE = "summary.json"
+"""A generated folder's record: options, parameter count, and per dataset ``seconds_per_image`` and files."""
+
+
+def write_summary(folder: str | os.PathLike, summary: dict) -> Path:
+    """Write ``folder/summary.json`` atomically (the last file generation writes); returns its path."""
+    path = Path(folder) / SUMMARY_FILE
+    atomic_write_json(path, summary)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# generated folders: reading
+# --------------------------------------------------------------------------------------------
+
+
+def read_generated(path: str | os.PathLike, entry: dict) -> np.ndarray:
+    """A ``NAME.nii.gz`` of ``medvar generate`` back to the sampler's uint8 slices ``(N, S, S)``.
+
+    MR stacks hold the uint8 slices as they are. CT stacks hold Hounsfield units; the dataset's
+    window ``entry["ct_window"]`` is applied again exactly as ``prepare`` did (clip to the window,
+    scale to [0, 1], round to 255 levels), which returns the sampled levels unchanged for windows of
+    255 HU or wider (the int16 rounding moves a level by less than half a step).
+
+    Args:
+        path: the NIfTI stack ``(S, S, N)``.
+        entry: the dataset's ``datasets.json`` entry (``modality``, ``ct_window``).
+    """
+    data = np.asarray(nib.load(path).dataobj)
+    if data.ndim != 3:
+        raise ValueError(f"{path}: expected a stack (S, S, N) of generated slices, got shape {data.shape}")
+    slices = np.ascontiguousarray(np.moveaxis(data, -1, 0))
+    if entry.get("modality") == "MR":
+        if slices.dtype != np.uint8:
+            raise ValueError(f"{path}: MR stacks of `medvar generate` are uint8, got {slices.dtype}")
+        return slices
+    windowed = NormalizeByModalityd()({"image": slices.astype(np.float32), **entry})
+    return QuantizeUint8d("image")(windowed)["image"]
+
+
+@dataclass(frozen=True)
+class GeneratedFolder:
+    """One method's output folder.
+
+    Attributes:
+        label: the method's name in the tables (the folder name unless given).
+        path: the folder.
+        summary: its ``summary.json`` ({} when absent).
+        datasets: names with a ``NAME.nii.gz``.
+    """
+
+    label: str
+    path: Path
+    summary: dict
+    datasets: tuple[str, ...]
+
+    @property
+    def parameters(self) -> int | None:
+        """Parameter count of the sampling network (``summary.json`` key ``parameters``)."""
+        return self.summary.get("parameters")
+
+    def seconds_per_image(self, dataset: str) -> float | None:
+        return self.summary.get("datasets", {}).get(dataset, {}).get("seconds_per_image")
+
+
+def read_generated_folder(path: str | os.PathLike, label: str | None = None) -> GeneratedFolder:
+    """Find the stacks and the summary of one generated folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such folder of generated slices")
+    datasets = tuple(sorted(p.name.removesuffix(".nii.gz") for p in path.glob("*.nii.gz")))
+    if not datasets:
+        raise ValueError(f"{path}: no NAME.nii.gz stacks (the output of `medvar generate`)")
+    summary_file = path / SUMMARY_FILE
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    return GeneratedFolder(label or path.resolve().name, path, summary, datasets)

@@ -5,9 +5,9 @@ skipped when its output exists, so a re-run resumes:
 
 1. ``OUT/medvar/model.pt``: the next-scale transformer (tiny preset, the demo's batch 8, lr 0.096
    per 256 images, warm-up 20) trained for ``--minutes`` of wall-clock time
-   (:func:`~medvar_bundle.engines.transformer.train_transformer` with ``max_seconds``).
+   (``configs/train.yaml`` with ``max_seconds``).
 2. ``OUT/ddpm/baseline.pt``: the DDPM baseline (tiny preset, matched in parameters; batch 8) for the
-   same budget (:func:`~medvar_bundle.engines.ddpm.train_ddpm`).
+   same budget (``configs/train_ddpm.yaml``).
    Both stop on the budget, not on ``--max-steps`` (whose cosine therefore barely decays the
    learning rate); validation runs only at the end, on at most 64 slices. A run killed mid-way
    resumes from its last checkpoint with a fresh budget.
@@ -38,8 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medvar_bundle.engines.ddpm import train_ddpm
-from medvar_bundle.engines.transformer import train_transformer
+from medvar_bundle.bundle_config import run_config
 from medvar_bundle.files import atomic_write_json
 from medvar_bundle.inference import generate
 from medvar_bundle.io import save_sample_grid, write_slice_stack
@@ -59,20 +58,22 @@ def _parameters(module: torch.nn.Module) -> int:
 def train_both(args: argparse.Namespace, out: Path) -> tuple[Path, Path]:
     """Train MedVAR and the DDPM baseline for ``args.minutes`` each, unless their files exist."""
     common = dict(
-        max_steps=args.max_steps, batch_size=8, device=args.device, preset="tiny", warmup_steps=20,
-        val_every=args.max_steps, checkpoint_every=50, val_max_images=VAL_MAX_IMAGES, seed=args.seed,
-        max_seconds=60 * args.minutes,
+        dataset_dir=args.store, max_steps=args.max_steps, batch_size=8, device=f"$torch.device({args.device!r})",
+        preset="tiny", warmup_steps=20, val_every=args.max_steps, checkpoint_every=50, val_max_images=VAL_MAX_IMAGES,
+        seed=args.seed, max_seconds=60 * args.minutes,
     )  # fmt: skip
     model = out / "medvar" / MODEL_FILE
     if model.is_file():
         logger.info("MedVAR already trained: %s", model)
     else:
-        train_transformer(args.store, str(model.parent), tokenizer=args.tokenizer, lr=0.096, **common)
+        run_config(
+            "train", "train", {**common, "output_dir": str(model.parent), "tokenizer": args.tokenizer, "lr": 0.096}
+        )
     baseline = out / "ddpm" / BASELINE_FILE
     if baseline.is_file():
         logger.info("DDPM already trained: %s", baseline)
     else:
-        train_ddpm(args.store, str(baseline.parent), lr=args.ddpm_lr, **common)
+        run_config("train_ddpm", "train", {**common, "output_dir": str(baseline.parent), "lr": args.ddpm_lr})
     return model, baseline
 
 

@@ -3,7 +3,8 @@
 The zip holds one top folder, ``medvar_bundle/`` (the bundle root), laid out as zoo bundles are:
 
     medvar_bundle/configs/        every file of configs/ (metadata.json, logging.conf, the YAML configs)
-    medvar_bundle/models/         model.pt, tokenizer.pt, datasets.json, medvar.pt from --models (or empty)
+    medvar_bundle/models/         model.pt, tokenizer.pt, datasets.json, medvar.pt from --models (or empty);
+                                  for a training run's RUN/models, RUN/model.pt (the portable file) becomes medvar.pt
     medvar_bundle/docs/           docs/ (README.md, data_license.txt, the other docs and figures)
     medvar_bundle/LICENSE, medvar_bundle/large_files.yml
     medvar_bundle/medvar_bundle/  the Python package (*.py only)
@@ -48,10 +49,13 @@ def bundle_entries(root: Path = ROOT, models: Path | None = None) -> dict[str, P
     for folder, pattern in (("configs", "*"), ("docs", "*"), (BUNDLE, "*.py")):
         entries.update({f"{BUNDLE}/{p.relative_to(root).as_posix()}": p for p in _files(root / folder, pattern)})
     if models is not None:
-        found = [models / name for name in MODEL_FILES if (models / name).is_file()]
+        found = {name: models / name for name in MODEL_FILES if (models / name).is_file()}
         if not found:
             raise FileNotFoundError(f"{models} holds none of {', '.join(MODEL_FILES)}")
-        entries.update({f"{BUNDLE}/models/{p.name}": p for p in found})
+        portable = models.parent / "model.pt"  # a `medvar train` run folder: RUN/model.pt beside RUN/models/
+        if "medvar.pt" not in found and "model.pt" in found and portable.is_file():
+            found["medvar.pt"] = portable
+        entries.update({f"{BUNDLE}/models/{name}": path for name, path in found.items()})
     return entries
 
 

@@ -13,9 +13,8 @@ from test_transformer_engine import VOCAB, store  # noqa: F401  (the tokenized 6
 from torch.utils.flop_counter import sdpa_flop_count
 
 from medvar_bundle import benchmark, cli
-from medvar_bundle.engines.common import attach_time_budget
-from medvar_bundle.engines.ddpm import train_ddpm
-from medvar_bundle.engines.transformer import train_transformer
+from medvar_bundle.bundle_config import run_config
+from medvar_bundle.engines.handlers import TimeBudget
 from medvar_bundle.model_file import load_baseline, load_model
 
 # a pair small enough for 64² slices: one-block transformer, narrow tokenizer, two-level UNet
@@ -106,17 +105,17 @@ def test_time_budget_stops_the_engine_after_the_step_that_spends_it():
     the run still completes normally (COMPLETED fires, so end-of-training handlers run)."""
     clock = [0.0]
     trainer = Engine(lambda engine, batch: clock.__setitem__(0, clock[0] + 1.0))
-    attach_time_budget(trainer, 3.5, start=0.0, clock=lambda: clock[0])
+    TimeBudget(3.5, start=0.0, clock=lambda: clock[0]).attach(trainer)
     completed = []
     trainer.add_event_handler(Events.COMPLETED, lambda e: completed.append(e.state.iteration))
     trainer.run(range(100), max_epochs=1)
     assert trainer.state.iteration == 4 and completed == [4]
 
     untimed = Engine(lambda engine, batch: None)
-    attach_time_budget(untimed, None)
+    TimeBudget(None).attach(untimed)
     assert untimed.run(range(5), max_epochs=1).iteration == 5
     with pytest.raises(ValueError, match="max_seconds must be > 0"):
-        attach_time_budget(untimed, 0)
+        TimeBudget(0)
 
 
 def test_both_engines_stop_at_the_budget_then_validate_and_save(store, tmp_path):  # noqa: F811
@@ -125,10 +124,12 @@ def test_both_engines_stop_at_the_budget_then_validate_and_save(store, tmp_path)
     common = dict(
         batch_size=4, max_steps=100, warmup_steps=2, val_every=50, checkpoint_every=50, progress=False, max_seconds=1e-6
     )
-    model = load_model(
-        train_transformer(str(store), str(tmp_path / "medvar"), model_overrides=TRANSFORMER_NET, **common)
-    )
-    baseline = load_baseline(train_ddpm(str(store), str(tmp_path / "ddpm"), model_overrides=DDPM_NET, **common))
+    run_config("train", "train", {"dataset_dir": str(store), "output_dir": str(tmp_path / "medvar"), **common,
+                                  **TRANSFORMER_NET})  # fmt: skip
+    ddpm_net = {f"network_def#{key}": value for key, value in DDPM_NET.items()}
+    run_config("train_ddpm", "train", {"dataset_dir": str(store), "output_dir": str(tmp_path / "ddpm"), **common,
+                                       **ddpm_net})  # fmt: skip
+    model, baseline = load_model(tmp_path / "medvar" / "model.pt"), load_baseline(tmp_path / "ddpm" / "baseline.pt")
     assert model.step == 1 and baseline.step == 1
     for run in ("medvar", "ddpm"):
         rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]

@@ -19,7 +19,11 @@ from medvar_bundle.networks import MultiScaleVQVAE
 from medvar_bundle.networks.transformer import NextScaleTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_CONFIGS = [("train_tokenizer", "synthetic_store"), ("train", "tokenized_store")]
+TRAIN_CONFIGS = [
+    ("train_tokenizer", "synthetic_store"),
+    ("train", "tokenized_store"),
+    ("train_ddpm", "synthetic_store"),
+]
 SMALL_TOKENIZER = {"network_def#ch": 32, "network_def#num_res_blocks": 1, "network_def#vocab_size": 64}
 REGISTRY = {
     "brain_mr": {"id": 0, "modality": "MR", "anatomy": "brain", "spacing": [1.0, 1.0, 1.5],
@@ -151,3 +155,20 @@ def test_mlflow_tracking_records_parameters_and_metrics_of_a_short_run(synthetic
     assert sorted(m.step for m in losses) == [1, 2, 3]
     row = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert data.metrics["psnr"] == pytest.approx(row["psnr"])
+
+
+def test_verify_net_in_out_checks_the_image_network(model_file):
+    """MONAI's verify_net_in_out feeds metadata.json's input format (here at the test model's 64²) to
+    ``autoencoder_def`` and checks the output's channels and dtype."""
+    command = [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "autoencoder_def",
+               "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.yaml",
+               "--model_file", str(model_file), "--device", "cpu",
+               "--_meta_#network_data_format#inputs#image#spatial_shape", "[64, 64]"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "verified with no error" in done.stdout + done.stderr
+    wrong = subprocess.run(
+        [*command, "--_meta_#network_data_format#outputs#pred#num_channels", "3"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert wrong.returncode != 0 and "output channel number" in wrong.stderr

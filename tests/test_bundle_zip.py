@@ -107,3 +107,14 @@ def test_unpacked_bundle_generates_with_monai_alone(tmp_path):
     stack = nib.load(out / "brain_mr.nii.gz")
     assert stack.shape == (64, 64, 2) and stack.get_data_dtype() == np.uint8
     assert json.loads((out / "summary.json").read_text())["num"] == 2
+
+
+def test_a_training_runs_portable_file_becomes_medvar_pt(tmp_path):
+    run = tmp_path / "run"
+    (run / "models").mkdir(parents=True)
+    (run / "model.pt").write_bytes(b"portable")
+    (run / "models" / "model.pt").write_bytes(b"state_dict")
+    assert _make("--out", str(tmp_path / "b.zip"), "--models", str(run / "models")).returncode == 0
+    with zipfile.ZipFile(tmp_path / "b.zip") as zf:
+        assert zf.read("medvar_bundle/models/medvar.pt") == b"portable"
+        assert zf.read("medvar_bundle/models/model.pt") == b"state_dict"

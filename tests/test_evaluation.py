@@ -175,6 +175,6 @@ def test_bundle_config_runs_the_same_function(synthetic_store, heldout_folder, t
         "real": str(synthetic_store), "fake_dirs": [str(heldout_folder)], "output_dir": str(tmp_path),
         "datasets": ["set1"], "allow_download": False,
     })  # fmt: skip
-    parser.get_parsed_content("evaluate")
+    parser.get_parsed_content("run")
     rows = json.loads((tmp_path / "report.json").read_text())["rows"]
     assert rows["heldout"]["set1"]["histogram"] == pytest.approx(rows[FLOOR]["set1"]["histogram"])

@@ -195,10 +195,6 @@ def random_crops(size: int, seed: int = 0) -> Callable[[torch.Tensor], torch.Ten
     return cut
 
 
-def _hinge_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (torch.relu(1 - real).mean() + torch.relu(1 + fake).mean())
-
-
 class TokenizerIteration:
     """One optimizer step of the tokenizer: the ``SupervisedTrainer``'s ``iteration_update``.
 
@@ -272,7 +268,8 @@ class TokenizerIteration:
         optimizer.step()
         if use_gan:
             with autocast(dev, bf16):
-                d_loss = _hinge_d_loss(self.disc(x)[-1].float(), self.disc(recon.detach())[-1].float())
+                real, fake = self.disc(x)[-1].float(), self.disc(recon.detach())[-1].float()
+                d_loss = 0.5 * (torch.relu(1 - real).mean() + torch.relu(1 + fake).mean())
             self.disc_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             self.disc_opt.step()

@@ -13,19 +13,16 @@ the generated sets.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from medvar_bundle.data.store import SPLITS, SliceStore
-from medvar_bundle.data.transforms import NormalizeByModalityd, QuantizeUint8d
-from medvar_bundle.io import check_writable
+from medvar_bundle.io import GeneratedFolder, check_writable, read_generated, read_generated_folder
 from medvar_bundle.metrics import (
     FeatureExtractor,
     cmmd,
@@ -67,73 +64,6 @@ AVERAGED = (
 """Columns whose overall value is the mean over datasets."""
 
 GRID_SLICES = 8
-
-
-# --------------------------------------------------------------------------------------------
-# generated folders
-# --------------------------------------------------------------------------------------------
-
-
-def read_generated(path: str | os.PathLike, entry: dict) -> np.ndarray:
-    """A ``NAME.nii.gz`` of ``medvar generate`` back to the sampler's uint8 slices ``(N, S, S)``.
-
-    MR stacks hold the uint8 slices as they are. CT stacks hold Hounsfield units; the dataset's
-    window ``entry["ct_window"]`` is applied again exactly as ``prepare`` did (clip to the window,
-    scale to [0, 1], round to 255 levels), which returns the sampled levels unchanged for windows of
-    255 HU or wider (the int16 rounding moves a level by less than half a step).
-
-    Args:
-        path: the NIfTI stack ``(S, S, N)``.
-        entry: the dataset's ``datasets.json`` entry (``modality``, ``ct_window``).
-    """
-    data = np.asarray(nib.load(path).dataobj)
-    if data.ndim != 3:
-        raise ValueError(f"{path}: expected a stack (S, S, N) of generated slices, got shape {data.shape}")
-    slices = np.ascontiguousarray(np.moveaxis(data, -1, 0))
-    if entry.get("modality") == "MR":
-        if slices.dtype != np.uint8:
-            raise ValueError(f"{path}: MR stacks of `medvar generate` are uint8, got {slices.dtype}")
-        return slices
-    windowed = NormalizeByModalityd()({"image": slices.astype(np.float32), **entry})
-    return QuantizeUint8d("image")(windowed)["image"]
-
-
-@dataclass(frozen=True)
-class GeneratedFolder:
-    """One method's output folder.
-
-    Attributes:
-        label: the method's name in the tables (the folder name unless given).
-        path: the folder.
-        summary: its ``summary.json`` ({} when absent).
-        datasets: names with a ``NAME.nii.gz``.
-    """
-
-    label: str
-    path: Path
-    summary: dict
-    datasets: tuple[str, ...]
-
-    @property
-    def parameters(self) -> int | None:
-        """Parameter count of the sampling network (``summary.json`` key ``parameters``)."""
-        return self.summary.get("parameters")
-
-    def seconds_per_image(self, dataset: str) -> float | None:
-        return self.summary.get("datasets", {}).get(dataset, {}).get("seconds_per_image")
-
-
-def read_generated_folder(path: str | os.PathLike, label: str | None = None) -> GeneratedFolder:
-    """Find the stacks and the summary of one generated folder."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such folder of generated slices")
-    datasets = tuple(sorted(p.name.removesuffix(".nii.gz") for p in path.glob("*.nii.gz")))
-    if not datasets:
-        raise ValueError(f"{path}: no NAME.nii.gz stacks (the output of `medvar generate`)")
-    summary_file = path / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    return GeneratedFolder(label or path.resolve().name, path, summary, datasets)
 
 
 def random_subset(slices: np.ndarray, max_slices: int | None, seed: int) -> np.ndarray:

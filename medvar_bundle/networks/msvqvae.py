@@ -364,3 +364,20 @@ class MultiScaleVQVAE(nn.Module):
             return f_hat, f_hat
         n = self.patch_nums[k + 1]
         return f_hat, F.interpolate(f_hat, size=(n, n), mode="area")
+
+
+class Reconstruction(nn.Module):
+    """The tokenizer as an image-to-image network: ``(B, 1, S, S)`` in [-1, 1] → its quantized
+    reconstruction ``(B, 1, S, S)``, fp32, clamped to [-1, 1].
+
+    What ``configs/metadata.json``'s ``network_data_format`` describes, so MONAI's
+    ``verify_net_in_out`` (which feeds one tensor and reads one back) can check the image side of
+    the bundle; the tokenizer's own ``forward`` also returns its loss dictionary for training.
+    """
+
+    def __init__(self, tokenizer: MultiScaleVQVAE) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.tokenizer(x)[0].float().clamp(-1, 1)
