@@ -1,23 +1,37 @@
 """The bundle's configs, run from Python: where they are and how MONAI runs them.
 
 The package lives inside the bundle folder (``medvar_bundle/`` beside ``configs/``), in the
-repository and in the model-zoo zip alike, so the configs are found next to the package.
+repository and in the model-zoo zip alike, so the configs are found next to the package (or under
+``$MEDVAR_BUNDLE_ROOT``).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-BUNDLE_ROOT = Path(__file__).resolve().parent.parent
+BUNDLE_ROOT = Path(os.environ.get("MEDVAR_BUNDLE_ROOT") or Path(__file__).resolve().parent.parent)
+"""The bundle folder: ``$MEDVAR_BUNDLE_ROOT``, else the folder holding this package (an editable
+install or an unpacked bundle)."""
 CONFIGS = BUNDLE_ROOT / "configs"
 
 
 def config_path(name: str) -> Path:
-    """``configs/<name>.yaml`` of the bundle this package belongs to."""
-    return CONFIGS / f"{name}.yaml"
+    """``configs/<name>.yaml`` of the bundle this package belongs to.
+
+    Raises:
+        FileNotFoundError: one line, when the package was installed away from its bundle.
+    """
+    path = CONFIGS / f"{name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no such bundle config; install the package editable (pip install -e BUNDLE) or set "
+            "MEDVAR_BUNDLE_ROOT to the bundle folder"
+        )
+    return path
 
 
 def config_component(config: str, id: str, overrides: dict | None = None):

@@ -51,9 +51,15 @@ def _shown(value) -> str:
 
 def add_config_options(parser: argparse.ArgumentParser, config: str, options: Sequence[ConfigOption]) -> None:
     """Add ``options`` to ``parser``; each help text ends with the id and its default from ``config``."""
-    defaults = ConfigParser(ConfigParser.load_config_file(config_path(config)))
+    try:
+        defaults = ConfigParser(ConfigParser.load_config_file(config_path(config)))
+    except FileNotFoundError:  # a package installed away from its bundle: --help still works, running says why
+        defaults = None
     for o in options:
-        shown = "required" if o.required else f"default {_shown(defaults[o.id])}"
+        if o.required or defaults is None:
+            shown = "required" if o.required else f"default from configs/{config}.yaml"
+        else:
+            shown = f"default {_shown(defaults[o.id])}"
         text = f"{o.help} [{o.id}; {shown}]"
         if o.const is not None:
             parser.add_argument(o.flag, dest=o.id, action="store_const", const=o.const, help=text)

@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from medvar_bundle import bundle_config
 from medvar_bundle.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,3 +108,13 @@ def test_bundle_prepare_config_and_cli_write_the_same_store(tmp_path):
     b = np.load(next((tmp_path / "cli_store" / "shards").glob("*.images.npy")))
     assert a.shape == (6, 64, 64)
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_package_away_from_its_bundle_still_helps_and_says_why_it_cannot_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bundle_config, "CONFIGS", tmp_path / "nowhere" / "configs")
+    with pytest.raises(SystemExit) as exc:
+        main(["train-tokenizer", "--help"])
+    assert exc.value.code == 0 and "default from configs/train_tokenizer.yaml" in capsys.readouterr().out
+    assert main(["train-tokenizer", "--store", "s", "--out", "o"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "MEDVAR_BUNDLE_ROOT" in lines[0] and "nowhere" in lines[0]
