@@ -7,6 +7,7 @@ repository and in the model-zoo zip alike, so the configs are found next to the 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,14 +63,20 @@ def run_config(
     store, a bad value), so the command line can print one line.
     """
     files = [str(config_path(config)), *(str(config_path(c)) for c in extra_configs)]
-    workflow = ConfigWorkflow(
-        config_file=files if len(files) > 1 else files[0],
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=False,  # the caller's logging stays as it is (the medvar CLI sets its own)
-        workflow_type=workflow_type,
-        tracking=tracking,
-        **{"bundle_root": str(BUNDLE_ROOT), **overrides},
-    )
+    workflows_logger = logging.getLogger("monai.bundle.workflows")
+    level = workflows_logger.level
+    workflows_logger.setLevel(logging.ERROR)  # its "logging file is set to False" warning is our choice, not news
+    try:
+        workflow = ConfigWorkflow(
+            config_file=files if len(files) > 1 else files[0],
+            meta_file=str(CONFIGS / "metadata.json"),
+            logging_file=False,  # the caller's logging stays as it is (the medvar CLI sets its own)
+            workflow_type=workflow_type,
+            tracking=tracking,
+            **{"bundle_root": str(BUNDLE_ROOT), **overrides},
+        )
+    finally:
+        workflows_logger.setLevel(level)
     try:
         workflow.initialize()
         results = workflow.run()
