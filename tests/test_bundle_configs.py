@@ -71,17 +71,6 @@ def test_inference_config_has_the_zoo_infer_properties(model_file, tmp_path):
     assert workflow.check_properties() in (None, [])
 
 
-def test_monai_bundle_run_generates_with_the_default_run_id(model_file, tmp_path):
-    out = tmp_path / "samples"
-    done = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml",
-         "--model_file", str(model_file), "--num_samples", "3", "--output_dir", str(out), "--progress", "False"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (out / "brain_mr.nii.gz").is_file() and (out / "summary.json").is_file()
-
-
 def test_a_nested_override_changes_the_run(synthetic_store, tmp_path):
     """``train#trainer#max_epochs`` beats the step budget: 16 training slices in batches of 4 are 4 steps an epoch."""
     out = tmp_path / "run"

@@ -1,12 +1,11 @@
 """Model files load as weights only: a file that carries pickled code is refused before anything runs."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from medvar_bundle.cli import main
 from medvar_bundle.files import load_weights
 from medvar_bundle.model_file import load_tokenizer
 
@@ -51,17 +50,11 @@ def test_pickled_code_is_refused_with_one_line_and_never_runs(evil_file):
     assert not marker.exists()
 
 
-def test_generate_refuses_the_file_with_one_line_and_exit_1(evil_file, tmp_path):
+def test_generate_refuses_the_file_with_one_line_and_exit_2(evil_file, tmp_path, capsys):
     path, marker = evil_file
-    done = subprocess.run(
-        [sys.executable, "-m", "medvar_bundle.cli", "generate", "--model", str(path), "--out", str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode != 0
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(path) in lines[0] and "refused" in lines[0], done.stderr
+    assert main(["generate", "--model", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and "refused" in lines[0], lines
     assert not marker.exists()
 
 
