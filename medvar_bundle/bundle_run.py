@@ -42,8 +42,10 @@ class ConfigOption:
 
 
 def _shown(value) -> str:
-    """A config default as a user reads it: ``$torch.device('cpu')`` → ``cpu``."""
+    """A config default as a user reads it: ``$torch.device('cpu')`` → ``cpu``, the bf16 rule in words."""
     text = str(value)
+    if text == "$medvar_bundle.runtime.fast_bf16(@device)":
+        return "on where the device has native bf16"
     if text.startswith("$torch.device('") and text.endswith("')"):
         return text[len("$torch.device('") : -2]
     return text

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import benchmark
 from .bundle_run import ConfigOption, add_config_options, device_expression, output_path, overrides_from, run_config
+from .runtime import fast_bf16
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -110,7 +111,7 @@ def _evaluate_tokenizer(args: argparse.Namespace) -> int:
     if len(store) == 0:
         raise UserError(f"{args.store}: no slices{f' in split {args.split}' if args.split else ''}")
     metrics = evaluate_tokenizer(
-        model, store, args.batch_size, args.device, not args.fp32, args.max_images, progress=not args.quiet
+        model, store, args.batch_size, args.device, _bf16(args), args.max_images, progress=not args.quiet
     )
     metrics.pop("counts")
     print(json.dumps(metrics))
@@ -122,7 +123,7 @@ def _tokenize(args: argparse.Namespace) -> int:
 
     try:
         meta = tokenize_store(
-            args.tokenizer, args.store, args.batch_size, args.device, not args.fp32, args.force, not args.quiet
+            args.tokenizer, args.store, args.batch_size, args.device, _bf16(args), args.force, not args.quiet
         )
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from None
@@ -207,7 +208,7 @@ def _ablate(args: argparse.Namespace) -> int:
             quality_metric=args.quality_metric,
             batch_size=args.batch_size,
             device=args.device,
-            bf16=not args.fp32,
+            bf16=_bf16(args),
             progress=not args.quiet,
         )
     except (MissingWeightsError, FileNotFoundError, ValueError, PermissionError) as exc:
@@ -287,6 +288,7 @@ EVALUATE_OPTIONS = (
 RUN_OPTIONS = (
     ConfigOption("--device", "device", "cpu or cuda[:N]", to_config=device_expression),
     ConfigOption("--fp32", "bf16", "no bf16 autocast", const=False),
+    ConfigOption("--bf16", "bf16", "bf16 autocast even where the device only emulates bf16 (slow)", const=True),
     ConfigOption("--quiet", "progress", "no progress bar", const=False),
     ConfigOption("--seed", "seed", "random seed", type=int),
     ConfigOption("--workers", "num_workers", "DataLoader workers", type=int),
@@ -375,7 +377,7 @@ GENERATE_OPTIONS = (
     ConfigOption("--resample-original", "resample_original", "resample in-plane to the dataset's median original "
                  "matrix", const=True),
     ConfigOption("--progression", "progression", "also write NAME_progression.png (coarse to fine)", const=True),
-    *RUN_OPTIONS[:3],
+    *RUN_OPTIONS[:4],
 )  # fmt: skip
 
 
@@ -385,11 +387,18 @@ def _tracking_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _bf16(args: argparse.Namespace) -> bool:
+    """bf16 autocast for the commands with ``--fp32``: on unless asked off or emulated on ``--device``."""
+    return not args.fp32 and fast_bf16(args.device)
+
+
 def _runtime_options(p: argparse.ArgumentParser, batch_size: int) -> None:
     """Options shared by the commands that run a network."""
     p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per batch (default {batch_size})")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    p.add_argument(
+        "--fp32", action="store_true", help="no bf16 autocast (default: on where the device has native bf16)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

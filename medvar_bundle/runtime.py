@@ -1,4 +1,4 @@
-"""Runtime conventions shared by every layer: intensity ranges and bf16 autocast.
+"""Runtime conventions shared by every layer: intensity ranges, bf16 autocast and where it pays.
 
 Slices are stored as uint8 in [0, 255]; the networks take and return float ``(B, 1, H, W)`` in
 [-1, 1].
@@ -32,3 +32,19 @@ def autocast(device: torch.device | str, enabled: bool):
     """bf16 autocast on CPU or CUDA (a no-op context when disabled)."""
     device_type = torch.device(device).type
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def fast_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bf16 natively, so that bf16 autocast speeds it up.
+
+    CUDA: ``torch.cuda.is_bf16_supported()``. CPU: oneDNN's bf16 kernels (AVX-512 or AMX; measured
+    ~2.5× and ~6× faster than fp32 matmuls). On CPUs without them (AVX2 only) bf16 is emulated:
+    a tokenizer training step ran 8.7× and a DDPM UNet forward 18× slower than in fp32, so the
+    configs' ``bf16`` default is this function and such machines train and sample in fp32.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
