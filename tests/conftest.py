@@ -76,3 +76,19 @@ def offline_hub(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
     return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def models():
+    """A random 64² tokenizer (scales 1,2,3,4) and a 2-block transformer with sharpened weights,
+    so sampled tokens depend strongly on the inputs."""
+    from medvar_bundle.networks import MultiScaleVQVAE
+    from medvar_bundle.networks.transformer import NextScaleTransformer
+
+    torch.manual_seed(0)
+    tokenizer = MultiScaleVQVAE.from_preset("tiny", image_size=64).eval()
+    transformer = NextScaleTransformer(num_datasets=3, depth=2, patch_nums=tokenizer.patch_nums, vocab_size=4096).eval()
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.normal_(0, 0.2)
+    return tokenizer, transformer

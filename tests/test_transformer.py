@@ -5,25 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medvar_bundle.networks import MultiScaleVQVAE
 from medvar_bundle.networks.transformer import NextScaleTransformer, block_causal_mask, scale_of_positions
 from medvar_bundle.sampling.guidance import guided_logits
 from medvar_bundle.sampling.medvar import SamplingOptions, generate_images, generate_tokens, sample_top_k_top_p
 
 PATCH_NUMS = (1, 2, 3, 4)
-
-
-@pytest.fixture(scope="module")
-def models():
-    """A random 64² tokenizer (scales 1,2,3,4) and a 2-block transformer with sharpened weights,
-    so sampled tokens depend strongly on the inputs."""
-    torch.manual_seed(0)
-    tokenizer = MultiScaleVQVAE.from_preset("tiny", image_size=64).eval()
-    transformer = NextScaleTransformer(num_datasets=3, depth=2, patch_nums=tokenizer.patch_nums, vocab_size=4096).eval()
-    with torch.no_grad():
-        for p in transformer.parameters():
-            p.normal_(0, 0.2)
-    return tokenizer, transformer
 
 
 def test_block_causal_mask_known_answer():

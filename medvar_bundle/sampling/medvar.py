@@ -86,8 +86,10 @@ def generate_tokens(
     use_cache: bool = True,
     bf16: bool = True,
     return_stages: bool = False,
+    known: list[Tensor] | None = None,
+    sample_mask: list[Tensor] | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """Sample K token maps for a batch of dataset ids.
+    """Sample K token maps for a batch of dataset ids, or only part of them (masked sampling).
 
     Args:
         transformer, tokenizer: matching networks (same V, C_vae and scales), in eval mode.
@@ -97,10 +99,17 @@ def generate_tokens(
         use_cache: KV cache (one pass over the new tokens per scale) or full recomputation.
         bf16: bf16 autocast for the transformer (the quantizer's f̂ stays fp32).
         return_stages: also return the running f̂ ``(B, C_vae, H, W)`` after every scale.
+        known: with ``sample_mask``, real token maps ``[(B, n_k, n_k)]`` (an image's
+            :meth:`~MultiScaleVQVAE.encode`): where ``sample_mask`` is False the real token is taken
+            instead of the sampled one, so the running f̂ and the next scale's input hold the real
+            context (VAR's zero-shot in-painting, §7).
+        sample_mask: ``[(B, n_k, n_k)]`` bool, True where tokens are sampled.
 
     Returns:
         Token maps ``[(B, n_k, n_k)]`` and the list of running f̂ (empty unless ``return_stages``).
     """
+    if (known is None) != (sample_mask is None):
+        raise ValueError("masked sampling needs both the known token maps and the sample mask")
     device = dataset_id.device
     patch_nums, K = transformer.patch_nums, len(transformer.patch_nums)
     B = dataset_id.shape[0]
@@ -123,6 +132,8 @@ def generate_tokens(
             t = options.cfg * k / max(K - 1, 1)
             logits = guided_logits(logits[:B], logits[B:], t) if guided else logits
             idx = sample_top_k_top_p(logits, options.top_k, options.top_p, generator, options.temperature).view(B, n, n)
+            if sample_mask is not None:
+                idx = torch.where(sample_mask[k], idx, known[k])
             indices.append(idx)
             f_hat, next_input = tokenizer.next_autoregressive_input(k, f_hat, tokenizer.quantizer.embed(idx))
             if return_stages:
