@@ -73,11 +73,14 @@ def _preview(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_bundle(args: argparse.Namespace, workflow_type: str | None = "train", distributed: bool = False) -> list:
+def _run_bundle(
+    args: argparse.Namespace, workflow_type: str | None = "train", distributed: bool = False, base: str | None = None
+) -> list:
     """Run the subcommand's config with the flags given; returns what its ``run`` expressions returned.
 
     With ``distributed`` under torchrun (``WORLD_SIZE`` > 1), ``configs/multi_gpu_train.yaml`` is merged
-    and ``--device cuda`` becomes ``cuda:$LOCAL_RANK`` (one GPU per process). User errors become one line.
+    and ``--device cuda`` becomes ``cuda:$LOCAL_RANK`` (one GPU per process). With ``base``, the
+    subcommand's config is an overlay on ``configs/<base>.yaml``. User errors become one line.
     """
     from .weights import MissingWeightsError
 
@@ -87,7 +90,10 @@ def _run_bundle(args: argparse.Namespace, workflow_type: str | None = "train", d
         if getattr(args, "device", None) == "cuda":
             overrides["device"] = device_expression(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
     try:
-        return run_config(args.config, workflow_type, overrides, overlays, tracking=getattr(args, "tracking", None))
+        tracking = getattr(args, "tracking", None)
+        if base is not None:
+            return run_config(base, workflow_type, overrides, [args.config, *overlays], tracking=tracking)
+        return run_config(args.config, workflow_type, overrides, overlays, tracking=tracking)
     except (MissingWeightsError, FileNotFoundError, ValueError, PermissionError) as exc:
         raise UserError(str(exc)) from None
 
@@ -363,15 +369,18 @@ DDPM_OPTIONS = (
 )  # fmt: skip
 
 
+SAMPLING_OPTIONS = (
+    ConfigOption("--cfg", "cfg", "classifier-free guidance at the last scale, >= 0", type=float),
+    ConfigOption("--top-k", "top_k", "keep the k most likely codes, >= 1", type=int),
+    ConfigOption("--top-p", "top_p", "nucleus mass in (0, 1]", type=float),
+    ConfigOption("--temperature", "temperature", "softmax temperature, > 0", type=float),
+)
 GENERATE_OPTIONS = (
     ConfigOption("--model", "model_file", "model.pt written by `medvar train`", required=True),
     ConfigOption("--dataset", "datasets", "dataset name(s) of the model's registry (null: all)", nargs="+"),
     ConfigOption("--num", "num_samples", "slices per dataset", type=int),
     ConfigOption("--out", "output_dir", "output folder", required=True),
-    ConfigOption("--cfg", "cfg", "classifier-free guidance at the last scale, >= 0", type=float),
-    ConfigOption("--top-k", "top_k", "keep the k most likely codes, >= 1", type=int),
-    ConfigOption("--top-p", "top_p", "nucleus mass in (0, 1]", type=float),
-    ConfigOption("--temperature", "temperature", "softmax temperature, > 0", type=float),
+    *SAMPLING_OPTIONS,
     ConfigOption("--seed", "seed", "dataset j is drawn with a generator seeded seed + j", type=int),
     ConfigOption("--batch-size", "batch_size", "slices per batch", type=int),
     ConfigOption("--resample-original", "resample_original", "resample in-plane to the dataset's median original "
@@ -379,6 +388,32 @@ GENERATE_OPTIONS = (
     ConfigOption("--progression", "progression", "also write NAME_progression.png (coarse to fine)", const=True),
     *RUN_OPTIONS[:4],
 )  # fmt: skip
+
+INPAINT_OPTIONS = (
+    ConfigOption("--model", "model_file", "model.pt written by `medvar train`", required=True),
+    ConfigOption("--image", "image", "the volume: NIfTI, NRRD/MHA or a DICOM series folder", required=True),
+    ConfigOption("--mask", "mask", "a volume on the image's grid; voxels > 0 are re-drawn", required=True),
+    ConfigOption("--dataset", "dataset", "the image's dataset in the model's registry", required=True),
+    ConfigOption("--out", "output_dir", "output folder", required=True),
+    ConfigOption("--outpaint", "outpaint", "re-draw everything outside the mask (in the axial slices it touches)",
+                 const=True),
+    ConfigOption("--edit-dataset", "edit_dataset", "re-draw the region as this dataset (editing)"),
+    *SAMPLING_OPTIONS,
+    ConfigOption("--seed", "seed", "seed of the sampling generator", type=int),
+    ConfigOption("--batch-size", "batch_size", "slices per batch", type=int),
+    ConfigOption("--feather", "feather", "blend width in pixels inside the region's border", type=int),
+    ConfigOption("--dilation", "dilation", "grow the sampled region by this many finest tokens", type=int),
+    *RUN_OPTIONS[:4],
+)  # fmt: skip
+
+
+def _inpaint(args: argparse.Namespace) -> int:
+    (summary,) = _run_bundle(args, None, base="prepare")
+    print(
+        f"medvar inpaint: {summary['slices']} slices re-drawn, {summary['changed_voxels']} voxels changed "
+        f"-> {summary['files']['volume']} (before/after {summary['files']['figure']})"
+    )
+    return 0
 
 
 def _tracking_option(p: argparse.ArgumentParser) -> None:
@@ -572,6 +607,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_options(p, "inference", GENERATE_OPTIONS)
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser(
+        "inpaint",
+        help="re-draw a masked region of a real volume (in-painting, --outpaint, --edit-dataset); NIfTI out",
+        description="Zero-shot in-painting with a trained model: the image goes through `medvar prepare`'s "
+        "preprocessing (RAS, CT window or MR clip, 256x256 axial slices), the axial slices the mask touches are "
+        "re-drawn inside the mask by masked next-scale sampling (real tokens outside it at every scale), mapped back "
+        "to the image's grid and intensities (HU for CT) and pasted inside the mask only, so every voxel outside it "
+        "keeps its value. Writes NAME_inpainted.nii.gz (the input's affine, shape and dtype), NAME_inpainted.png "
+        "(before / region / after) and inpaint.json. Same --seed and --batch-size give the same volume.",
+    )
+    add_config_options(p, "inpaint", INPAINT_OPTIONS)
+    p.set_defaults(func=_inpaint)
 
     p = sub.add_parser(
         "evaluate",

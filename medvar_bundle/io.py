@@ -47,6 +47,7 @@ __all__ = [
     "save_sample_grid",
     "slice_stack_affine",
     "to_intensity",
+    "write_nifti",
     "write_slice_stack",
 ]
 
@@ -256,6 +257,13 @@ def write_slice_stack(
         hdr["cal_min"], hdr["cal_max"] = 0.0, 255.0
     hdr["descrip"] = SYNTHETIC_DESCRIP.format(modality=modality).encode()[:79]
 
+    return write_nifti(img, path)
+
+
+def write_nifti(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
+    """Write a NIfTI image to ``path`` (gzip-compressed when it ends in ``.gz``) atomically: a
+    temporary file in the same folder, then a rename, so no reader sees half a volume."""
+    path = Path(path)
     payload = img.to_bytes()
     if path.name.endswith(".gz"):
         payload = gzip.compress(payload, compresslevel=6, mtime=0)

@@ -92,3 +92,24 @@ def models():
         for p in transformer.parameters():
             p.normal_(0, 0.2)
     return tokenizer, transformer
+
+
+REGISTRY = {
+    "abdomen_ct": {"id": 0, "modality": "CT", "anatomy": "abdomen", "num_slices": 10, "num_volumes": 2,
+                   "spacing": [0.8, 0.75, 5.0], "matrix": [512, 480, 40], "ct_window": [40.0, 400.0]},
+    "brain_mr": {"id": 1, "modality": "MR", "anatomy": "brain", "num_slices": 10, "num_volumes": 2,
+                 "spacing": [1.0, 1.0, 1.5], "matrix": [192, 256, 120], "ct_window": None},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    """A random tiny 64² model file (tokenizer + 1-block transformer) over :data:`REGISTRY`."""
+    from medvar_bundle.model_file import MODEL_FILE, save_model
+    from medvar_bundle.networks import MultiScaleVQVAE
+    from medvar_bundle.networks.transformer import NextScaleTransformer
+
+    torch.manual_seed(0)
+    tokenizer = MultiScaleVQVAE.from_preset("tiny", image_size=64)
+    transformer = NextScaleTransformer(num_datasets=2, depth=1, patch_nums=tokenizer.patch_nums)
+    return save_model(tmp_path_factory.mktemp("model") / MODEL_FILE, tokenizer, transformer, REGISTRY, step=3)

@@ -13,7 +13,7 @@ LAYERS = {
     "data": 1, "networks": 1,
     "sampling": 2, "losses": 2, "metrics": 2, "model_file": 2,
     "engines": 3, "io": 3, "tokenize": 3,
-    "inference": 4,
+    "inference": 4, "inpaint": 4,
     "evaluation": 5, "benchmark": 5,
     "bundle_run": 5,
     "bundle_config": 0,

@@ -53,6 +53,18 @@ def _like(new: np.ndarray, img):
     return new
 
 
+def check_volume_shape(shape: tuple[int, ...]) -> None:
+    """Raise :class:`VolumeError` unless a channel-first shape ``(C, X, Y, Z)`` is one 3D volume (C = 1)."""
+    if len(shape) - 1 < 3:
+        raise VolumeError(f"2D image of shape {shape[1:]}: a 3D volume is needed")
+    if len(shape) - 1 > 3:
+        raise VolumeError(f"{len(shape) - 1}D spatial image of shape {shape[1:]}: a 3D volume is needed")
+    if shape[0] != 1:
+        raise VolumeError(
+            f"4D image with {shape[0]} volumes (shape {shape[1:]} x {shape[0]}): split it into single 3D volumes first"
+        )
+
+
 class ValidateVolumed(MapTransform):
     """Reject volumes the pipeline cannot turn into slices, with a one-line reason.
 
@@ -72,16 +84,7 @@ class ValidateVolumed(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
-            shape = tuple(img.shape)
-            if len(shape) - 1 < 3:
-                raise VolumeError(f"2D image of shape {shape[1:]}: a 3D volume is needed")
-            if len(shape) - 1 > 3:
-                raise VolumeError(f"{len(shape) - 1}D spatial image of shape {shape[1:]}: a 3D volume is needed")
-            if shape[0] != 1:
-                raise VolumeError(
-                    f"4D image with {shape[0]} volumes (shape {shape[1:]} x {shape[0]}): "
-                    "split it into single 3D volumes first"
-                )
+            check_volume_shape(tuple(img.shape))
             arr = _to_numpy(img)
             bad = int(np.count_nonzero(~np.isfinite(arr)))
             if bad:
@@ -125,7 +128,8 @@ class ScaleIntensityNonZeroPercentiles(Transform):
             raise ValueError(f"need 0 <= lower < upper <= 100, got {lower}, {upper}")
         self.lower, self.upper, self.b_min, self.b_max = lower, upper, b_min, b_max
 
-    def __call__(self, img):
+    def input_range(self, img) -> tuple[float, float]:
+        """The intensities ``(lo, hi)`` of ``img`` that map to ``b_min`` and ``b_max``."""
         arr = _to_numpy(img).astype(np.float32, copy=False)
         nonzero = arr[arr != 0]
         if nonzero.size == 0:
@@ -133,7 +137,11 @@ class ScaleIntensityNonZeroPercentiles(Transform):
         lo, hi = np.percentile(nonzero, [self.lower, self.upper])
         if hi <= lo:
             raise VolumeError(f"non-zero voxels have no intensity range ({lo:g}..{hi:g})")
-        out = ScaleIntensityRange(float(lo), float(hi), self.b_min, self.b_max, clip=True)(arr)
+        return float(lo), float(hi)
+
+    def __call__(self, img):
+        lo, hi = self.input_range(img)
+        out = ScaleIntensityRange(lo, hi, self.b_min, self.b_max, clip=True)(_to_numpy(img).astype(np.float32))
         return _like(np.asarray(out, dtype=np.float32), img)
 
 
@@ -165,11 +173,23 @@ class NormalizeByModalityd(MapTransform):
         self.default_window = tuple(default_window)
         self.mr = ScaleIntensityNonZeroPercentiles(*mr_percentiles)
 
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        modality = d.get(self.modality_key)
+    def _modality(self, data: Mapping[Hashable, object]) -> str:
+        modality = data.get(self.modality_key)
         if modality not in MODALITIES:
             raise VolumeError(f"unknown modality {modality!r}: use one of {', '.join(MODALITIES)}")
+        return modality
+
+    def input_range(self, data: Mapping[Hashable, object], key: Hashable = "image") -> tuple[float, float]:
+        """The intensities ``(lo, hi)`` of ``data[key]`` mapped to 0 and 1 (HU for CT), so that a
+        normalised ``x`` reads back as ``lo + x · (hi − lo)`` inside that range."""
+        if self._modality(data) == "CT":
+            level, width = data.get(self.window_key) or self.default_window
+            return float(level) - float(width) / 2, float(level) + float(width) / 2
+        return self.mr.input_range(data[key])
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        modality = self._modality(d)
         for key in self.key_iterator(d):
             if modality == "CT":
                 level, width = d.get(self.window_key) or self.default_window
@@ -325,7 +345,7 @@ class CastLabeld(MapTransform):
         return d
 
 
-def _reader_for(path: str):
+def reader_for(path: str):
     """ITK for DICOM series folders, NRRD and MHA/MHD; nibabel for NIfTI."""
     lower = str(path).lower()
     return NibabelReader() if lower.endswith((".nii", ".nii.gz")) else ITKReader()
@@ -343,6 +363,6 @@ class LoadVolumed(MapTransform):
             if d[key] is None:
                 d.pop(key)
                 continue
-            loader = LoadImaged(key, reader=_reader_for(d[key]), image_only=True, dtype=np.float32)
+            loader = LoadImaged(key, reader=reader_for(d[key]), image_only=True, dtype=np.float32)
             d = loader(d)
         return d

@@ -1,0 +1,282 @@
+"""In-painting, out-painting and editing of real volumes: a volume and a mask in, a volume out.
+
+:class:`VolumeInpainter` is what ``configs/inpaint.yaml`` (an overlay on ``configs/prepare.yaml``)
+builds and ``medvar inpaint`` runs:
+
+1. the image and the mask are read on the same grid (NIfTI, NRRD/MHA or a DICOM series folder);
+2. ``prepare``'s own ``preprocessing`` Compose turns the image into the model's ``S × S`` uint8
+   axial slices (RAS orientation, CT window or MR non-zero percentile clip, background removal),
+   keeping the axial slices the mask touches;
+3. in each slice the mask's region (the mask, or everything outside it with ``outpaint``) is
+   re-drawn by masked next-scale sampling (:mod:`medvar_bundle.sampling.inpaint`);
+4. the re-drawn slices are resized back to the volume's in-plane matrix, mapped back to its
+   intensities (HU through the inverse CT window; MR through the inverse percentile range) and
+   pasted *inside the region only*, blended over ``feather`` pixels at its border, so every voxel
+   outside the region keeps the input's value exactly;
+5. the volume is turned back from RAS to the input's own orientation (MONAI's inverse of the same
+   ``Orientationd``) and written as NIfTI with the input's affine, shape and dtype, beside a
+   before / mask / after PNG and ``inpaint.json``.
+
+Intensities the forward normalisation clipped cannot be re-created: re-drawn CT voxels lie inside
+the window (air re-drawn at the window's floor, e.g. −160 HU for the 40/400 soft-tissue window).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Orientationd, Resize
+from scipy import ndimage
+from tqdm import tqdm
+
+from medvar_bundle.data.transforms import (
+    NormalizeByModalityd,
+    ValidateVolumed,
+    VolumeError,
+    check_volume_shape,
+    reader_for,
+)
+from medvar_bundle.files import atomic_write_json
+from medvar_bundle.io import check_writable, write_nifti
+from medvar_bundle.model_file import MedVARModel
+from medvar_bundle.runtime import to_model_range
+from medvar_bundle.sampling.inpaint import MaskedNextScaleInferer
+from medvar_bundle.visualize import save_grid
+
+logger = logging.getLogger(__name__)
+
+SUMMARY = "inpaint.json"
+
+
+class InpaintError(ValueError):
+    """Input that cannot be in-painted; the message is one line naming the file and the reason."""
+
+
+def read_volume(path: str | os.PathLike, check_values: bool = True) -> MetaTensor:
+    """A volume as stored: channel-first ``(1, X, Y, Z)`` in its own dtype, with its RAS affine (mm).
+
+    Args:
+        path: NIfTI, NRRD/MHA file or DICOM series folder.
+        check_values: also refuse NaN/Inf and constant volumes (``prepare``'s checks); masks are
+            only checked for their shape.
+
+    Raises:
+        InpaintError: unreadable file, or not one 3D volume.
+    """
+    path = str(path)
+    if not os.path.exists(path):
+        raise InpaintError(f"{path}: no such file or folder")
+    try:
+        img = EnsureChannelFirst()(LoadImage(reader=reader_for(path), image_only=True, dtype=None)(path))
+        check_volume_shape(tuple(img.shape))
+        if check_values:
+            ValidateVolumed("image", label_key=None)({"image": img})
+    except VolumeError as err:
+        raise InpaintError(f"{path}: {err}") from None
+    except Exception as err:  # the readers' many error types: one line for the user
+        raise InpaintError(f"{path}: cannot read a volume ({type(err).__name__}: {err})") from None
+    return img
+
+
+def feather_weights(region: np.ndarray, feather: int) -> np.ndarray:
+    """Per-pixel weight of the re-drawn image in an axial slice's region ``(X, Y)`` bool.
+
+    0 outside the region, ``min(1, d / feather)`` inside it, where ``d`` (≥ 1) is the distance in
+    pixels to the nearest pixel outside; ``feather = 0`` pastes the region as it is.
+    """
+    if feather <= 0:
+        return region.astype(np.float64)
+    return np.clip(ndimage.distance_transform_edt(region) / feather, 0.0, 1.0)
+
+
+def _cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Float values → ``dtype``, rounded and clipped to its range for integer types."""
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+    return values.astype(dtype)
+
+
+def _display(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Intensities → uint8 for figures, ``lo`` black and ``hi`` white."""
+    return np.rint(np.clip((values - lo) / (hi - lo), 0.0, 1.0) * 255).astype(np.uint8)
+
+
+class VolumeInpainter:
+    """Re-draw the masked region of a real volume with a MedVAR model (see the module docstring).
+
+    Args:
+        model: the loaded model file (tokenizer, transformer, dataset registry).
+        preprocessing: ``prepare``'s Compose (one item → uint8 slices); it must contain the
+            ``Orientationd`` and ``NormalizeByModalityd`` it uses, which are inverted here.
+        inferer: the masked next-scale inferer (sampling options, mask dilation, bf16).
+        dataset: the image's dataset in the model's registry (its modality and CT window).
+        edit_dataset: condition the region on this dataset instead (editing); None: ``dataset``.
+        outpaint: re-draw everything outside the mask (in the slices the mask touches) instead.
+        feather: blend width in pixels at the region's border (inside the region).
+        seed: seed of the sampling generator; the same seed and batch size give the same volume.
+        batch_size: slices per batch.
+        device: where the networks run.
+        model_file: the model's path, for messages and the summary.
+        progress: show a progress bar.
+    """
+
+    def __init__(
+        self,
+        model: MedVARModel,
+        preprocessing: Compose,
+        inferer: MaskedNextScaleInferer,
+        dataset: str,
+        edit_dataset: str | None = None,
+        outpaint: bool = False,
+        feather: int = 3,
+        seed: int = 0,
+        batch_size: int = 16,
+        device: torch.device | str = "cpu",
+        model_file: str = "model",
+        progress: bool = True,
+    ) -> None:
+        if batch_size < 1 or feather < 0:
+            raise ValueError(f"batch_size must be >= 1 and feather >= 0, got {batch_size} and {feather}")
+        for name in (dataset, edit_dataset):
+            if name is not None and name not in model.datasets:
+                raise InpaintError(f"{model_file}: unknown dataset {name!r}; this model knows: "
+                                   f"{', '.join(sorted(model.datasets))}")  # fmt: skip
+        self.orientation = self._find(preprocessing, Orientationd)
+        self.normalize = self._find(preprocessing, NormalizeByModalityd)
+        self.model, self.preprocessing, self.inferer = model, preprocessing, inferer
+        self.dataset, self.edit_dataset, self.outpaint = dataset, edit_dataset or dataset, outpaint
+        self.feather, self.seed, self.batch_size = feather, seed, batch_size
+        self.device, self.model_file, self.progress = torch.device(device), model_file, progress
+
+    @staticmethod
+    def _find(preprocessing: Compose, kind: type):
+        found = [t for t in preprocessing.flatten().transforms if isinstance(t, kind)]
+        if len(found) != 1:
+            raise ValueError(f"the preprocessing must hold exactly one {kind.__name__}, found {len(found)}")
+        return found[0]
+
+    def item(self, image: str, mask: str) -> dict:
+        """The datalist item ``prepare``'s preprocessing reads: the mask stands in for the label, so
+        the axial slices it touches are the ones kept."""
+        entry = self.model.datasets[self.dataset]
+        return {"image": image, "label": mask, "modality": entry["modality"], "ct_window": entry.get("ct_window")}
+
+    def check_inputs(self, image: str, mask: str) -> tuple[MetaTensor, MetaTensor]:
+        """Read and check the image and the mask (same grid, a region to re-draw and context left).
+
+        Returns:
+            The image ``(1, X, Y, Z)`` in its dtype and the mask as bool, both with their affines.
+        """
+        img, msk = read_volume(image), read_volume(mask, check_values=False)
+        if msk.shape != img.shape:
+            grids = f"{tuple(msk.shape[1:])} vs the image's {tuple(img.shape[1:])}"
+            raise InpaintError(f"{mask}: the mask is not on the image's grid (shape {grids})")
+        if not np.allclose(msk.affine.numpy(), img.affine.numpy(), atol=1e-3):
+            raise InpaintError(f"{mask}: the mask is not on the image's grid (its affine differs)")
+        region = msk.as_tensor() > 0
+        if not region.any():
+            what = "keep" if self.outpaint else "re-draw"
+            raise InpaintError(f"{mask}: empty mask (no voxel > 0): nothing to {what}")
+        if region.all():
+            raise InpaintError(
+                f"{mask}: the mask covers the whole volume: "
+                + ("nothing is left to out-paint" if self.outpaint else "no context is left (use --outpaint?)")
+            )
+        return img, MetaTensor(region, meta=msk.meta)
+
+    @torch.no_grad()
+    def __call__(self, image: str | os.PathLike, mask: str | os.PathLike, output_dir: str | os.PathLike) -> dict:
+        """In-paint ``image`` where ``mask`` > 0 and write ``output_dir/<image name>_inpainted.nii.gz``,
+        ``..._inpainted.png`` and ``inpaint.json``. Returns the summary written to ``inpaint.json``.
+
+        Raises:
+            InpaintError: bad input (one line naming the file); nothing is written then.
+        """
+        image, mask, out = str(image), str(mask), Path(output_dir)
+        started = time.perf_counter()
+        img, region = self.check_inputs(image, mask)
+        try:
+            slices = self.preprocessing(self.item(image, mask))
+        except VolumeError as err:
+            raise InpaintError(f"{image}: {err}") from None
+        check_writable(out)
+        oriented = self.orientation({"image": img, "label": region})
+        ras, ras_region = oriented["image"], oriented["label"].as_tensor()[0].numpy()
+        zs = [int(z) for z in slices["slice_indices"]]
+        if self.outpaint:  # everything outside the mask, in the axial slices the mask touches
+            touched = np.zeros(ras_region.shape[-1], dtype=bool)
+            touched[zs] = True
+            ras_region = ~ras_region & touched
+        lo, hi = self.normalize.input_range({**self.item(image, mask), "image": img})
+        redrawn = self._redraw(np.asarray(slices["image"])[0], ras_region[..., zs])  # (X, Y, Zk) in [0, 1]
+        before = ras.as_tensor()[0].numpy()
+        after = before.astype(np.float64)  # a float copy of the input, RAS
+        for j, z in enumerate(zs):
+            w = feather_weights(ras_region[..., z], self.feather)
+            inside = w > 0
+            after[..., z][inside] += w[inside] * (lo + redrawn[..., j][inside] * (hi - lo) - after[..., z][inside])
+        result = _cast_like(after, before.dtype)
+        result[~ras_region] = before[~ras_region]  # exact outside the region, whatever the float round trip did
+        redone = MetaTensor(torch.from_numpy(result)[None], meta=ras.meta, applied_operations=ras.applied_operations)
+        back = self.orientation.inverse({"image": redone})["image"]
+        return self._write(image, mask, out, img, back, ras_region, before, result, zs, lo, hi, started)
+
+    def _redraw(self, slices_u8: np.ndarray, region: np.ndarray) -> np.ndarray:
+        """Re-draw ``region`` ``(X, Y, Zk)`` bool of the preprocessed slices ``(S, S, Zk)`` uint8;
+        returns the re-drawn slices resized back to ``(X, Y, Zk)``, float in [0, 1]."""
+        S = slices_u8.shape[0]
+        edit_id = self.model.dataset_id(self.edit_dataset)
+        generator = torch.Generator(self.device).manual_seed(self.seed)
+        masks = F.interpolate(torch.from_numpy(region).permute(2, 0, 1)[:, None].float(), size=(S, S), mode="area")
+        images = torch.from_numpy(np.ascontiguousarray(slices_u8.transpose(2, 0, 1)))
+        resize = Resize(spatial_size=region.shape[:2], mode="bilinear", anti_aliasing=True)
+        out = np.empty(region.shape, dtype=np.float64)
+        batches = range(0, len(images), self.batch_size)
+        for first in tqdm(batches, desc="in-painting", unit="batch", disable=not self.progress):
+            batch = images[first : first + self.batch_size]
+            ids = torch.full((len(batch),), edit_id, dtype=torch.long, device=self.device)
+            drawn = self.inferer(to_model_range(batch).to(self.device), self.model.transformer,
+                                 mask=(masks[first : first + self.batch_size, 0] > 0).to(self.device),
+                                 dataset_id=ids, generator=generator)  # fmt: skip
+            for j, slice_u8 in enumerate(drawn.cpu()):
+                out[..., first + j] = resize(slice_u8[None].double() / 255.0)[0].numpy()
+        return out
+
+    def _write(self, image, mask, out, img, back, ras_region, before, result, zs, lo, hi, started) -> dict:
+        name = Path(image).name
+        for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+            name = name.removesuffix(suffix)
+        header = nib.load(image).header.copy() if image.endswith((".nii", ".nii.gz")) else None
+        volume = back.as_tensor()[0].numpy()
+        nii = nib.Nifti1Image(volume, img.affine.numpy(), header=header)
+        nii.header.set_data_dtype(volume.dtype)
+        nii.header["descrip"] = f"MedVAR {'out' if self.outpaint else 'in'}-painted {self.edit_dataset}".encode()[:79]
+        volume_path = write_nifti(nii, out / f"{name}_inpainted.nii.gz")
+        show = zs if len(zs) <= 4 else [zs[i] for i in np.linspace(0, len(zs) - 1, 4).round().astype(int)]
+        rows = [[_display(before[..., z], lo, hi), ras_region[..., z].astype(np.uint8) * 255,
+                 _display(result[..., z], lo, hi)] for z in show]  # fmt: skip
+        title = f"{name}: {'out' if self.outpaint else 'in'}-painted as {self.edit_dataset}"
+        titles = [f"axial slice {z} (RAS): before | region | after" for z in show]
+        figure = save_grid(rows, out / f"{name}_inpainted.png", titles, title=title)
+        changed = int(np.count_nonzero(result != before))
+        summary = {
+            "image": image, "mask": mask, "model": self.model_file, "dataset": self.dataset,
+            "edit_dataset": self.edit_dataset, "outpaint": self.outpaint, "feather": self.feather, "seed": self.seed,
+            "options": asdict(self.inferer.options) | {"dilation": self.inferer.dilation, "bf16": self.inferer.bf16},
+            "slices": len(zs), "region_voxels": int(ras_region.sum()), "changed_voxels": changed,
+            "intensity_range": [lo, hi], "seconds": time.perf_counter() - started,
+            "files": {"volume": str(volume_path), "figure": str(figure)},
+        }  # fmt: skip
+        atomic_write_json(out / SUMMARY, summary)
+        logger.info("%s: %d slices re-drawn, %d voxels changed -> %s", image, len(zs), changed, volume_path)
+        return summary
