@@ -38,6 +38,7 @@ from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Orientation
 from scipy import ndimage
 from tqdm import tqdm
 
+from medvar_bundle.bundle_config import run_config
 from medvar_bundle.data.transforms import (
     NormalizeByModalityd,
     ValidateVolumed,
@@ -280,3 +281,27 @@ class VolumeInpainter:
         atomic_write_json(out / SUMMARY, summary)
         logger.info("%s: %d slices re-drawn, %d voxels changed -> %s", image, len(zs), changed, volume_path)
         return summary
+
+
+def inpaint(
+    model: str | os.PathLike,
+    image: str | os.PathLike,
+    mask: str | os.PathLike,
+    dataset: str,
+    out_dir: str | os.PathLike,
+    **overrides,
+) -> dict:
+    """Run ``configs/prepare.yaml`` + ``configs/inpaint.yaml``: re-draw ``image`` where ``mask`` > 0
+    with the model file ``model`` into ``out_dir``.
+
+    ``overrides`` are other ids of the configs (``outpaint``, ``edit_dataset``, ``cfg``, ``top_k``,
+    ``top_p``, ``temperature``, ``seed``, ``batch_size``, ``feather``, ``dilation``, ``device``,
+    ``bf16``, ``progress``), whose defaults live in the YAML. Returns the summary written to
+    ``inpaint.json`` (see :class:`VolumeInpainter`).
+    """
+    if "device" in overrides:
+        overrides["device"] = f"$torch.device({str(overrides['device'])!r})"
+    settings = {"model_file": str(model), "image": str(image), "mask": str(mask), "dataset": dataset,
+                "output_dir": str(out_dir), **overrides}  # fmt: skip
+    (summary,) = run_config("prepare", None, settings, ["inpaint"])
+    return summary

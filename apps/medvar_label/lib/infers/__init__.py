@@ -1,0 +1,3 @@
+from .inpaint import MedVARInpaint
+
+__all__ = ["MedVARInpaint"]

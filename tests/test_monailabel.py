@@ -1,0 +1,83 @@
+"""The MONAI Label app (apps/medvar_label) answers an infer request over HTTP, in-process, on a real volume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medvar_bundle.data.demo import build_demo_data
+from medvar_bundle.data.sources import load_datalist
+from medvar_bundle.model_file import save_model
+from medvar_bundle.networks import MultiScaleVQVAE
+from medvar_bundle.networks.transformer import NextScaleTransformer
+
+APP = Path(__file__).resolve().parents[1] / "apps" / "medvar_label"
+REGISTRY = {"brain_t1": {"id": 0, "modality": "MR", "anatomy": "brain", "spacing": [1.0, 1.0, 1.0],
+                         "matrix": [182, 218, 182], "ct_window": None}}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A test client of MONAI Label's FastAPI server running our app over a studies folder holding the
+    held-out MNI152 T1 of the demo corpus, with a random tiny model; and the paths it uses."""
+    from fastapi.testclient import TestClient
+    from monailabel.config import settings
+
+    root = tmp_path_factory.mktemp("monailabel")
+    items = load_datalist(build_demo_data(root / "data"))
+    image = next(i["image"] for i in items if i["dataset"] == "brain_t1" and i["split"] == "validation")
+    studies = root / "studies"
+    studies.mkdir()
+    shutil.copy(image, studies / "mni.nii.gz")
+    torch.manual_seed(0)
+    tokenizer = MultiScaleVQVAE.from_preset("tiny", image_size=64)
+    transformer = NextScaleTransformer(num_datasets=1, depth=1, patch_nums=tokenizer.patch_nums)
+    model = save_model(root / "medvar.pt", tokenizer, transformer, REGISTRY)
+    settings.MONAI_LABEL_APP_DIR, settings.MONAI_LABEL_STUDIES = str(APP), str(studies)
+    settings.MONAI_LABEL_APP_CONF = {"model": str(model), "dataset": "brain_t1"}
+    from monailabel.app import app
+    from monailabel.interfaces.utils.app import clear_cache
+
+    with TestClient(app) as client:
+        yield client, studies / "mni.nii.gz", root
+    clear_cache()
+
+
+def test_app_lists_the_inpainting_task(server):
+    client, _, _ = server
+    info = client.get("/info/").json()
+    task = info["models"]["medvar_inpaint"]
+    assert task["type"] == "others" and task["dimension"] == 3 and task["config"]["dataset"] == "brain_t1"
+
+
+def test_infer_request_returns_the_inpainted_volume(server):
+    client, image, root = server
+    src = nib.load(image)
+    drawn = np.zeros(src.shape, np.uint8)
+    drawn[80:100, 100:120, 90:93] = 1
+    nib.save(nib.Nifti1Image(drawn, src.affine), root / "drawn.nii.gz")
+    with open(root / "drawn.nii.gz", "rb") as f:
+        reply = client.post("/infer/medvar_inpaint?image=mni&output=image", files={"label": ("drawn.nii.gz", f)},
+                            data={"params": json.dumps({"seed": 3})})  # fmt: skip
+    assert reply.status_code == 200, reply.text
+    (root / "reply.nii.gz").write_bytes(reply.content)
+    out = nib.load(root / "reply.nii.gz")
+    assert out.shape == src.shape and np.array_equal(out.affine, src.affine)
+    assert out.get_data_dtype() == src.get_data_dtype()
+    before, after, region = np.asarray(src.dataobj), np.asarray(out.dataobj), drawn.astype(bool)
+    assert np.array_equal(after[~region], before[~region])
+    assert np.count_nonzero(after[region] != before[region]) > 0.5 * region.sum()
+
+
+def test_infer_without_a_drawn_label_is_refused(server):
+    from monailabel.interfaces.exception import MONAILabelException
+
+    client, _, _ = server
+    with pytest.raises(MONAILabelException, match="needs the label you drew"):
+        client.post("/infer/medvar_inpaint?image=mni&output=image", data={"params": "{}"})
