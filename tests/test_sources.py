@@ -83,7 +83,7 @@ def write_dicom_series(folder, n_slices=6, rows=40, cols=36, pixel_spacing=(0.8,
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
         ds.PixelData = stored.tobytes()
-        ds.save_as(str(path), enforce_file_format=True)
+        ds.save_as(str(path), write_like_original=False)  # a valid DICOM file: preamble and file meta written
     return folder
 
 
