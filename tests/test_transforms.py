@@ -646,7 +646,7 @@ def _write_ct_series(folder: Path, arr_zyx: np.ndarray, pixel_spacing=(0.6, 0.8)
         ds.RescaleIntercept = intercept
         ds.RescaleType = "HU"
         ds.PixelData = stored.astype("<i2").tobytes()
-        ds.save_as(str(path), enforce_file_format=True)
+        ds.save_as(str(path), write_like_original=False)  # a valid DICOM file: preamble and file meta written
     return str(folder)
 
 
