@@ -55,20 +55,6 @@ def test_metadata_is_valid_against_monai_schema():
     assert "metadata is verified with no error" in out.stdout + out.stderr
 
 
-def test_metadata_fails_verification_when_a_required_key_is_missing(tmp_path):
-    meta = json.loads((ROOT / "configs" / "metadata.json").read_text())
-    del meta["network_data_format"]
-    bad = tmp_path / "metadata.json"
-    bad.write_text(json.dumps(meta))
-    out = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(bad), "--filepath", str(SCHEMA)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert out.returncode != 0
-
-
 def test_bundle_prepare_config_and_cli_write_the_same_store(tmp_path):
     rng = np.random.default_rng(0)
     vol = np.full((40, 40, 6), -1000, np.int16)
