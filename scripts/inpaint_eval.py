@@ -42,7 +42,8 @@ def box_mask(volume: np.ndarray, fraction: float, slices: int) -> np.ndarray:
     cx, cy, cz = (int(round(c)) for c in ndimage.center_of_mass(body))
     hx, hy = int(volume.shape[0] * fraction / 2), int(volume.shape[1] * fraction / 2)
     mask = np.zeros(volume.shape, bool)
-    mask[cx - hx : cx + hx, cy - hy : cy + hy, cz - slices // 2 : cz - slices // 2 + slices] = True
+    z0 = min(max(cz - slices // 2, 0), volume.shape[2] - slices)
+    mask[cx - hx : cx + hx, cy - hy : cy + hy, z0 : z0 + slices] = True
     return mask
 
 
