@@ -127,3 +127,41 @@ def test_inferer_and_argument_checks(models):
         inferer(images, transformer, mask=mask[:, :32], dataset_id=torch.tensor([0]), generator=torch.Generator())
     with pytest.raises(ValueError, match="both"):
         generate_tokens(transformer, tokenizer, torch.tensor([0]), OPTIONS, torch.Generator(), known=[images])
+
+
+def test_sampling_with_every_token_known_sees_the_training_logits_at_the_paper_scales(monkeypatch):
+    """At the paper's 10 scales (256², 680 tokens), feeding a slice's own tokens through the sampler
+    (every token known, none sampled, KV cache) gives, scale by scale, the logits of the teacher-forced
+    training ``forward()``: sampling sees what training saw. A mismatch in the f̂ recursion, the
+    positions or the cache would show here."""
+    from medvar_bundle.networks import MultiScaleVQVAE
+    from medvar_bundle.networks.quantizer import PAPER_PATCH_NUMS
+    from medvar_bundle.networks.transformer import NextScaleTransformer
+
+    torch.manual_seed(0)
+    tokenizer = MultiScaleVQVAE.from_preset("tiny", image_size=256, vocab_size=512).eval()
+    assert tokenizer.patch_nums == PAPER_PATCH_NUMS
+    with torch.no_grad():
+        tokenizer.quantizer.embedding.weight.normal_()
+    transformer = NextScaleTransformer(num_datasets=2, depth=2, width=64, heads=4, patch_nums=PAPER_PATCH_NUMS,
+                                       vocab_size=512).eval()  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    tokens = [torch.randint(512, (2, n, n), generator=g) for n in PAPER_PATCH_NUMS]
+    ids = torch.tensor([0, 1])
+    with torch.no_grad():
+        trained = transformer(ids, tokenizer.teacher_forcing_input(tokens))
+    seen = []
+    forward_scale = transformer.forward_scale
+
+    def recording(x, cond, cache):
+        seen.append(forward_scale(x, cond, cache))
+        return seen[-1]
+
+    monkeypatch.setattr(transformer, "forward_scale", recording)
+    never = [torch.zeros_like(t, dtype=torch.bool) for t in tokens]
+    out, _ = generate_tokens(transformer, tokenizer, ids, SamplingOptions(cfg=0.0), torch.Generator().manual_seed(0),
+                             bf16=False, known=tokens, sample_mask=never)  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(out, tokens))
+    sampled = torch.cat(seen, dim=1)
+    assert sampled.shape == trained.shape == (2, 680, 512)
+    assert torch.allclose(sampled, trained, atol=1e-4, rtol=1e-4), (sampled - trained).abs().max()
