@@ -47,12 +47,16 @@ def test_resample_original_restores_the_median_matrix(model_path, tmp_path):
     assert mr.shape == (192, 256, 2) and np.allclose(mr.header.get_zooms(), (1.0, 1.0, 1.5))
 
 
-def test_same_seed_same_slices_whatever_else_is_generated(model_path, tmp_path):
+def test_a_dataset_is_drawn_with_seed_plus_its_position_in_the_request(model_path, tmp_path):
+    """Same request and seed: same slices; another seed: others. Dataset j of a request is drawn with
+    seed + j (batch size fixed), so brain_mr second in a request with seed 4 is brain_mr alone with seed 5."""
     generate(model_path, ["brain_mr"], num=3, out_dir=tmp_path / "a", seed=5, progress=False)
     generate(model_path, ["brain_mr"], num=3, out_dir=tmp_path / "b", seed=5, progress=False)
     generate(model_path, ["brain_mr"], num=3, out_dir=tmp_path / "c", seed=6, progress=False)
-    a, b, c = (np.asarray(nib.load(tmp_path / d / "brain_mr.nii.gz").dataobj) for d in "abc")
+    generate(model_path, ["abdomen_ct", "brain_mr"], num=3, out_dir=tmp_path / "d", seed=4, progress=False)
+    a, b, c, d = (np.asarray(nib.load(tmp_path / x / "brain_mr.nii.gz").dataobj) for x in "abcd")
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert np.array_equal(a, d)
 
 
 @pytest.mark.parametrize(
