@@ -733,3 +733,29 @@ def test_workers_give_the_same_store(corpus, tmp_path, capsys):
     assert read_json(out0 / "datasets.json") == read_json(out2 / "datasets.json")
     assert read_json(out0 / "report.json") == read_json(out2 / "report.json")
     assert read_manifest(out0) == read_manifest(out2)
+
+
+def test_several_stores_read_as_one_relabel_every_slice_with_the_merged_id(tmp_path):
+    """Store A holds zeta and alpha, store B alpha and mid: read together, ids are re-assigned in name
+    order (alpha 0, mid 1, zeta 2) and every slice keeps its pixels and carries its own dataset's new id."""
+    from conftest import phantom_volume
+
+    rng = np.random.default_rng(3)
+    stores = {}
+    for store, names in (("A", ["zeta", "alpha"]), ("B", ["alpha", "mid"])):
+        items = []
+        for k, name in enumerate(names):
+            path = tmp_path / f"{store}{k}.nii.gz"
+            nib.save(nib.Nifti1Image(phantom_volume(rng, (32, 32, 3 + k)), np.eye(4)), path)
+            items.append({"image": str(path), "label": None, "dataset": name, "modality": "MR"})
+        prepare_store(items, tmp_path / store, size=32, progress=False)
+        stores[store] = SliceStore(tmp_path / store)
+    merged = SliceStore([tmp_path / "A", tmp_path / "B"])
+    assert {name: e["id"] for name, e in merged.datasets.items()} == {"alpha": 0, "mid": 1, "zeta": 2}
+    assert merged.datasets["alpha"]["num_slices"] == sum(s.datasets["alpha"]["num_slices"] for s in stores.values())
+    singles = [item for s in stores.values() for item in s]
+    own_name = [{e["id"]: n for n, e in s.datasets.items()}[item["dataset_id"]] for s in stores.values() for item in s]
+    assert len(merged) == len(singles) == 2 * 3 + 2 * 4
+    for i, (single, name) in enumerate(zip(singles, own_name)):
+        assert torch.equal(merged[i]["image"], single["image"])
+        assert merged[i]["dataset_id"] == merged.datasets[name]["id"]
