@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -73,6 +74,8 @@ def test_infer_request_returns_the_inpainted_volume(server):
     before, after, region = np.asarray(src.dataobj), np.asarray(out.dataobj), drawn.astype(bool)
     assert np.array_equal(after[~region], before[~region])
     assert np.count_nonzero(after[region] != before[region]) > 0.5 * region.sum()
+    # nothing of the run is left behind on the server (the reply file is removed once sent)
+    assert not list(Path(tempfile.gettempdir()).glob("medvar-inpaint-*"))
 
 
 def test_infer_without_a_drawn_label_is_refused(server):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -60,11 +61,16 @@ class MedVARInpaint(InferTask):
         if not dataset:
             raise MONAILabelException(MONAILabelError.INVALID_INPUT, "no dataset: pass the image's dataset name")
         params = {k: v for k, v in params.items() if v != ""}
-        out = tempfile.mkdtemp(prefix="medvar-inpaint-")
-        try:
-            summary = inpaint(self.model_file, request["image"], request["label"], dataset, out,
-                              device=request.get("device", self.device), progress=False, **params)  # fmt: skip
-        except ValueError as err:
-            raise MONAILabelException(MONAILabelError.INVALID_INPUT, str(err)) from None
-        logger.info("MedVAR in-painting: %s", summary["files"]["volume"])
-        return summary["files"]["volume"], summary
+        # the server deletes the returned file once sent; the run's folder (PNG, JSON) goes at once
+        with tempfile.TemporaryDirectory(prefix="medvar-inpaint-") as out:
+            try:
+                summary = inpaint(self.model_file, request["image"], request["label"], dataset, out,
+                                  device=request.get("device", self.device), progress=False, **params)  # fmt: skip
+            except ValueError as err:
+                raise MONAILabelException(MONAILabelError.INVALID_INPUT, str(err)) from None
+            volume = open(summary["files"]["volume"], "rb")
+            with volume, tempfile.NamedTemporaryFile(suffix="_inpainted.nii.gz", delete=False) as result:
+                shutil.copyfileobj(volume, result)
+        summary["files"] = {"volume": result.name}
+        logger.info("MedVAR in-painting: %s", result.name)
+        return result.name, summary
