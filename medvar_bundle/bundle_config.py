@@ -35,6 +35,11 @@ def config_path(name: str) -> Path:
     return path
 
 
+def device_expression(name: str) -> str:
+    """``cuda:1`` → ``$torch.device('cuda:1')`` (a config expression)."""
+    return f"$torch.device({name!r})"
+
+
 def config_component(config: str, id: str, overrides: dict | None = None):
     """The object the id ``id`` of ``configs/<config>.yaml`` builds, with ``overrides`` (config ids) applied."""
     parser = ConfigParser(ConfigParser.load_config_file(config_path(config)))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from monai.bundle import ConfigParser
 
-from .bundle_config import config_path, run_config
+from .bundle_config import config_path, device_expression, run_config
 
 __all__ = ["ConfigOption", "add_config_options", "config_path", "device_expression", "overrides_from", "run_config"]
 
@@ -80,11 +80,6 @@ def overrides_from(args: argparse.Namespace) -> dict:
         if value is not None:
             found[o.id] = o.to_config(value) if o.to_config is not None else value
     return found
-
-
-def device_expression(name: str) -> str:
-    """``cuda:1`` → ``$torch.device('cuda:1')`` (a config expression)."""
-    return f"$torch.device({name!r})"
 
 
 def output_path(args: argparse.Namespace, *parts: str) -> str:

@@ -22,7 +22,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch.utils.data import Dataset
 
-from medvar_bundle.bundle_config import run_config
+from medvar_bundle.bundle_config import device_expression, run_config
 from medvar_bundle.io import (
     SUMMARY_FILE,
     check_writable,
@@ -180,7 +180,7 @@ def generate(
     ``summary.json`` (see :class:`GeneratedStacks`).
     """
     if "device" in overrides:
-        overrides["device"] = f"$torch.device({str(overrides['device'])!r})"
+        overrides["device"] = device_expression(str(overrides["device"]))
     run_config(
         "inference", "infer",
         {"model_file": str(model), "datasets": datasets, "num_samples": num, "output_dir": str(out_dir), **overrides},

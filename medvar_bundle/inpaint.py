@@ -38,7 +38,7 @@ from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Orientation
 from scipy import ndimage
 from tqdm import tqdm
 
-from medvar_bundle.bundle_config import run_config
+from medvar_bundle.bundle_config import device_expression, run_config
 from medvar_bundle.data.transforms import (
     NormalizeByModalityd,
     ValidateVolumed,
@@ -206,8 +206,9 @@ class VolumeInpainter:
         image, mask, out = str(image), str(mask), Path(output_dir)
         started = time.perf_counter()
         img, region = self.check_inputs(image, mask)
+        item = self.item(image, mask)
         try:
-            slices = self.preprocessing(self.item(image, mask))
+            slices = self.preprocessing(item)
         except VolumeError as err:
             raise InpaintError(f"{image}: {err}") from None
         check_writable(out)
@@ -218,19 +219,33 @@ class VolumeInpainter:
             touched = np.zeros(ras_region.shape[-1], dtype=bool)
             touched[zs] = True
             ras_region = ~ras_region & touched
-        lo, hi = self.normalize.input_range({**self.item(image, mask), "image": img})
+        lo, hi = self.normalize.input_range({**item, "image": img})
         redrawn = self._redraw(np.asarray(slices["image"])[0], ras_region[..., zs])  # (X, Y, Zk) in [0, 1]
         before = ras.as_tensor()[0].numpy()
-        after = before.astype(np.float64)  # a float copy of the input, RAS
+        result = before.copy()  # only voxels of the region are written below: the rest stays the input, exactly
         for j, z in enumerate(zs):
             w = feather_weights(ras_region[..., z], self.feather)
             inside = w > 0
-            after[..., z][inside] += w[inside] * (lo + redrawn[..., j][inside] * (hi - lo) - after[..., z][inside])
-        result = _cast_like(after, before.dtype)
-        result[~ras_region] = before[~ras_region]  # exact outside the region, whatever the float round trip did
+            old = before[..., z][inside].astype(np.float64)
+            new = lo + redrawn[..., j][inside] * (hi - lo)
+            result[..., z][inside] = _cast_like(old + w[inside] * (new - old), before.dtype)
         redone = MetaTensor(torch.from_numpy(result)[None], meta=ras.meta, applied_operations=ras.applied_operations)
         back = self.orientation.inverse({"image": redone})["image"]
-        return self._write(image, mask, out, img, back, ras_region, before, result, zs, lo, hi, started)
+        name = _stem(image)
+        volume_path = self._save_volume(image, img, back.as_tensor()[0].numpy(), out / f"{name}_inpainted.nii.gz")
+        figure = self._save_figure(name, before, result, ras_region, zs, (lo, hi), out / f"{name}_inpainted.png")
+        changed = int(np.count_nonzero(result != before))
+        summary = {
+            "image": image, "mask": mask, "model": self.model_file, "dataset": self.dataset,
+            "edit_dataset": self.edit_dataset, "outpaint": self.outpaint, "feather": self.feather, "seed": self.seed,
+            "options": asdict(self.inferer.options) | {"dilation": self.inferer.dilation, "bf16": self.inferer.bf16},
+            "slices": len(zs), "region_voxels": int(ras_region.sum()), "changed_voxels": changed,
+            "intensity_range": [lo, hi], "seconds": time.perf_counter() - started,
+            "files": {"volume": str(volume_path), "figure": str(figure)},
+        }  # fmt: skip
+        atomic_write_json(out / SUMMARY, summary)
+        logger.info("%s: %d slices re-drawn, %d voxels changed -> %s", image, len(zs), changed, volume_path)
+        return summary
 
     def _redraw(self, slices_u8: np.ndarray, region: np.ndarray) -> np.ndarray:
         """Re-draw ``region`` ``(X, Y, Zk)`` bool of the preprocessed slices ``(S, S, Zk)`` uint8;
@@ -253,34 +268,31 @@ class VolumeInpainter:
                 out[..., first + j] = resize(slice_u8[None].double() / 255.0)[0].numpy()
         return out
 
-    def _write(self, image, mask, out, img, back, ras_region, before, result, zs, lo, hi, started) -> dict:
-        name = Path(image).name
-        for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-            name = name.removesuffix(suffix)
+    def _save_volume(self, image: str, img: MetaTensor, volume: np.ndarray, path: Path) -> Path:
+        """The result ``(X, Y, Z)`` in the input's axes and dtype as NIfTI, with the input's affine (and
+        header, for a NIfTI input)."""
         header = nib.load(image).header.copy() if image.endswith((".nii", ".nii.gz")) else None
-        volume = back.as_tensor()[0].numpy()
         nii = nib.Nifti1Image(volume, img.affine.numpy(), header=header)
         nii.header.set_data_dtype(volume.dtype)
         nii.header["descrip"] = f"MedVAR {'out' if self.outpaint else 'in'}-painted {self.edit_dataset}".encode()[:79]
-        volume_path = write_nifti(nii, out / f"{name}_inpainted.nii.gz")
+        return write_nifti(nii, path)
+
+    def _save_figure(self, name, before, result, region, zs, window, path: Path) -> Path:
+        """Before | region | after for up to four of the re-drawn axial slices (RAS volumes, ``window`` = (lo, hi))."""
         show = zs if len(zs) <= 4 else [zs[i] for i in np.linspace(0, len(zs) - 1, 4).round().astype(int)]
-        rows = [[_display(before[..., z], lo, hi), ras_region[..., z].astype(np.uint8) * 255,
-                 _display(result[..., z], lo, hi)] for z in show]  # fmt: skip
+        rows = [[_display(before[..., z], *window), region[..., z].astype(np.uint8) * 255,
+                 _display(result[..., z], *window)] for z in show]  # fmt: skip
         title = f"{name}: {'out' if self.outpaint else 'in'}-painted as {self.edit_dataset}"
         titles = [f"axial slice {z} (RAS): before | region | after" for z in show]
-        figure = save_grid(rows, out / f"{name}_inpainted.png", titles, title=title)
-        changed = int(np.count_nonzero(result != before))
-        summary = {
-            "image": image, "mask": mask, "model": self.model_file, "dataset": self.dataset,
-            "edit_dataset": self.edit_dataset, "outpaint": self.outpaint, "feather": self.feather, "seed": self.seed,
-            "options": asdict(self.inferer.options) | {"dilation": self.inferer.dilation, "bf16": self.inferer.bf16},
-            "slices": len(zs), "region_voxels": int(ras_region.sum()), "changed_voxels": changed,
-            "intensity_range": [lo, hi], "seconds": time.perf_counter() - started,
-            "files": {"volume": str(volume_path), "figure": str(figure)},
-        }  # fmt: skip
-        atomic_write_json(out / SUMMARY, summary)
-        logger.info("%s: %d slices re-drawn, %d voxels changed -> %s", image, len(zs), changed, volume_path)
-        return summary
+        return save_grid(rows, path, titles, title=title)
+
+
+def _stem(path: str) -> str:
+    """A volume's file or folder name without its image extension."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+        name = name.removesuffix(suffix)
+    return name
 
 
 def inpaint(
@@ -300,7 +312,7 @@ def inpaint(
     ``inpaint.json`` (see :class:`VolumeInpainter`).
     """
     if "device" in overrides:
-        overrides["device"] = f"$torch.device({str(overrides['device'])!r})"
+        overrides["device"] = device_expression(str(overrides["device"]))
     settings = {"model_file": str(model), "image": str(image), "mask": str(mask), "dataset": dataset,
                 "output_dir": str(out_dir), **overrides}  # fmt: skip
     (summary,) = run_config("prepare", None, settings, ["inpaint"])

@@ -73,7 +73,10 @@ def scores(fill: np.ndarray, truth: np.ndarray, mask: np.ndarray, lo: float, hi:
     xs, ys = np.flatnonzero(mask.any(axis=(1, 2))), np.flatnonzero(mask.any(axis=(0, 2)))
     side = min(len(xs), len(ys))
     crop = (slice(xs[0], xs[0] + side), slice(ys[0], ys[0] + side))
-    boxes = lambda v: np.stack([to_u8(v[crop[0], crop[1], z], lo, hi) for z in zs])  # noqa: E731
+
+    def boxes(volume: np.ndarray) -> np.ndarray:
+        return np.stack([to_u8(volume[crop[0], crop[1], z], lo, hi) for z in zs])
+
     return {
         "mae": float(np.mean(np.abs(a - b))),
         "psnr_db": float(10 * np.log10(1 / mse)) if mse > 0 else float("inf"),
@@ -129,7 +132,8 @@ def main() -> None:
         {"image": args.image, "dataset": args.dataset, "box_voxels": int(mask_ras.sum()), "range": [lo, hi],
          "seconds_per_run": seconds, "scores": table}, indent=1))  # fmt: skip
 
-    z = int(np.flatnonzero(mask_ras.any(axis=(0, 1)))[len(np.flatnonzero(mask_ras.any(axis=(0, 1)))) // 2])
+    box_slices = np.flatnonzero(mask_ras.any(axis=(0, 1)))
+    z = int(box_slices[len(box_slices) // 2])
     removed = np.where(mask_ras[..., z], lo, truth[..., z])
     row = [to_u8(removed, lo, hi), mask_ras[..., z].astype(np.uint8) * 255,
            to_u8(fills[f"MedVAR seed {args.seeds[0]}"][..., z], lo, hi), to_u8(fills["mean fill"][..., z], lo, hi),

@@ -14,9 +14,6 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.handlers import CheckpointLoader
 
 from medvar_bundle.bundle_config import CONFIGS, run_config
-from medvar_bundle.model_file import save_model
-from medvar_bundle.networks import MultiScaleVQVAE
-from medvar_bundle.networks.transformer import NextScaleTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_CONFIGS = [
@@ -25,18 +22,6 @@ TRAIN_CONFIGS = [
     ("train_ddpm", "synthetic_store"),
 ]
 SMALL_TOKENIZER = {"network_def#ch": 32, "network_def#num_res_blocks": 1, "network_def#vocab_size": 64}
-REGISTRY = {
-    "brain_mr": {"id": 0, "modality": "MR", "anatomy": "brain", "spacing": [1.0, 1.0, 1.5],
-                 "matrix": [192, 256, 120], "ct_window": None},
-}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    tokenizer = MultiScaleVQVAE.from_preset("tiny", image_size=64)
-    transformer = NextScaleTransformer(num_datasets=1, depth=1, patch_nums=tokenizer.patch_nums)
-    return save_model(tmp_path_factory.mktemp("model") / "medvar.pt", tokenizer, transformer, REGISTRY, step=1)
 
 
 def _workflow(config: Path, workflow_type: str, **overrides) -> ConfigWorkflow:
@@ -66,8 +51,8 @@ def test_the_property_check_can_fail(synthetic_store, tmp_path):
         assert not missing, f"missing properties: {missing}"
 
 
-def test_inference_config_has_the_zoo_infer_properties(model_file, tmp_path):
-    workflow = _workflow(CONFIGS / "inference.yaml", "infer", model_file=str(model_file), output_dir=str(tmp_path))
+def test_inference_config_has_the_zoo_infer_properties(model_path, tmp_path):
+    workflow = _workflow(CONFIGS / "inference.yaml", "infer", model_file=str(model_path), output_dir=str(tmp_path))
     assert workflow.check_properties() in (None, [])
 
 
@@ -146,12 +131,12 @@ def test_mlflow_tracking_records_parameters_and_metrics_of_a_short_run(synthetic
     assert data.metrics["psnr"] == pytest.approx(row["psnr"])
 
 
-def test_verify_net_in_out_checks_the_image_network(model_file):
+def test_verify_net_in_out_checks_the_image_network(model_path):
     """MONAI's verify_net_in_out feeds metadata.json's input format (here at the test model's 64²) to
     ``autoencoder_def`` and checks the output's channels and dtype."""
     command = [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "autoencoder_def",
                "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.yaml",
-               "--model_file", str(model_file), "--device", "cpu",
+               "--model_file", str(model_path), "--device", "cpu",
                "--_meta_#network_data_format#inputs#image#spatial_shape", "[64, 64]"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -10,23 +10,17 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from medvar_bundle.data.demo import build_demo_data
 from medvar_bundle.data.sources import load_datalist
-from medvar_bundle.model_file import save_model
-from medvar_bundle.networks import MultiScaleVQVAE
-from medvar_bundle.networks.transformer import NextScaleTransformer
 
 APP = Path(__file__).resolve().parents[1] / "apps" / "medvar_label"
-REGISTRY = {"brain_t1": {"id": 0, "modality": "MR", "anatomy": "brain", "spacing": [1.0, 1.0, 1.0],
-                         "matrix": [182, 218, 182], "ct_window": None}}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, model_path):
     """A test client of MONAI Label's FastAPI server running our app over a studies folder holding the
-    held-out MNI152 T1 of the demo corpus, with a random tiny model; and the paths it uses."""
+    held-out MNI152 T1 of the demo corpus, with a random tiny model (its brain_mr dataset); and the paths."""
     from fastapi.testclient import TestClient
     from monailabel.config import settings
 
@@ -36,12 +30,8 @@ def server(tmp_path_factory):
     studies = root / "studies"
     studies.mkdir()
     shutil.copy(image, studies / "mni.nii.gz")
-    torch.manual_seed(0)
-    tokenizer = MultiScaleVQVAE.from_preset("tiny", image_size=64)
-    transformer = NextScaleTransformer(num_datasets=1, depth=1, patch_nums=tokenizer.patch_nums)
-    model = save_model(root / "medvar.pt", tokenizer, transformer, REGISTRY)
     settings.MONAI_LABEL_APP_DIR, settings.MONAI_LABEL_STUDIES = str(APP), str(studies)
-    settings.MONAI_LABEL_APP_CONF = {"model": str(model), "dataset": "brain_t1"}
+    settings.MONAI_LABEL_APP_CONF = {"model": str(model_path), "dataset": "brain_mr"}
     from monailabel.app import app
     from monailabel.interfaces.utils.app import clear_cache
 
@@ -54,7 +44,7 @@ def test_app_lists_the_inpainting_task(server):
     client, _, _ = server
     info = client.get("/info/").json()
     task = info["models"]["medvar_inpaint"]
-    assert task["type"] == "others" and task["dimension"] == 3 and task["config"]["dataset"] == "brain_t1"
+    assert task["type"] == "others" and task["dimension"] == 3 and task["config"]["dataset"] == "brain_mr"
 
 
 def test_infer_request_returns_the_inpainted_volume(server):
