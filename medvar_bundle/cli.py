@@ -386,6 +386,7 @@ GENERATE_OPTIONS = (
     ConfigOption("--resample-original", "resample_original", "resample in-plane to the dataset's median original "
                  "matrix", const=True),
     ConfigOption("--progression", "progression", "also write NAME_progression.png (coarse to fine)", const=True),
+    ConfigOption("--no-warmup", "warmup", "time the first batch cold (no untimed warm-up batch)", const=False),
     *RUN_OPTIONS[:4],
 )  # fmt: skip
 

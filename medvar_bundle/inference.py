@@ -101,6 +101,36 @@ class GenerationIteration:
         return {"dataset": request["dataset"], "first": request["first"], "pred": images, "stages": steps}
 
 
+class SamplerWarmUp:
+    """Evaluator handler: sample one untimed batch before the first request.
+
+    The first batch of a process pays one-off costs (kernel selection, memory pools, a CUDA
+    context) that are not the method's speed; without this they would count in the first
+    dataset's ``seconds_per_image``. The warm-up batch has the first request's size and dataset
+    and its own generator, so the requests' slices are unchanged.
+
+    Args:
+        requests: the evaluator's :class:`GenerationRequests`.
+        enabled: False adds no handler (the first batch is then timed cold).
+    """
+
+    def __init__(self, requests: GenerationRequests, enabled: bool = True) -> None:
+        self.requests, self.enabled = requests, enabled
+        self.seconds: float | None = None
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        request, device = self.requests[0], engine.state.device
+        ids = torch.full((int(request["count"]),), int(request["dataset_id"]), dtype=torch.long, device=device)
+        started = time.perf_counter()
+        engine.inferer(ids, engine.network, generator=torch.Generator(device).manual_seed(0), progression=False)
+        self.seconds = time.perf_counter() - started
+        logger.info("warm-up: a batch of %d in %.2f s (not counted in seconds_per_image)", len(ids), self.seconds)
+
+
 class GeneratedStacks:
     """Evaluator handler: collect each dataset's slices and write its files when its last batch is done.
 

@@ -218,7 +218,10 @@ def write_slice_stack(
             Otherwise the volume is ``S × S × N`` at :func:`output_geometry`'s spacing.
 
     The affine is :func:`slice_stack_affine` (in-plane FOV centred on the origin). CT is written as
-    int16 Hounsfield units (:func:`to_intensity`), MR as uint8; no scaling (slope 1, intercept 0),
+    int16 Hounsfield units (:func:`to_intensity`) with no scaling when the window is wider than
+    255 HU; a narrower window (e.g. brain 40/80) would merge neighbouring levels in integer HU, so
+    there the int16 values are the 8-bit levels and ``scl_slope = width / 255``, ``scl_inter =
+    center - width / 2`` turn them into HU (every reader applies it). MR is uint8, no scaling;
     ``cal_min``/``cal_max`` the CT window or 0..255, q/sform code 1, units mm, ``descrip`` marks the
     data as synthetic. The file is written to a temporary name in the same folder and renamed.
 
@@ -239,7 +242,14 @@ def write_slice_stack(
         values = _resize_in_plane(values, shape_xy)
         # same field of view (S * spacing) over the new matrix
         spacing = np.array([spacing[0] * size / shape_xy[0], spacing[1] * size / shape_xy[1], spacing[2]])
-    data = _cast(_to_intensity_float(values, entry), modality)
+    slope, inter = 1.0, 0.0
+    if modality == "CT" and _ct_window(entry)[1] <= 255:
+        # integer HU would merge neighbouring levels: store the levels, the window is the scaling
+        center, width = _ct_window(entry)
+        slope, inter = width / 255.0, center - width / 2.0
+        data = np.clip(np.rint(values), 0, 255).astype(np.int16)
+    else:
+        data = _cast(_to_intensity_float(values, entry), modality)
     volume = np.ascontiguousarray(np.moveaxis(data, 0, -1))  # (N, X, Y) → (X, Y, N)
 
     affine = slice_stack_affine(spacing, volume.shape[:2])
@@ -247,7 +257,7 @@ def write_slice_stack(
     hdr = img.header
     hdr.set_data_dtype(volume.dtype)
     hdr.set_xyzt_units("mm", "sec")
-    hdr.set_slope_inter(1.0, 0.0)
+    hdr.set_slope_inter(slope, inter)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     if modality == "CT":
@@ -383,10 +393,11 @@ def write_summary(folder: str | os.PathLike, summary: dict) -> Path:
 def read_generated(path: str | os.PathLike, entry: dict) -> np.ndarray:
     """A ``NAME.nii.gz`` of ``medvar generate`` back to the sampler's uint8 slices ``(N, S, S)``.
 
-    MR stacks hold the uint8 slices as they are. CT stacks hold Hounsfield units; the dataset's
-    window ``entry["ct_window"]`` is applied again exactly as ``prepare`` did (clip to the window,
-    scale to [0, 1], round to 255 levels), which returns the sampled levels unchanged for windows of
-    255 HU or wider (the int16 rounding moves a level by less than half a step).
+    MR stacks hold the uint8 slices as they are. CT stacks hold Hounsfield units (after the
+    header's scaling); the dataset's window ``entry["ct_window"]`` is applied again exactly as
+    ``prepare`` did (clip to the window, scale to [0, 1], round to 255 levels), which returns every
+    sampled level unchanged: integer HU move a level by less than half a step for windows wider
+    than 255 HU, and narrower windows are stored as levels with the window as scaling.
 
     Args:
         path: the NIfTI stack ``(S, S, N)``.

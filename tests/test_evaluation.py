@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -92,12 +93,17 @@ def test_weight_free_report_with_the_real_floor(synthetic_store, generated, held
     assert len((tmp_path / "report.csv").read_text().splitlines()) == 1 + 3 * 3
 
 
-def test_ct_stacks_read_back_to_the_sampled_levels(tmp_path):
-    entry = {"modality": "CT", "spacing": [0.8, 0.8, 5.0], "matrix": [512, 512, 40], "ct_window": [40.0, 400.0]}
-    levels = np.random.default_rng(0).integers(0, 256, size=(3, 32, 32), dtype=np.uint8)
-    np.testing.assert_array_equal(
-        read_generated(write_slice_stack(levels, entry, tmp_path / "ct.nii.gz"), entry), levels
-    )
+@pytest.mark.parametrize("window", [(40.0, 400.0), (40.0, 255.0), (40.0, 80.0), (30.0, 7.0)])
+def test_ct_stacks_read_back_to_every_sampled_level(tmp_path, window):
+    """All 256 levels survive the HU file, whatever the window: the demo head CT's 40/80 window
+    kept only 81 of them when the stack held integer HU."""
+    entry = {"modality": "CT", "spacing": [0.8, 0.8, 5.0], "matrix": [512, 512, 40], "ct_window": list(window)}
+    levels = np.random.default_rng(0).permutation(np.arange(256 * 4) % 256).astype(np.uint8).reshape(1, 32, 32)
+    path = write_slice_stack(levels, entry, tmp_path / "ct.nii.gz")
+    np.testing.assert_array_equal(read_generated(path, entry), levels)
+    centre, width = window
+    hu = nib.load(path).get_fdata()[..., 0]  # what any NIfTI reader shows: Hounsfield units
+    np.testing.assert_allclose(hu, centre - width / 2 + levels[0] * width / 255, atol=0.5 if width > 255 else 1e-4)
 
 
 def test_low_rank_frechet_distance_equals_the_sqrtm_form():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import nibabel as nib
 import numpy as np
@@ -57,6 +58,33 @@ def test_a_dataset_is_drawn_with_seed_plus_its_position_in_the_request(model_pat
     a, b, c, d = (np.asarray(nib.load(tmp_path / x / "brain_mr.nii.gz").dataobj) for x in "abcd")
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     assert np.array_equal(a, d)
+
+
+def test_seconds_per_image_leave_out_the_first_call(model_path, tmp_path, monkeypatch):
+    """A sampler whose first call in the process costs 1 s more (as kernel selection and memory
+    pools do): the warm-up batch absorbs it, the timed batch does not see it, and the slices are
+    those of a run without warm-up."""
+    from medvar_bundle.sampling.medvar import NextScaleInferer
+
+    calls, sample = [], NextScaleInferer.__call__
+
+    def cold_first_call(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.0)
+        return sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(NextScaleInferer, "__call__", cold_first_call)
+    summary = generate(model_path, "brain_mr", num=2, out_dir=tmp_path / "warm", batch_size=2, progress=False)
+    assert len(calls) == 2 and summary["warmup"] is True
+    assert summary["datasets"]["brain_mr"]["seconds_per_image"] < 0.25
+    calls.clear()
+    cold = generate(
+        model_path, "brain_mr", num=2, out_dir=tmp_path / "cold", batch_size=2, progress=False, warmup=False
+    )
+    assert len(calls) == 1 and cold["datasets"]["brain_mr"]["seconds_per_image"] >= 0.5
+    warm, cold = (np.asarray(nib.load(tmp_path / x / "brain_mr.nii.gz").dataobj) for x in ("warm", "cold"))
+    assert np.array_equal(warm, cold)
 
 
 @pytest.mark.parametrize(

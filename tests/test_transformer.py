@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,6 +65,11 @@ def test_preset_parameter_counts(preset, nominal, tolerance):
     assert model.config["width"] == 64 * model.config["depth"] and model.config["heads"] == model.config["depth"]
     assert n == closed_form_parameters(model.config["depth"], 8)
     assert abs(n / nominal - 1) < tolerance, f"{preset}: {n / 1e6:.1f}M parameters"
+    # VAR's stochastic depth: 0 at the first block rising linearly to 0.1 · depth / 24 at the last
+    rates = [block.drop_path.p for block in model.blocks]
+    depth = model.config["depth"]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1 * depth / 24)
+    assert np.allclose(np.diff(rates), 0.1 * depth / 24 / (depth - 1))
 
 
 def test_logits_shape_and_condition_dropout(models):

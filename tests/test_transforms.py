@@ -24,6 +24,7 @@ from medvar_bundle.data.transforms import (
     NoSlicesError,
     QuantizeUint8d,
     RemoveBackgroundd,
+    ResizeSlicesd,
     ScaleIntensityNonZeroPercentiles,
     SelectAxialSlicesd,
     ValidateVolumed,
@@ -452,6 +453,18 @@ def test_label_resize_keeps_label_set(tmp_path, xy):
     np.testing.assert_array_equal(got[0], lbl[np.ix_(ix, iy, annotated)])
     img = np.asarray(out["image"])
     assert img.dtype == np.uint8 and img.shape == (1, 256, 256, len(annotated))
+
+
+def test_resize_anti_aliases_an_axis_that_shrinks_while_the_other_grows():
+    """Stripes at the Nyquist frequency along x (0, 1, 0, 1, ...), x shrinking 768 → 256 while y
+    grows 64 → 256: 256 pixels cannot hold the stripes, so an anti-aliased resize leaves their mean,
+    0.5; plain bilinear samples every third column and keeps full-contrast false stripes."""
+    stripes = (np.arange(768) % 2).astype(np.float32)
+    image = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(stripes[:, None, None], (768, 64, 2))))[None]
+    out = np.asarray(ResizeSlicesd("image", size=256)({"image": image})["image"])[0]
+    assert out.shape == (256, 256, 2)
+    inner = out[8:-8]  # away from the filter's zero padding
+    assert abs(inner.mean() - 0.5) < 0.01 and inner.std() < 0.02
 
 
 # --------------------------------------------------------------------------------------------
