@@ -26,6 +26,7 @@ demo: install
 	$(BIN)/medvar demo-data --out $(DEMO)/data
 	$(BIN)/medvar prepare --datalist $(DEMO)/data/datalist.json --out $(DEMO)/store --workers $(WORKERS)
 	$(BIN)/medvar preview --store $(DEMO)/store --out $(DEMO)/store_preview.png
+	$(BIN)/medvar train-structure --store $(DEMO)/store --quiet
 	$(BIN)/medvar train-tokenizer --store $(DEMO)/store --out $(DEMO)/tokenizer --max-steps $(TOKENIZER_STEPS) \
 		--batch-size 4 --lr 1e-3 --min-lr-ratio 0.05 --augment --ae-warmup $(TOKENIZER_WARMUP) --warmup-crop 128 \
 		--dead-code-every 25 --val-every 275 --checkpoint-every 100
@@ -35,7 +36,8 @@ demo: install
 	$(BIN)/medvar train --store $(DEMO)/store --tokenizer $(DEMO)/tokenizer/tokenizer.pt --out $(DEMO)/transformer \
 		--preset tiny --max-steps $(TRANSFORMER_STEPS) --batch-size 8 --lr 0.096 --warmup 20 --val-every 125 --checkpoint-every 50
 	$(BIN)/medvar generate --model $(DEMO)/transformer/model.pt --num $(SAMPLES) --out $(DEMO)/samples --progression
-	@echo "demo: store $(DEMO)/store (preview $(DEMO)/store_preview.png); tokenizer $(DEMO)/tokenizer/tokenizer.pt"
+	@echo "demo: store $(DEMO)/store (preview $(DEMO)/store_preview.png, structure network $(DEMO)/store/structure.pt);"
+	@echo "      tokenizer $(DEMO)/tokenizer/tokenizer.pt"
 	@echo "      held-out tokenizer metrics $(DEMO)/tokenizer/heldout_metrics.json, pictures in $(DEMO)/tokenizer/validation/"
 	@echo "      model (tokenizer + transformer + dataset registry, all generation needs): $(DEMO)/transformer/model.pt"
 	@echo "      synthetic slices: NIfTI stacks and PNG grids in $(DEMO)/samples/"

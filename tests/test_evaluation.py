@@ -90,7 +90,8 @@ def test_weight_free_report_with_the_real_floor(synthetic_store, generated, held
         assert (tmp_path / name).stat().st_size > 0
     markdown = (tmp_path / "report.md").read_text()
     assert "| real (held-out vs train) |" in markdown and "| 5M |" in markdown
-    assert len((tmp_path / "report.csv").read_text().splitlines()) == 1 + 3 * 3
+    # 3 methods × (2 datasets + overall), then × 1 anatomy × modality group ("MR unspecified")
+    assert len((tmp_path / "report.csv").read_text().splitlines()) == 1 + 3 * 3 + 3 * 1
 
 
 @pytest.mark.parametrize("window", [(40.0, 400.0), (40.0, 255.0), (40.0, 80.0), (30.0, 7.0)])

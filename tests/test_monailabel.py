@@ -25,7 +25,7 @@ def server(tmp_path_factory, model_path):
     from monailabel.config import settings
 
     root = tmp_path_factory.mktemp("monailabel")
-    items = load_datalist(build_demo_data(root / "data"))
+    items = load_datalist(build_demo_data(root / "data", corpora=["brain"]))
     image = next(i["image"] for i in items if i["dataset"] == "brain_t1" and i["split"] == "validation")
     studies = root / "studies"
     studies.mkdir()

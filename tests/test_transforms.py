@@ -257,6 +257,19 @@ def test_detached_blob_removed_in_3d():
     np.testing.assert_array_equal(np.asarray(out["foreground"]), body)
 
 
+def test_both_legs_are_kept_and_the_table_is_not():
+    """Two separate legs of equal size (two 3D components) and a table under them: the old rule
+    (the largest 3D component only) dropped one leg."""
+    vol = np.zeros((48, 40, 10), dtype=np.float32)
+    vol[4:20, 8:24, :] = 0.8  # right leg: 16 x 16 x 10
+    vol[26:42, 9:24, :] = 0.7  # left leg: 16 x 15 x 10, 94 % of the right one
+    vol[2:46, 30:32, :] = 0.6  # table: 44 x 2 x 10, 34 % of the right leg, 3 px below the legs
+    expected = np.zeros(vol.shape, bool)
+    expected[4:20, 8:24, :] = expected[26:42, 9:24, :] = True
+    np.testing.assert_array_equal(body_mask(vol), expected)
+    np.testing.assert_array_equal(body_mask(vol, min_volume_fraction=0.3), expected | (vol == np.float32(0.6)))
+
+
 def _bridged_phantom():
     """Body with lungs, a small and a large blob each joined to the body only in slice 6."""
     vol = np.zeros((40, 40, 12), dtype=np.float32)

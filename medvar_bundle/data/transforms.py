@@ -204,11 +204,15 @@ IN_PLANE[:, :, 1] = ndimage.generate_binary_structure(2, 1)
 """Connectivity within an axial slice only: labels every slice's 2D components in one call."""
 
 
-def body_mask(volume: np.ndarray, threshold: float = 0.05, min_fraction: float = 0.1) -> np.ndarray:
+def body_mask(
+    volume: np.ndarray, threshold: float = 0.05, min_fraction: float = 0.1, min_volume_fraction: float = 0.5
+) -> np.ndarray:
     """Foreground of a normalised ``(X, Y, Z)`` volume with spurious background removed.
 
     1. threshold ``volume > threshold``;
-    2. keep the largest 3D connected component, face-connected (drops the table, cables, detached blobs);
+    2. keep the 3D connected components (face-connected) of at least ``min_volume_fraction`` of
+       the largest one's voxels: the body, or both legs or arms, not the table, cables or
+       detached blobs;
     3. in each axial slice, drop 2D components smaller than ``min_fraction`` of that slice's
        largest component (a blob joined in 3D through another slice but detached in this one);
     4. fill holes per slice so that air inside the body (lungs, bowel gas) stays foreground.
@@ -220,7 +224,7 @@ def body_mask(volume: np.ndarray, threshold: float = 0.05, min_fraction: float =
     if n > 1:
         sizes = np.bincount(labels.ravel(), minlength=n + 1)
         sizes[0] = 0
-        mask = labels == sizes.argmax()
+        mask = (sizes >= min_volume_fraction * sizes.max())[labels]
     del labels
     labels, n = ndimage.label(mask, structure=IN_PLANE, output=np.int32)
     if n > 1:
@@ -247,15 +251,17 @@ class RemoveBackgroundd(MapTransform):
         mask_key: str = "foreground",
         threshold: float = 0.05,
         min_fraction: float = 0.1,
+        min_volume_fraction: float = 0.5,
     ) -> None:
         super().__init__(keys)
         self.mask_key, self.threshold, self.min_fraction = mask_key, threshold, min_fraction
+        self.min_volume_fraction = min_volume_fraction
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             arr = _to_numpy(d[key])
-            mask = body_mask(arr[0], self.threshold, self.min_fraction)
+            mask = body_mask(arr[0], self.threshold, self.min_fraction, self.min_volume_fraction)
             if not mask.any():
                 raise VolumeError(f"no body found above intensity {self.threshold} after normalisation")
             d[key] = _like(arr * mask[None], d[key])

@@ -125,7 +125,8 @@ def ablate(
     the model's codebook size V. Each setting is generated with the same ``seed`` into
     ``out_dir/NN_DESCRIPTION/``; all are evaluated together into ``out_dir/evaluation/`` (the full
     report of :func:`evaluate_generation`, real floor included); the metric is the efficiency's
-    ``Q`` there: FID with InceptionV3 weights, else ``quality_metric``. Writes ``ablation.json``,
+    ``Q`` there: FID with InceptionV3 weights, else the structure FD when the store has a structure
+    network (``STORE/structure.pt``), else ``quality_metric``. Writes ``ablation.json``,
     ``ablation.md`` and ``ablation.csv``.
 
     Args:
@@ -146,7 +147,7 @@ def ablate(
     parameters = sum(p.numel() for p in loaded.transformer.parameters())
     del loaded
     evaluator = load_evaluator(
-        real, inception_weights, radimagenet_weights, clip_weights, allow_download, max_slices, heldout_split,
+        real, None, inception_weights, radimagenet_weights, clip_weights, allow_download, max_slices, heldout_split,
         quality_metric, device=device,
     )  # fmt: skip
     if dataset not in evaluator.registry:

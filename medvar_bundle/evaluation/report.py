@@ -2,7 +2,10 @@
 Fig. 7-style trade-off plot and side-by-side sample grids.
 
 ``report["rows"][method][dataset or "overall"]`` is a flat dict ``column → value`` (None = not
-computed or not applicable); the floor row is named :data:`FLOOR`.
+computed or not applicable); the floor row is named :data:`FLOOR`. ``report["group_rows"][method]
+[group]`` holds the same columns per anatomy × modality (``"CT head"``, ``"MR brain"``; the mean
+over the group's datasets), the columns of the paper's Tables 2–3; ``report["groups"]`` lists
+each group's datasets.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ COLUMNS = {
     "seconds_per_image": "s/image",
     "parameters": "Params",
     "efficiency": "Efficiency",
+    "structure_fd": "Struct. FD",
+    "structure_precision": "Struct. P",
+    "structure_recall": "Struct. R",
     "fid": "FID",
     "radfid": "RadFID",
     "kid": "KID",
@@ -42,13 +48,21 @@ COLUMNS = {
 }
 """Column key → table header, in table order (Table 1: time, parameters, efficiency, then metrics)."""
 
-METRICS = ("efficiency", "fid", "radfid", "kid", "cmmd", "histogram", "power_spectrum", "ms_ssim", "memorisation")
+METRICS = (
+    "efficiency", "structure_fd", "structure_precision", "structure_recall", "fid", "radfid", "kid", "cmmd",
+    "histogram", "power_spectrum", "ms_ssim", "memorisation",
+)  # fmt: skip
 """Columns that get their own method × dataset table (Tables 2–3)."""
 
-PLOTTED = ("fid", "radfid", "kid", "cmmd", "histogram", "power_spectrum")
+PLOTTED = ("structure_fd", "fid", "radfid", "kid", "cmmd", "histogram", "power_spectrum")
 """Quality metrics drawn against seconds per image."""
 
 LEGEND = """\
+- Struct. FD, P, R: Fréchet distance (lower is better) and k-NN precision / recall (k = 3, Kynkäänniemi et al.
+  2019; higher is better) in the feature space of the store's structure network: a small CNN trained only on the
+  store's training slices to tell each slice's dataset and position along the body axis (`medvar train-structure`).
+  Precision: the share of a set's slices that look like some real slice; recall: the share of real slices the set
+  covers.
 - FID, KID (InceptionV3), RadFID (RadImageNet), CMMD (CLIP): distances to the training split, lower is better.
 - Hist. W1: Wasserstein-1 distance of the pixel-intensity histograms, in 8-bit levels.
 - PSD dist.: mean |difference| of the log10 radially averaged power spectra, in decades (blur, missing texture).
@@ -81,8 +95,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def report_markdown(report: dict) -> str:
-    """``report.md``: settings, the overall table (Table 1), one method × dataset table per metric
-    with a value (Tables 2–3), notes and a legend."""
+    """``report.md``: settings, the overall table (Table 1), per metric with a value a method ×
+    dataset table and a method × anatomy-and-modality table (Tables 2–3), notes and a legend."""
     rows, names = report["rows"], report["datasets"]
     eff = report["efficiency"]
     sizes = f"at most {report['max_slices']}" if report["max_slices"] else "all"
@@ -98,6 +112,7 @@ def report_markdown(report: dict) -> str:
             [[label, *(format_cell(k, r[OVERALL].get(k)) for k in COLUMNS)] for label, r in rows.items()],
         ),
     ]
+    groups, group_rows = list(report.get("groups", {})), report.get("group_rows", {})
     for key in METRICS:
         if any(row and row.get(key) is not None for per_dataset in rows.values() for row in per_dataset.values()):
             table = [
@@ -105,18 +120,25 @@ def report_markdown(report: dict) -> str:
                 for label, r in rows.items()
             ]
             parts += [f"## {COLUMNS[key]} per dataset", markdown_table(["Method", *names, OVERALL], table)]
+            if groups:
+                by_group = [
+                    [label, *(format_cell(key, r[g].get(key)) for g in groups)] for label, r in group_rows.items()
+                ]
+                parts += [f"### {COLUMNS[key]} per anatomy × modality", markdown_table(["Method", *groups], by_group)]
     parts += ["## Notes", "\n".join(f"- {note}" for note in report["notes"]) or "- none", "## Columns", LEGEND]
     return "\n\n".join(parts) + "\n"
 
 
 def report_csv(report: dict) -> str:
-    """``report.csv``: one row per method and dataset (``overall`` included), raw values."""
+    """``report.csv``: one row per method and dataset (``overall`` included), then per method and
+    anatomy × modality group, raw values."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["method", "dataset", *COLUMNS])
-    for label, per_dataset in report["rows"].items():
-        for name, row in per_dataset.items():
-            writer.writerow([label, name, *("" if row is None or row.get(k) is None else row[k] for k in COLUMNS)])
+    for table in ("rows", "group_rows"):
+        for label, per_name in report.get(table, {}).items():
+            for name, row in per_name.items():
+                writer.writerow([label, name, *("" if row is None or row.get(k) is None else row[k] for k in COLUMNS)])
     return buffer.getvalue()
 
 

@@ -30,9 +30,11 @@ from medvar_bundle.metrics import (
     frechet_distance_from_features,
     histogram_distance,
     kid,
+    knn_precision_recall,
     load_clip,
     load_inception,
     load_radimagenet,
+    load_structure_net,
     memorisation_ratio,
     ms_ssim_diversity,
     power_spectrum_distance,
@@ -58,12 +60,15 @@ MS_SSIM_MIN_SIDE = 161
 """MS-SSIM's 5 scales with an 11-pixel window need slices larger than 160 pixels."""
 
 AVERAGED = (
-    "fid", "kid", "kid_std", "radfid", "cmmd", "histogram", "power_spectrum", "ms_ssim", "memorisation",
-    "seconds_per_image",
+    "structure_fd", "structure_precision", "structure_recall", "fid", "kid", "kid_std", "radfid", "cmmd",
+    "histogram", "power_spectrum", "ms_ssim", "memorisation", "seconds_per_image",
 )  # fmt: skip
 """Columns whose overall value is the mean over datasets."""
 
 GRID_SLICES = 8
+
+PRECISION_RECALL_K = 3
+"""k of the k-NN precision / recall (Kynkäänniemi et al., 2019)."""
 
 
 def random_subset(slices: np.ndarray, max_slices: int | None, seed: int) -> np.ndarray:
@@ -96,12 +101,21 @@ def score(train: SliceSet, heldout: SliceSet, fake: SliceSet) -> dict:
     of real slices).
 
     Returns:
-        ``num_slices``; ``fid``, ``kid``, ``kid_std`` (InceptionV3), ``radfid`` (RadImageNet),
-        ``cmmd`` (CLIP); ``histogram`` (8-bit levels), ``power_spectrum`` (decades), ``ms_ssim``,
-        ``memorisation`` (see :mod:`medvar_bundle.metrics`).
+        ``num_slices``; ``structure_fd``, ``structure_precision``, ``structure_recall`` (the
+        store's structure network; precision / recall None for sets of ``k`` slices or fewer);
+        ``fid``, ``kid``, ``kid_std`` (InceptionV3), ``radfid`` (RadImageNet), ``cmmd`` (CLIP);
+        ``histogram`` (8-bit levels), ``power_spectrum`` (decades), ``ms_ssim``, ``memorisation``
+        (see :mod:`medvar_bundle.metrics`).
     """
     ref, gen = train.features, fake.features
     row: dict = {"num_slices": len(fake.slices), "fid": None, "kid": None, "kid_std": None}
+    row["structure_fd"] = row["structure_precision"] = row["structure_recall"] = None
+    if "structure" in ref:
+        row["structure_fd"] = frechet_distance_from_features(ref["structure"], gen["structure"])
+        if min(len(ref["structure"]), len(gen["structure"])) > PRECISION_RECALL_K:
+            row["structure_precision"], row["structure_recall"] = knn_precision_recall(
+                ref["structure"], gen["structure"], PRECISION_RECALL_K
+            )
     if "inception" in ref:
         row["fid"] = frechet_distance_from_features(ref["inception"], gen["inception"])
         size = min(1000, len(train.slices), len(fake.slices))
@@ -128,6 +142,17 @@ def macro_average(rows: Sequence[dict | None]) -> dict:
         else:
             out[column] = int(np.sum(values)) if column == "num_slices" else float(np.mean(values))
     return out
+
+
+def anatomy_groups(registry: dict, names: Sequence[str]) -> dict[str, list[str]]:
+    """Datasets by anatomy × modality, as the columns of the paper's Tables 2–3: ``"CT head"``,
+    ``"MR brain"`` → dataset names; CT groups first, then MR, anatomies in alphabetical order
+    (a dataset without an anatomy is ``unspecified``)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name in names:
+        entry = registry[name]
+        groups.setdefault((entry["modality"], entry.get("anatomy") or "unspecified"), []).append(name)
+    return {f"{modality} {anatomy}": groups[modality, anatomy] for modality, anatomy in sorted(groups)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,8 +201,11 @@ class Evaluator:
 
     @property
     def q_metric(self) -> str:
-        """The efficiency's ``Q``: FID when InceptionV3 weights are loaded, else the weight-free one."""
-        return "fid" if "inception" in self.extractors else self.quality_metric
+        """The efficiency's ``Q``: FID when InceptionV3 weights are loaded, else the structure FD
+        when the store has a structure network, else the weight-free ``quality_metric``."""
+        if "inception" in self.extractors:
+            return "fid"
+        return "structure_fd" if "structure" in self.extractors else self.quality_metric
 
     def slice_set(self, slices: np.ndarray) -> SliceSet:
         return SliceSet(slices, {name: ex.extract(slices, self.batch_size) for name, ex in self.extractors.items()})
@@ -242,17 +270,28 @@ class Evaluator:
                 f"MS-SSIM: null, it needs slices of at least {MS_SSIM_MIN_SIDE} pixels (5 scales, 11-pixel window)"
             )
         parameters = {folder.label: folder.parameters for folder in folders} | {FLOOR: None}
+        groups = anatomy_groups(self.registry, names)
+        group_rows = {
+            label: {group: macro_average([per_dataset[n] for n in members]) for group, members in groups.items()}
+            for label, per_dataset in rows.items()
+        }
         for label, per_dataset in rows.items():
             per_dataset[OVERALL] = macro_average([per_dataset[n] for n in names])
-            for row in per_dataset.values():
+            for row in [*per_dataset.values(), *group_rows[label].values()]:
                 if row is not None:
                     self._add_efficiency(row, parameters[label])
+        if self.q_metric != "fid":
+            notes.append(
+                f"efficiency Q = {self.q_metric}: "
+                + ("the structure FD (no InceptionV3 weights)" if self.q_metric == "structure_fd"
+                   else "a weight-free metric (no InceptionV3 weights and no structure network)")
+            )  # fmt: skip
         report = {
             "real": str(self.real), "heldout_split": self.heldout_split, "max_slices": self.max_slices,
             "seed": self.seed,
             "datasets": names, "methods": {f.label: str(f.path) for f in folders},
             "efficiency": {"q": self.q_metric, "p": "seconds_per_image", "gamma": self.gamma, "log": "log10"},
-            "notes": notes, "rows": rows,
+            "groups": groups, "notes": notes, "rows": rows, "group_rows": group_rows,
         }  # fmt: skip
         return write_report(report, samples, out_dir)
 
@@ -302,8 +341,28 @@ class Evaluator:
         row["efficiency"] = efficiency(q, p, self.gamma) if q is not None and p else None
 
 
+def load_structure(
+    path: str | os.PathLike | None, real: str | os.PathLike, device: str
+) -> tuple[dict[str, FeatureExtractor], list[str]]:
+    """The store's structure network as the ``structure`` extractor, or a note saying how to get one.
+
+    A configured ``path`` that does not exist raises
+    :class:`~medvar_bundle.weights.MissingWeightsError`; without one, ``REAL/structure.pt`` is
+    used when present.
+    """
+    try:
+        return {"structure": load_structure_net(path, real, device)}, []
+    except MissingWeightsError as err:
+        if path:
+            raise
+        note = f"structure metrics: null (no structure network): {err}"
+        logger.warning(note)
+        return {}, [note]
+
+
 def load_evaluator(
     real: str | os.PathLike,
+    structure_weights: str | os.PathLike | None = None,
     inception_weights: str | os.PathLike | None = None,
     radimagenet_weights: str | os.PathLike | None = None,
     clip_weights: str | os.PathLike | None = None,
@@ -327,7 +386,9 @@ def load_evaluator(
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     paths = {"inception": inception_weights, "radimagenet": radimagenet_weights, "clip": clip_weights}
-    extractors, notes = load_extractors(paths, allow_download, device)
+    structure, notes = load_structure(structure_weights, real, device)
+    extractors, more_notes = load_extractors(paths, allow_download, device)
+    extractors, notes = structure | extractors, notes + more_notes
     return Evaluator(
         Path(real),
         registry,
@@ -347,6 +408,7 @@ def evaluate_generation(
     out_dir: str | os.PathLike,
     labels: Sequence[str] | None = None,
     datasets: Sequence[str] | None = None,
+    structure_weights: str | os.PathLike | None = None,
     inception_weights: str | os.PathLike | None = None,
     radimagenet_weights: str | os.PathLike | None = None,
     clip_weights: str | os.PathLike | None = None,
@@ -379,6 +441,8 @@ def evaluate_generation(
         out_dir: the report folder.
         labels: one method name per folder (default: the folder names).
         datasets: datasets to evaluate (default: every store dataset some folder holds).
+        structure_weights: the structure network (``medvar train-structure``; default
+            ``REAL/structure.pt`` when present, else the structure metrics are null).
         inception_weights, radimagenet_weights, clip_weights: extractor weight files
             (default: the torch hub cache, else a download when ``allow_download``).
         max_slices: at most this many slices of each set (training, held-out, each generated
@@ -395,7 +459,7 @@ def evaluate_generation(
         The report (as in ``report.json``): ``rows[method][dataset or "overall"]`` → column → value.
     """
     evaluator = load_evaluator(
-        real, inception_weights, radimagenet_weights, clip_weights, allow_download, max_slices, heldout_split,
-        quality_metric, seed, device, batch_size,
+        real, structure_weights, inception_weights, radimagenet_weights, clip_weights, allow_download, max_slices,
+        heldout_split, quality_metric, seed, device, batch_size,
     )  # fmt: skip
     return evaluator.evaluate(fake_dirs, out_dir, labels, datasets)

@@ -1,6 +1,8 @@
 """Evaluation metrics: feature distances (FID/RadFID, KID, CMMD), weight-free metrics, efficiency.
 
 - :mod:`.distances`: set-to-set distances on precomputed features ``(N, D)``.
+- :mod:`.structure`: the in-domain structure network trained on a store's training slices (no
+  downloaded weights), whose features give ``structure_fd`` and k-NN precision / recall.
 - :mod:`.extractors`: InceptionV3 / RadImageNet / CLIP features of uint8 slices, from local weights.
 - :mod:`.weight_free`: MS-SSIM diversity, intensity-histogram and power-spectrum distances,
   memorisation ratio — no pretrained network needed.
@@ -8,10 +10,18 @@
 - :mod:`.efficiency`: the paper's quality–speed score.
 """
 
-from .distances import cmmd, feature_statistics, frechet_distance, frechet_distance_from_features, kid
+from .distances import (
+    cmmd,
+    feature_statistics,
+    frechet_distance,
+    frechet_distance_from_features,
+    kid,
+    knn_precision_recall,
+)
 from .efficiency import efficiency
 from .extractors import FeatureExtractor, load_clip, load_inception, load_radimagenet
 from .slices import real_vs_real_floor, store_slices
+from .structure import STRUCTURE_FILE, StructureNet, load_structure_net
 from .weight_free import (
     histogram_distance,
     memorisation_ratio,
@@ -21,7 +31,9 @@ from .weight_free import (
 )
 
 __all__ = [
+    "STRUCTURE_FILE",
     "FeatureExtractor",
+    "StructureNet",
     "cmmd",
     "efficiency",
     "feature_statistics",
@@ -29,9 +41,11 @@ __all__ = [
     "frechet_distance_from_features",
     "histogram_distance",
     "kid",
+    "knn_precision_recall",
     "load_clip",
     "load_inception",
     "load_radimagenet",
+    "load_structure_net",
     "memorisation_ratio",
     "ms_ssim_diversity",
     "power_spectrum_distance",

@@ -1,0 +1,59 @@
+"""Known damage to real slices, graded by severity: the yardstick a quality metric is checked with.
+
+A metric that ranks what a radiologist ranks scores real held-out slices best and each kind of
+damage worse as it grows: blur (lost fine detail), noise (false texture) and shuffled patches
+(right texture, wrong anatomy). All functions take uint8 slices ``(N, S, S)`` and return new
+uint8 slices of the same shape; ``severity`` is the kind's own unit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+from .slices import as_slices
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def blur(slices: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
+    """Gaussian blur in-plane with standard deviation ``sigma`` pixels (``seed`` unused)."""
+    x = as_slices(slices).astype(np.float64)
+    return _to_uint8(gaussian_filter(x, sigma=(0, sigma, sigma), mode="nearest"))
+
+
+def noise(slices: np.ndarray, std: float, seed: int = 0) -> np.ndarray:
+    """Additive Gaussian noise of standard deviation ``std`` 8-bit levels, clipped to [0, 255]."""
+    x = as_slices(slices).astype(np.float64)
+    return _to_uint8(x + np.random.default_rng(seed).normal(0.0, std, x.shape))
+
+
+def shuffle_patches(slices: np.ndarray, fraction: float, seed: int = 0, patch: int = 32) -> np.ndarray:
+    """Permute a random ``fraction`` of each slice's ``patch × patch`` tiles among themselves.
+
+    Texture and intensities stay exactly those of the slice; only the layout breaks. ``fraction``
+    1 shuffles every tile. The slice side must be a multiple of ``patch``.
+    """
+    x = as_slices(slices)
+    n, side = x.shape[0], x.shape[1]
+    if side % patch or x.shape[2] != side:
+        raise ValueError(f"slices of {x.shape[1]}×{x.shape[2]} do not tile into {patch}×{patch} patches")
+    k = side // patch
+    tiles = x.reshape(n, k, patch, k, patch).transpose(0, 1, 3, 2, 4).reshape(n, k * k, patch, patch).copy()
+    rng = np.random.default_rng(seed)
+    chosen_count = int(round(fraction * k * k))
+    for i in range(n):
+        chosen = rng.choice(k * k, chosen_count, replace=False)
+        tiles[i, chosen] = tiles[i, rng.permutation(chosen)]
+    return tiles.reshape(n, k, k, patch, patch).transpose(0, 1, 3, 2, 4).reshape(n, side, side)
+
+
+DAMAGES = {
+    "blur": (blur, (1.0, 2.0, 4.0)),
+    "noise": (noise, (8.0, 20.0, 50.0)),
+    "shuffled patches": (shuffle_patches, (0.25, 0.5, 1.0)),
+}
+"""Kind → (function, severities from mild to severe): sigma in pixels, std in 8-bit levels, the
+fraction of 32² tiles shuffled."""

@@ -1,0 +1,189 @@
+"""The in-domain structure metric: k-NN precision / recall, graded damage, the structure network's
+file and its place in `medvar evaluate` (structure FD / precision / recall, efficiency Q, groups)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from medvar_bundle.bundle_config import run_config
+from medvar_bundle.cli import main
+from medvar_bundle.data.store import SliceStore
+from medvar_bundle.evaluation import evaluate_generation
+from medvar_bundle.evaluation.report import FLOOR
+from medvar_bundle.io import write_slice_stack
+from medvar_bundle.metrics import (
+    STRUCTURE_FILE,
+    StructureNet,
+    efficiency,
+    frechet_distance_from_features,
+    knn_precision_recall,
+    load_structure_net,
+    store_slices,
+)
+from medvar_bundle.metrics.damage import DAMAGES, blur, noise, shuffle_patches
+from medvar_bundle.weights import MissingWeightsError
+
+# --------------------------------------------------------------------------------------------
+# k-NN precision and recall
+# --------------------------------------------------------------------------------------------
+
+
+def lattice(offset: float, n: int = 5) -> np.ndarray:
+    """``n²`` points of a unit lattice in 2D, shifted by ``offset`` along x: ``(n², 2)``."""
+    x, y = np.meshgrid(np.arange(n, dtype=float), np.arange(n, dtype=float))
+    return np.stack([x.ravel() + offset, y.ravel()], axis=1)
+
+
+def test_precision_and_recall_count_points_inside_the_other_sets_balls():
+    mode_a, mode_b = lattice(0.0), lattice(100.0)
+    real = np.concatenate([mode_a, mode_b])
+    assert knn_precision_recall(real, real) == (1.0, 1.0)
+    # a generator that only draws mode A: everything it draws is realistic, half the real set is missed
+    assert knn_precision_recall(real, mode_a) == (1.0, 0.5)
+    # one that draws mode A and junk far from both modes: half of it is unrealistic
+    assert knn_precision_recall(real, np.concatenate([mode_a, lattice(1000.0)])) == (0.5, 0.5)
+    assert knn_precision_recall(real, lattice(500.0)) == (0.0, 0.0)
+    # the radius is the distance to the k-th neighbour, 1 for k = 1 on a unit lattice: shifted by 1.5,
+    # the column at x = 5.5 is 1.5 from the real set (out) and the real column at x = 0 is 1.5 from the fake one
+    assert knn_precision_recall(mode_a, lattice(1.5), k=1) == (20 / 25, 20 / 25)
+    with pytest.raises(ValueError, match="more than 3 rows"):
+        knn_precision_recall(real, mode_a[:3])
+
+
+# --------------------------------------------------------------------------------------------
+# graded damage
+# --------------------------------------------------------------------------------------------
+
+
+def slices(n: int = 3, size: int = 64, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size), dtype=np.uint8)
+
+
+def test_shuffled_patches_keep_every_pixel_and_move_tiles():
+    x = slices()
+    for fraction in (0.0, 0.5, 1.0):
+        y = shuffle_patches(x, fraction, seed=1)
+        assert y.shape == x.shape and y.dtype == np.uint8
+        for a, b in zip(x, y):  # the same 32² tiles, only re-ordered
+            tiles = sorted(t.tobytes() for t in a.reshape(2, 32, 2, 32).transpose(0, 2, 1, 3).reshape(4, 32, 32))
+            moved = sorted(t.tobytes() for t in b.reshape(2, 32, 2, 32).transpose(0, 2, 1, 3).reshape(4, 32, 32))
+            assert tiles == moved
+        assert np.array_equal(y, x) == (fraction == 0.0)
+    with pytest.raises(ValueError, match="do not tile"):
+        shuffle_patches(slices(size=48), 1.0)
+
+
+def test_blur_and_noise_known_answers():
+    flat = np.full((2, 64, 64), 90, np.uint8)
+    assert np.array_equal(blur(flat, 4.0), flat)  # blur keeps a constant
+    stripes = np.tile(np.array([0, 200], np.uint8), 32)[None, None].repeat(64, axis=1)
+    assert blur(stripes, 2.0)[:, 8:-8, 8:-8].std() < 1.0  # and removes the finest detail
+    noisy = noise(flat, 20.0, seed=3).astype(float)
+    assert abs(noisy.mean() - 90) < 0.5 and abs(noisy.std() - 20) < 0.5
+    assert [severity for _, (_, severity) in DAMAGES.items()] == [(1.0, 2.0, 4.0), (8.0, 20.0, 50.0), (0.25, 0.5, 1.0)]
+
+
+# --------------------------------------------------------------------------------------------
+# the network, its file, and the evaluation
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def structure_store(synthetic_store, tmp_path_factory):
+    """A copy of the synthetic store with a structure network trained on it (a few steps)."""
+    store = shutil.copytree(synthetic_store, tmp_path_factory.mktemp("structure") / "store")
+    run_config("train_structure", None, {"store": str(store), "max_steps": 4, "batch_size": 8, "progress": False})
+    return store
+
+
+def test_training_writes_a_frozen_network_with_its_record(structure_store):
+    record = json.loads((structure_store / f"{STRUCTURE_FILE}.json").read_text())
+    assert record["datasets"] == ["set0", "set1"] and record["settings"]["max_steps"] == 4
+    assert record["training"]["num_slices"] == 16 and record["validation"]["num_slices"] == 16
+    assert 0.0 <= record["validation"]["dataset_accuracy"] <= 1.0 and record["feature_dim"] == 256
+    net = load_structure_net(None, structure_store)
+    assert isinstance(net, StructureNet) and not net.training
+    assert not any(p.requires_grad for p in net.parameters())
+    # standardised by the training slices: mean 0 on them, std 1 where the unit varies at least as
+    # much as the median unit, less where it varies less (its std is floored at the median)
+    features = net.extract(np.concatenate([store_slices(structure_store, "training", n) for n in ("set0", "set1")]))
+    raw_std = net.extract(np.concatenate([store_slices(structure_store, "training", n) for n in ("set0", "set1")]),
+                          standardise=False).std(axis=0)  # fmt: skip
+    assert features.shape == (16, 256)
+    np.testing.assert_allclose(features.mean(axis=0), 0.0, atol=1e-3)  # float32 features
+    floor = max(np.median(raw_std), 1e-6)
+    above = raw_std >= floor
+    np.testing.assert_allclose(features.std(axis=0)[above], 1.0, atol=1e-3)
+    np.testing.assert_allclose(features.std(axis=0)[~above], raw_std[~above] / floor, atol=1e-3)
+
+
+def test_a_network_of_another_store_or_none_is_one_line(structure_store, tmp_path):
+    blob = torch.load(structure_store / STRUCTURE_FILE, weights_only=True)
+    blob["datasets"] = {"set0": blob["datasets"]["set0"], "set2": blob["datasets"]["set1"]}
+    torch.save(blob, tmp_path / "other.pt")  # as if trained on a store with other datasets
+    with pytest.raises(ValueError, match="trained on datasets .* but the store"):
+        load_structure_net(tmp_path / "other.pt", structure_store)
+    with pytest.raises(MissingWeightsError, match="medvar train-structure --store"):
+        load_structure_net(None, tmp_path)
+    with pytest.raises(ValueError, match="not a structure network file"):
+        torch.save({"format": "something-else"}, tmp_path / "foreign.pt")
+        load_structure_net(tmp_path / "foreign.pt", structure_store)
+
+
+def test_evaluate_reports_structure_metrics_and_uses_them_as_q(structure_store, tmp_path, offline_hub):
+    """Held-out slices posing as a method score exactly the floor; a set far from the real slices
+    gets precision 0; the efficiency's Q is the structure FD; groups follow anatomy × modality."""
+    registry = SliceStore(structure_store).datasets
+    heldout, flat = tmp_path / "heldout", tmp_path / "flat"
+    for name, entry in registry.items():
+        real = store_slices(structure_store, "validation", name)
+        write_slice_stack(real, entry, heldout / f"{name}.nii.gz")
+        write_slice_stack(np.full_like(real, 128), entry, flat / f"{name}.nii.gz")
+    (flat / "summary.json").write_text(
+        json.dumps({"datasets": {n: {"seconds_per_image": 0.5} for n in registry}, "parameters": 1000})
+    )
+    report = evaluate_generation(structure_store, [heldout, flat], tmp_path / "report", allow_download=False)
+    rows = report["rows"]
+    assert report["efficiency"]["q"] == "structure_fd"
+    assert any("efficiency Q = structure_fd" in note for note in report["notes"])
+    for name in registry:
+        for key in ("structure_fd", "structure_precision", "structure_recall"):
+            assert rows["heldout"][name][key] == pytest.approx(rows[FLOOR][name][key], abs=1e-9)
+        assert rows["flat"][name]["structure_precision"] == 0.0
+        assert rows["flat"][name]["structure_fd"] > rows[FLOOR][name]["structure_fd"]
+    overall = rows["flat"]["overall"]
+    assert overall["efficiency"] == pytest.approx(efficiency(overall["structure_fd"], 0.5))
+    # anatomy × modality: the synthetic store's two datasets are MR without an anatomy, one group
+    assert report["groups"] == {"MR unspecified": ["set0", "set1"]}
+    for key in ("structure_fd", "structure_precision", "histogram"):
+        group = report["group_rows"]["flat"]["MR unspecified"][key]
+        assert group == pytest.approx((rows["flat"]["set0"][key] + rows["flat"]["set1"][key]) / 2)
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "## Struct. FD per dataset" in markdown and "### Struct. FD per anatomy × modality" in markdown
+
+
+def test_structure_fd_is_frechet_distance_of_the_standardised_features(structure_store):
+    net = load_structure_net(None, structure_store)
+    a, b = (store_slices(structure_store, split, "set0") for split in ("training", "validation"))
+    fa, fb = net.extract(a), net.extract(b)
+    raw_a, raw_b = net.extract(a, standardise=False), net.extract(b, standardise=False)
+    std = net.feature_std.double().numpy()
+    mean = net.feature_mean.double().numpy()
+    np.testing.assert_allclose(fa, (raw_a - mean) / std, rtol=1e-5, atol=1e-6)
+    assert frechet_distance_from_features(fa, fb) == pytest.approx(
+        frechet_distance_from_features((raw_a - mean) / std, (raw_b - mean) / std), rel=1e-6
+    )
+
+
+def test_cli_train_structure_help_and_bad_store(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-structure", "--help"])
+    assert exit_info.value.code == 0 and "STORE/structure.pt" in capsys.readouterr().out
+    assert main(["train-structure", "--store", str(tmp_path / "nowhere"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a slice store" in err[0]
