@@ -67,15 +67,16 @@ def slices(n: int = 3, size: int = 64, seed: int = 0) -> np.ndarray:
 def test_shuffled_patches_keep_every_pixel_and_move_tiles():
     x = slices()
     for fraction in (0.0, 0.5, 1.0):
-        y = shuffle_patches(x, fraction, seed=1)
+        y = shuffle_patches(x, fraction, seed=1, patch=32)
         assert y.shape == x.shape and y.dtype == np.uint8
         for a, b in zip(x, y):  # the same 32² tiles, only re-ordered
             tiles = sorted(t.tobytes() for t in a.reshape(2, 32, 2, 32).transpose(0, 2, 1, 3).reshape(4, 32, 32))
             moved = sorted(t.tobytes() for t in b.reshape(2, 32, 2, 32).transpose(0, 2, 1, 3).reshape(4, 32, 32))
             assert tiles == moved
         assert np.array_equal(y, x) == (fraction == 0.0)
+    assert shuffle_patches(x, 0.0, patch=None).shape == x.shape  # default: 8 × 8 tiles of 8² on 64² slices
     with pytest.raises(ValueError, match="do not tile"):
-        shuffle_patches(slices(size=48), 1.0)
+        shuffle_patches(slices(size=48), 1.0, patch=32)
 
 
 def test_blur_and_noise_known_answers():

@@ -30,14 +30,16 @@ def noise(slices: np.ndarray, std: float, seed: int = 0) -> np.ndarray:
     return _to_uint8(x + np.random.default_rng(seed).normal(0.0, std, x.shape))
 
 
-def shuffle_patches(slices: np.ndarray, fraction: float, seed: int = 0, patch: int = 32) -> np.ndarray:
+def shuffle_patches(slices: np.ndarray, fraction: float, seed: int = 0, patch: int | None = None) -> np.ndarray:
     """Permute a random ``fraction`` of each slice's ``patch × patch`` tiles among themselves.
 
     Texture and intensities stay exactly those of the slice; only the layout breaks. ``fraction``
-    1 shuffles every tile. The slice side must be a multiple of ``patch``.
+    1 shuffles every tile. ``patch`` defaults to an eighth of the side (32 pixels on 256² slices);
+    the side must be a multiple of it.
     """
     x = as_slices(slices)
     n, side = x.shape[0], x.shape[1]
+    patch = patch or side // 8
     if side % patch or x.shape[2] != side:
         raise ValueError(f"slices of {x.shape[1]}×{x.shape[2]} do not tile into {patch}×{patch} patches")
     k = side // patch
@@ -56,4 +58,4 @@ DAMAGES = {
     "shuffled patches": (shuffle_patches, (0.25, 0.5, 1.0)),
 }
 """Kind → (function, severities from mild to severe): sigma in pixels, std in 8-bit levels, the
-fraction of 32² tiles shuffled."""
+fraction of tiles (32² on 256² slices) shuffled."""
