@@ -117,10 +117,20 @@ def _evaluate_tokenizer(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     if len(store) == 0:
         raise UserError(f"{args.store}: no slices{f' in split {args.split}' if args.split else ''}")
-    metrics = evaluate_tokenizer(
-        model, store, args.batch_size, args.device, _bf16(args), args.max_images, progress=not args.quiet
-    )
-    metrics.pop("counts")
+    def figures(slices: SliceStore) -> dict:
+        metrics = evaluate_tokenizer(
+            model, slices, args.batch_size, args.device, _bf16(args), args.max_images, progress=not args.quiet
+        )
+        metrics.pop("counts")
+        return metrics
+
+    metrics = figures(store)
+    if args.by_group:
+        from .evaluation.scores import anatomy_groups
+
+        held = [name for name in store.datasets if len(SliceStore(args.store, args.split, [name]))]
+        groups = anatomy_groups(store.datasets, held)
+        metrics["groups"] = {g: figures(SliceStore(args.store, args.split, names)) for g, names in groups.items()}
     print(json.dumps(metrics))
     return 0
 
@@ -601,12 +611,16 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate-tokenizer",
         help="PSNR, SSIM, codebook usage and perplexity of a tokenizer on a store (one JSON line)",
         description="Encode and decode the slices of a store; print one JSON line with psnr (dB), ssim, "
-        "codebook_usage (fraction of the codes used on this store) and perplexity.",
+        "codebook_usage (fraction of the codes used on this store) and perplexity; with --by-group also per "
+        "anatomy x modality group (CT chest, MR brain, ...).",
     )
     p.add_argument("--tokenizer", required=True, help="tokenizer.pt")
     p.add_argument("--store", required=True, help="slice store folder")
     p.add_argument("--split", choices=["training", "validation", "test"], help="only this split (default: all slices)")
     p.add_argument("--max-images", type=int, help="evaluate at most this many slices")
+    p.add_argument(
+        "--by-group", action="store_true", help="also the figures per anatomy x modality group (JSON key groups)"
+    )
     _runtime_options(p, batch_size=16)
     p.set_defaults(func=_evaluate_tokenizer)
 

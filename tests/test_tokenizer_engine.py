@@ -130,6 +130,13 @@ def test_evaluate_tokenizer_prints_one_json_line(trained, synthetic_store, capsy
     metrics = json.loads(lines[0])
     assert {"psnr", "ssim", "codebook_usage", "perplexity"} <= set(metrics)
     assert metrics["num_images"] == len(SliceStore(synthetic_store))
+    # per anatomy x modality: both synthetic datasets are MR without an anatomy, one group holding every slice
+    args = ["evaluate-tokenizer", "--tokenizer", str(path), "--store", str(synthetic_store), "--split", "validation"]
+    assert main([*args, "--by-group", "--quiet"]) == 0
+    by_group = json.loads(capsys.readouterr().out)
+    assert list(by_group["groups"]) == ["MR unspecified"]
+    assert by_group["groups"]["MR unspecified"] == {k: v for k, v in by_group.items() if k != "groups"}
+    assert by_group["num_images"] == len(SliceStore(synthetic_store, split="validation"))
 
 
 def test_tokenize_writes_resumable_uint16_tokens_matching_encode(trained, synthetic_store, tmp_path):
