@@ -117,6 +117,7 @@ def _evaluate_tokenizer(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     if len(store) == 0:
         raise UserError(f"{args.store}: no slices{f' in split {args.split}' if args.split else ''}")
+
     def figures(slices: SliceStore) -> dict:
         metrics = evaluate_tokenizer(
             model, slices, args.batch_size, args.device, _bf16(args), args.max_images, progress=not args.quiet
