@@ -410,7 +410,8 @@ GENERATE_OPTIONS = (
     ConfigOption("--num", "num_samples", "slices per dataset", type=int),
     ConfigOption("--out", "output_dir", "output folder", required=True),
     *SAMPLING_OPTIONS,
-    ConfigOption("--seed", "seed", "dataset j is drawn with a generator seeded seed + j", type=int),
+    ConfigOption("--seed", "seed", "each slice is drawn from its own generator, seeded by (seed, dataset, slice "
+                 "number): the same whatever else is generated and whatever the batch size", type=int),
     ConfigOption("--batch-size", "batch_size", "slices per batch", type=int),
     ConfigOption("--resample-original", "resample_original", "resample in-plane to the dataset's median original "
                  "matrix", const=True),

