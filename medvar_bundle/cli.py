@@ -62,6 +62,27 @@ def _demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from .data.store import read_shard_manifests, verify_store
+
+    if not (Path(args.store) / "datasets.json").is_file():
+        raise UserError(f"{args.store}: not a slice store (no datasets.json)")
+    bad = verify_store(args.store, checksum=not args.size_only)
+    for problem in bad:
+        print(f"medvar verify: bad shard {problem['shard']}: {problem['problem']}", file=sys.stderr)
+    shards = len(read_shard_manifests(args.store))
+    what = "sizes" if args.size_only else "sizes and sha256"
+    if bad:
+        print(
+            f"medvar verify: {len({b['shard'] for b in bad})} of {shards} shards bad ({what} checked); "
+            f"`medvar prepare` on this store re-does them (`medvar tokenize` for token files)",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"medvar verify: {args.store}: all {shards} shards good ({what} checked)")
+    return 0
+
+
 def _preview(args: argparse.Namespace) -> int:
     from .data import SliceStore
     from .visualize import store_preview
@@ -284,6 +305,8 @@ PREPARE_OPTIONS = (
     ConfigOption("--rank", "rank", "this machine's share of the datalist (null: $RANK or 0)", type=int),
     ConfigOption("--world-size", "world_size", "number of shares (null: $WORLD_SIZE or 1)", type=int),
     ConfigOption("--shard-size", "shard_size", "slices per shard", type=_positive_int),
+    ConfigOption("--verify", "verify", "re-check every committed shard's sha256 before resuming (sizes are always "
+                 "checked) and re-do the bad shards", const=True),
     ConfigOption("--quiet", "progress", "no progress bar", const=False),
 )  # fmt: skip
 EVALUATE_OPTIONS = (
@@ -573,6 +596,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["training", "validation", "test"], help="only this split")
     p.add_argument("--seed", type=int, default=0, help="random seed for the choice of slices")
     p.set_defaults(func=_preview)
+
+    p = sub.add_parser(
+        "verify",
+        help="check every shard of a store against its recorded size and sha256",
+        description="Compare each committed shard file (images, labels, tokens) with the size and sha256 its "
+        "manifest records; print one line per bad file and exit 1 if any, else 0. `medvar prepare` (and "
+        "`medvar tokenize` for token files) re-does the bad shards.",
+    )
+    p.add_argument("--store", required=True, help="slice store folder")
+    p.add_argument("--size-only", action="store_true", help="compare sizes only (fast; no file is read)")
+    p.set_defaults(func=_verify)
 
     p = sub.add_parser(
         "train-tokenizer",

@@ -8,6 +8,7 @@ carrying pickled code is refused instead of executed.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -55,10 +56,37 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
-def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> dict:
+    """``np.save`` atomically; returns the file's record ``{"bytes": size, "sha256": hex digest}``."""
     buf = io.BytesIO()
     np.save(buf, array)
-    atomic_write_bytes(path, buf.getvalue())
+    payload = buf.getvalue()
+    atomic_write_bytes(path, payload)
+    return {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file (hex), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_file(path: str | os.PathLike, record: dict, checksum: bool = True) -> str | None:
+    """Why ``path`` does not match its record (:func:`atomic_save_npy`), or None when it does.
+
+    The size is always compared; the sha256 only with ``checksum`` (it reads the whole file)."""
+    path = Path(path)
+    if not path.is_file():
+        return f"{path}: missing"
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        return f"{path}: {size} bytes, the manifest says {record['bytes']} (truncated or overwritten)"
+    if checksum and file_digest(path) != record["sha256"]:
+        return f"{path}: sha256 differs from the manifest's (corrupted)"
+    return None
 
 
 def load_weights(path: str | os.PathLike, kind: str) -> object:

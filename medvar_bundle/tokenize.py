@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from .data.store import SHARD_DIR, read_shard_manifests
 from .data.tokens import TOKENS_META, file_digest
-from .files import atomic_save_npy, atomic_write_json
+from .files import atomic_save_npy, atomic_write_json, check_file
 from .model_file import load_tokenizer
 from .runtime import autocast, model_input
 
@@ -33,6 +33,9 @@ def tokenize_store(
 ) -> dict:
     """Encode every slice of ``store`` with the tokenizer; resumable shard by shard.
 
+    A shard is done when its token file matches the size and sha256 ``tokens.json`` records for
+    it; a missing, truncated or corrupted token file is encoded again.
+
     Raises:
         ValueError: the store holds tokens of another tokenizer and ``force`` is False.
 
@@ -42,9 +45,12 @@ def tokenize_store(
     root = Path(store)
     digest = file_digest(tokenizer_path)
     meta_file = root / TOKENS_META
+    done = {}
     if meta_file.exists():
         old = json.loads(meta_file.read_text())
+        done = old.get("shards", {})
         if old["tokenizer_sha256"] != digest:
+            done = {}
             if not force:
                 raise ValueError(
                     f"{root}: already tokenized by another tokenizer ({old['tokenizer']}); use --force to replace"
@@ -61,6 +67,7 @@ def tokenize_store(
         "patch_nums": list(model.patch_nums),
         "vocab_size": vocab,
         "tokens_per_image": model.num_tokens,
+        "shards": done,
     }
     atomic_write_json(meta_file, meta)
     manifests = [m for m in read_shard_manifests(root) if m["num_slices"]]
@@ -68,7 +75,7 @@ def tokenize_store(
     bar = tqdm(total=sum(m["num_slices"] for m in manifests), disable=not progress, desc="tokenize", unit="slice")
     for m in manifests:
         target = root / SHARD_DIR / f"{m['shard']}.tokens.npy"
-        if target.exists():
+        if m["shard"] in done and check_file(target, done[m["shard"]]) is None:
             skipped += 1
             bar.update(m["num_slices"])
             continue
@@ -79,7 +86,8 @@ def tokenize_store(
             with autocast(device, bf16):
                 rows.append(model.tokens_flat(model.encode(x)).cpu().numpy().astype(np.uint16))
             bar.update(len(x))
-        atomic_save_npy(target, np.concatenate(rows))
+        done[m["shard"]] = atomic_save_npy(target, np.concatenate(rows))
+        atomic_write_json(meta_file, meta)  # the token file's commit record
         written += 1
     bar.close()
     return {**meta, "shards_written": written, "shards_skipped": skipped}

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..bundle_config import config_component
 from ..files import atomic_write_json
-from .store import ShardWriter, done_volume_keys, volume_key, write_store_index
+from .store import ShardWriter, done_volume_keys, remove_shard, verify_store, volume_key, write_store_index
 from .transforms import DEFAULT_CT_WINDOW, MODALITIES, SLICE_SIZE, NoSlicesError, VolumeError
 
 MAX_ERROR_CHARS = 300
@@ -148,6 +148,7 @@ def prepare_store(
     world_size: int | None = None,
     shard_size: int = 2048,
     progress: bool = True,
+    verify: bool = False,
 ) -> PrepareResult:
     """Prepare ``items`` (see :mod:`~medvar_bundle.data.sources`) into the store at ``out``.
 
@@ -160,6 +161,9 @@ def prepare_store(
         rank, world_size: this machine's share of ``items`` (``items[rank::world_size]``);
             default to torchrun's ``RANK``/``WORLD_SIZE``, else 0 and 1.
         shard_size: slices per shard.
+        verify: before resuming, compare every committed shard file's sha256 with its manifest
+            (sizes are always compared); a shard that fails is removed with one line on stderr, and
+            its volumes are prepared again.
 
     Returns:
         The run's report (this rank's volumes) and the store's dataset registry.
@@ -180,6 +184,10 @@ def prepare_store(
                 str(i["dataset"]), {"modality": i["modality"], "anatomy": i.get("anatomy"), "ct_window": window}
             )
     mine = items[rank::world_size]
+    for bad in verify_store(out, checksum=verify):
+        if bad["shard"].startswith(f"r{rank:03d}-"):  # each rank re-does its own shards
+            tqdm.write(f"medvar prepare: re-doing shard {bad['shard']}: {bad['problem']}", file=sys.stderr)
+            remove_shard(out, bad["shard"])
     done = done_volume_keys(out)
     result = PrepareResult()
     todo = []

@@ -11,7 +11,10 @@ Layout of ``STORE/``::
 
 A shard's arrays are written to temporary files and renamed into place, then its JSON manifest is
 renamed into place. A shard without its JSON is an interrupted write and is ignored (and
-overwritten on resume), so a killed run never leaves a half-visible shard.
+overwritten on resume), so a killed run never leaves a half-visible shard. The manifest records
+each array file's size and sha256 (``files``); :class:`SliceStore` checks both when it first opens
+a file and refuses a corrupt one (:class:`CorruptShardError`), :func:`verify_store` checks a whole
+store, and ``prepare`` re-does the shards that fail.
 """
 
 from __future__ import annotations
@@ -27,10 +30,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..files import atomic_save_npy, atomic_write_bytes, atomic_write_json
+from ..files import atomic_save_npy, atomic_write_bytes, atomic_write_json, check_file
 
 SHARD_DIR = "shards"
 SPLITS = ("training", "validation", "test")
+
+
+class CorruptShardError(ValueError):
+    """A shard file does not match the size or sha256 its manifest records."""
 
 
 def volume_key(image: str, label: str | None = None) -> str:
@@ -95,12 +102,12 @@ class ShardWriter:
         if not self._volumes:
             return
         tag = f"r{self.rank:03d}-{self._seq:05d}"
+        files = {}
         if self._count:
-            atomic_save_npy(self.shard_dir / f"{tag}.images.npy", np.concatenate(self._images))
-            atomic_save_npy(self.shard_dir / f"{tag}.labels.npy", np.concatenate(self._labels))
-        atomic_write_json(
-            self.shard_dir / f"{tag}.json", {"shard": tag, "num_slices": self._count, "volumes": self._volumes}
-        )
+            files["images"] = atomic_save_npy(self.shard_dir / f"{tag}.images.npy", np.concatenate(self._images))
+            files["labels"] = atomic_save_npy(self.shard_dir / f"{tag}.labels.npy", np.concatenate(self._labels))
+        manifest = {"shard": tag, "num_slices": self._count, "volumes": self._volumes, "files": files}
+        atomic_write_json(self.shard_dir / f"{tag}.json", manifest)
         self._seq += 1
         self._images, self._labels, self._volumes, self._count = [], [], [], 0
         if self.on_commit is not None:
@@ -110,6 +117,38 @@ class ShardWriter:
 def read_shard_manifests(root: str | os.PathLike) -> list[dict]:
     """All committed shard manifests of a store, in name order."""
     return [json.loads(p.read_text()) for p in sorted((Path(root) / SHARD_DIR).glob("*.json"))]
+
+
+def verify_store(root: str | os.PathLike, checksum: bool = True) -> list[dict]:
+    """Check every committed shard's array files against their manifest (and token files against
+    ``tokens.json``). Returns one ``{"shard", "file", "problem"}`` per bad file (empty: all good).
+
+    Args:
+        checksum: also compare sha256 digests (reads every file); False compares sizes only.
+    """
+    root = Path(root)
+    token_records = {}
+    if (root / "tokens.json").is_file():
+        token_records = json.loads((root / "tokens.json").read_text()).get("shards", {})
+    bad = []
+    for m in read_shard_manifests(root):
+        records = dict(m.get("files", {}))
+        if m["shard"] in token_records:
+            records["tokens"] = token_records[m["shard"]]
+        for kind, record in records.items():
+            path = root / SHARD_DIR / f"{m['shard']}.{kind}.npy"
+            problem = check_file(path, record, checksum)
+            if problem is not None:
+                bad.append({"shard": m["shard"], "file": str(path), "problem": problem})
+    return bad
+
+
+def remove_shard(root: str | os.PathLike, tag: str) -> None:
+    """Delete a shard: its manifest first (so it stops being committed), then its files."""
+    shard_dir = Path(root) / SHARD_DIR
+    (shard_dir / f"{tag}.json").unlink(missing_ok=True)
+    for kind in ("images", "labels", "tokens"):
+        (shard_dir / f"{tag}.{kind}.npy").unlink(missing_ok=True)
 
 
 def done_volume_keys(root: str | os.PathLike) -> set[str]:
@@ -263,12 +302,13 @@ class SliceStore(Dataset):
                         merged[name] = dict(entry)
             self.datasets = {name: {**merged[name], "id": i} for i, name in enumerate(sorted(merged))}
         self.transform = transform
-        shard_paths, ids, shard_of, row_of, split_of, names, positions = [], [], [], [], [], [], []
+        shard_paths, records, ids, shard_of, row_of, split_of, names, positions = [], [], [], [], [], [], [], []
         for root in self.roots:
             for m in read_shard_manifests(root):
                 if not m["num_slices"]:
                     continue
                 shard_paths.append(root / SHARD_DIR / m["shard"])
+                records.append(dict(m.get("files", {})))
                 row = 0
                 for v in m["volumes"]:
                     n = v["num_slices"]
@@ -288,7 +328,7 @@ class SliceStore(Dataset):
             if unknown:
                 raise KeyError(f"unknown dataset(s) {sorted(unknown)}; the store has {sorted(self.datasets)}")
             keep &= np.isin(np.asarray(names, dtype=object), list(datasets))
-        self._shard_paths = shard_paths
+        self._shard_paths, self._records = shard_paths, records
         self.dataset_ids = np.asarray(ids, dtype=np.int64)[keep]
         self._shard = np.asarray(shard_of, dtype=np.int64)[keep]
         self._row = np.asarray(row_of, dtype=np.int64)[keep]
@@ -304,9 +344,24 @@ class SliceStore(Dataset):
         return state
 
     def _array(self, shard: int, kind: str) -> np.ndarray:
+        """A shard's array, memory-mapped; the first time in a process its file's size and sha256
+        are checked against the manifest's record (stores written before records skip the check).
+
+        Raises:
+            CorruptShardError: one line naming the file and what is wrong with it.
+        """
         key = (shard, kind)
         if key not in self._maps:
-            self._maps[key] = np.load(f"{self._shard_paths[shard]}.{kind}.npy", mmap_mode="r")
+            path = Path(f"{self._shard_paths[shard]}.{kind}.npy")
+            record = self._records[shard].get(kind)
+            problem = None if record is None else check_file(path, record)
+            if problem is not None:
+                store = path.parent.parent
+                raise CorruptShardError(
+                    f"{problem}; run `medvar verify --store {store}`, then `medvar prepare` (or `medvar tokenize`) "
+                    "on it to re-do the bad shards"
+                )
+            self._maps[key] = np.load(path, mmap_mode="r")
         return self._maps[key]
 
     def _locate(self, index: int) -> tuple[int, int, int]:

@@ -3,31 +3,25 @@
 Tokens live beside the images as ``STORE/shards/<tag>.tokens.npy``, uint16 ``(N, L)`` with
 ``L = Σ n_k²`` (680 at 256²), scales concatenated coarse to fine, each scale row-major.
 ``STORE/tokens.json`` records which tokenizer made them (file digest, scales, vocabulary), so a
-store is never read with tokens from another tokenizer.
+store is never read with tokens from another tokenizer, and each token file's size and sha256
+(``shards``), checked when a file is first opened (a corrupt one raises
+:class:`~medvar_bundle.data.store.CorruptShardError`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..files import file_digest
 from .store import SliceStore
 
+__all__ = ["TOKENS_META", "TokenStore", "file_digest"]
+
 TOKENS_META = "tokens.json"
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file (hex), read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class TokenStore(SliceStore):
@@ -46,6 +40,11 @@ class TokenStore(SliceStore):
         if len(digests) > 1:
             raise ValueError(f"stores {[str(r) for r in self.roots]} were tokenized by different tokenizers")
         self.meta = metas[0]
+        records = {root: meta.get("shards", {}) for root, meta in zip(self.roots, metas)}
+        for i, path in enumerate(self._shard_paths):
+            record = records[path.parent.parent].get(path.name)
+            if record is not None:
+                self._records[i]["tokens"] = record
         missing = [p for p in self._shard_paths if not Path(f"{p}.tokens.npy").exists()]
         if missing:
             raise FileNotFoundError(
