@@ -34,7 +34,9 @@ def test_generate_writes_spaced_nifti_stacks(model_path, tmp_path):
     assert np.allclose(ct.header.get_zooms(), (0.8 * 512 / 64, 0.75 * 480 / 64, 5.0))
     assert nib.aff2axcodes(ct.affine) == ("R", "A", "S")
     hu = np.asarray(ct.dataobj)
-    assert hu.min() >= 40 - 200 and hu.max() <= 40 + 200  # inside the dataset's window
+    # every value is one of the window's 256 levels in integer HU: round(-160 + k · 400 / 255)
+    levels = np.rint(-160.0 + np.arange(256) * 400.0 / 255.0)
+    assert np.isin(hu, levels).all() and len(np.unique(hu)) > 10
     mr = nib.load(tmp_path / "brain_mr.nii.gz")
     assert mr.get_data_dtype() == np.uint8 and np.allclose(mr.header.get_zooms(), (3.0, 4.0, 1.5))
     for name in ("abdomen_ct.png", "brain_mr.png", "brain_mr_progression.png", "summary.json"):
