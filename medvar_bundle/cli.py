@@ -104,6 +104,7 @@ def _run_bundle(
     and ``--device cuda`` becomes ``cuda:$LOCAL_RANK`` (one GPU per process). With ``base``, the
     subcommand's config is an overlay on ``configs/<base>.yaml``. User errors become one line.
     """
+    from .files import FolderLockedError
     from .weights import MissingWeightsError
 
     overrides, overlays = overrides_from(args), []
@@ -116,7 +117,7 @@ def _run_bundle(
         if base is not None:
             return run_config(base, workflow_type, overrides, [args.config, *overlays], tracking=tracking)
         return run_config(args.config, workflow_type, overrides, overlays, tracking=tracking)
-    except (MissingWeightsError, FileNotFoundError, ValueError, PermissionError) as exc:
+    except (MissingWeightsError, FileNotFoundError, ValueError, PermissionError, FolderLockedError) as exc:
         raise UserError(str(exc)) from None
 
 
@@ -158,13 +159,14 @@ def _evaluate_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _tokenize(args: argparse.Namespace) -> int:
+    from .files import FolderLockedError
     from .tokenize import tokenize_store
 
     try:
         meta = tokenize_store(
             args.tokenizer, args.store, args.batch_size, args.device, _bf16(args), args.force, not args.quiet
         )
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, FolderLockedError) as exc:
         raise UserError(str(exc)) from None
     print(
         f"medvar tokenize: {meta['tokens_per_image']} tokens per slice; {meta['shards_written']} shards written, "

@@ -8,6 +8,7 @@ carrying pickled code is refused instead of executed.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -125,3 +126,64 @@ def read_format_file(path: Path, kind: str, fmt: str) -> dict:
     if not isinstance(blob, dict) or blob.get("format") != fmt:
         raise ValueError(f"{path}: not a {kind} file (expected format {fmt!r})")
     return blob
+
+
+class FolderLockedError(RuntimeError):
+    """Another process holds the writer lock of a folder."""
+
+
+class WriterLock:
+    """One writer per folder: an exclusive ``flock`` on ``FOLDER/.NAME.lock``, refused at once if held.
+
+    Readers never take it, so they never block. The kernel drops the lock when its process dies
+    (even by SIGKILL), so a killed run never leaves a stale lock. The lock file holds the owner's
+    pid for the message. Use as a context manager, or :meth:`acquire` / :meth:`release`.
+
+    Args:
+        folder: the folder written (created if missing).
+        name: which writer (``prepare-r000``, ``tokenize``, ``train``): writers of different
+            names do not exclude each other.
+    """
+
+    def __init__(self, folder: str | os.PathLike, name: str) -> None:
+        self.path = Path(folder) / f".{name}.lock"
+        self._fh = None
+
+    def acquire(self) -> WriterLock:
+        """Take the lock.
+
+        Raises:
+            FolderLockedError: one line naming the folder and the owner's pid.
+        """
+        if self._fh is not None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            owner = fh.read().strip() or "unknown"
+            fh.close()
+            raise FolderLockedError(
+                f"{self.path.parent}: another process (pid {owner}) is writing here ({self.path.name}); "
+                "wait for it to finish or stop it"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> WriterLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

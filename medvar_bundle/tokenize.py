@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from .data.store import SHARD_DIR, read_shard_manifests
 from .data.tokens import TOKENS_META, file_digest
-from .files import atomic_save_npy, atomic_write_json, check_file
+from .files import WriterLock, atomic_save_npy, atomic_write_json, check_file
 from .model_file import load_tokenizer
 from .runtime import autocast, model_input
 
@@ -38,56 +38,58 @@ def tokenize_store(
 
     Raises:
         ValueError: the store holds tokens of another tokenizer and ``force`` is False.
+        FolderLockedError: another ``tokenize`` is writing into this store.
 
     Returns:
         ``tokens.json`` content plus ``shards_written`` and ``shards_skipped``.
     """
     root = Path(store)
-    digest = file_digest(tokenizer_path)
-    meta_file = root / TOKENS_META
-    done = {}
-    if meta_file.exists():
-        old = json.loads(meta_file.read_text())
-        done = old.get("shards", {})
-        if old["tokenizer_sha256"] != digest:
-            done = {}
-            if not force:
-                raise ValueError(
-                    f"{root}: already tokenized by another tokenizer ({old['tokenizer']}); use --force to replace"
-                )
-            for p in (root / SHARD_DIR).glob("*.tokens.npy"):
-                p.unlink()
-    model = load_tokenizer(tokenizer_path, device)
-    vocab = model.config["vocab_size"]
-    if vocab > np.iinfo(np.uint16).max + 1:
-        raise ValueError(f"vocabulary of {vocab} codes does not fit uint16 token shards")
-    meta = {
-        "tokenizer": str(Path(tokenizer_path).resolve()),
-        "tokenizer_sha256": digest,
-        "patch_nums": list(model.patch_nums),
-        "vocab_size": vocab,
-        "tokens_per_image": model.num_tokens,
-        "shards": done,
-    }
-    atomic_write_json(meta_file, meta)
-    manifests = [m for m in read_shard_manifests(root) if m["num_slices"]]
-    written = skipped = 0
-    bar = tqdm(total=sum(m["num_slices"] for m in manifests), disable=not progress, desc="tokenize", unit="slice")
-    for m in manifests:
-        target = root / SHARD_DIR / f"{m['shard']}.tokens.npy"
-        if m["shard"] in done and check_file(target, done[m["shard"]]) is None:
-            skipped += 1
-            bar.update(m["num_slices"])
-            continue
-        images = np.load(root / SHARD_DIR / f"{m['shard']}.images.npy", mmap_mode="r")
-        rows = []
-        for start in range(0, len(images), batch_size):
-            x = model_input(torch.from_numpy(np.array(images[start : start + batch_size])), device)
-            with autocast(device, bf16):
-                rows.append(model.tokens_flat(model.encode(x)).cpu().numpy().astype(np.uint16))
-            bar.update(len(x))
-        done[m["shard"]] = atomic_save_npy(target, np.concatenate(rows))
-        atomic_write_json(meta_file, meta)  # the token file's commit record
-        written += 1
-    bar.close()
-    return {**meta, "shards_written": written, "shards_skipped": skipped}
+    with WriterLock(root, "tokenize"):  # one tokenize per store; readers never wait
+        digest = file_digest(tokenizer_path)
+        meta_file = root / TOKENS_META
+        done = {}
+        if meta_file.exists():
+            old = json.loads(meta_file.read_text())
+            done = old.get("shards", {})
+            if old["tokenizer_sha256"] != digest:
+                done = {}
+                if not force:
+                    raise ValueError(
+                        f"{root}: already tokenized by another tokenizer ({old['tokenizer']}); use --force to replace"
+                    )
+                for p in (root / SHARD_DIR).glob("*.tokens.npy"):
+                    p.unlink()
+        model = load_tokenizer(tokenizer_path, device)
+        vocab = model.config["vocab_size"]
+        if vocab > np.iinfo(np.uint16).max + 1:
+            raise ValueError(f"vocabulary of {vocab} codes does not fit uint16 token shards")
+        meta = {
+            "tokenizer": str(Path(tokenizer_path).resolve()),
+            "tokenizer_sha256": digest,
+            "patch_nums": list(model.patch_nums),
+            "vocab_size": vocab,
+            "tokens_per_image": model.num_tokens,
+            "shards": done,
+        }
+        atomic_write_json(meta_file, meta)
+        manifests = [m for m in read_shard_manifests(root) if m["num_slices"]]
+        written = skipped = 0
+        bar = tqdm(total=sum(m["num_slices"] for m in manifests), disable=not progress, desc="tokenize", unit="slice")
+        for m in manifests:
+            target = root / SHARD_DIR / f"{m['shard']}.tokens.npy"
+            if m["shard"] in done and check_file(target, done[m["shard"]]) is None:
+                skipped += 1
+                bar.update(m["num_slices"])
+                continue
+            images = np.load(root / SHARD_DIR / f"{m['shard']}.images.npy", mmap_mode="r")
+            rows = []
+            for start in range(0, len(images), batch_size):
+                x = model_input(torch.from_numpy(np.array(images[start : start + batch_size])), device)
+                with autocast(device, bf16):
+                    rows.append(model.tokens_flat(model.encode(x)).cpu().numpy().astype(np.uint16))
+                bar.update(len(x))
+            done[m["shard"]] = atomic_save_npy(target, np.concatenate(rows))
+            atomic_write_json(meta_file, meta)  # the token file's commit record
+            written += 1
+        bar.close()
+        return {**meta, "shards_written": written, "shards_skipped": skipped}

@@ -62,11 +62,11 @@ def test_a_nested_override_changes_the_run(synthetic_store, tmp_path):
     overrides = dict(dataset_dir=str(synthetic_store), output_dir=str(out), max_steps=50, batch_size=4, val_every=100,
                      checkpoint_every=100, val_max_images=4, progress=False, **SMALL_TOKENIZER)  # fmt: skip
     run_config("train_tokenizer", "train", {**overrides, "train#trainer#max_epochs": 1})
-    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    checkpoints = sorted(p.name for p in (out / "checkpoints").glob("checkpoint_*.pt"))
     assert checkpoints == ["checkpoint_4.pt"]
     two = {**overrides, "output_dir": str(tmp_path / "two"), "train#handlers#2#max_steps": 2}
     run_config("train_tokenizer", "train", two)
-    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["checkpoint_2.pt"]
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").glob("checkpoint_*.pt")) == ["checkpoint_2.pt"]
 
 
 def test_checkpoint_loader_and_ckpt_export_load_every_tokenizer_tensor(synthetic_store, tmp_path):

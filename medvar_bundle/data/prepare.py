@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..bundle_config import config_component
-from ..files import atomic_write_json
+from ..files import WriterLock, atomic_write_json
 from .store import ShardWriter, done_volume_keys, remove_shard, verify_store, volume_key, write_store_index
 from .transforms import DEFAULT_CT_WINDOW, MODALITIES, SLICE_SIZE, NoSlicesError, VolumeError
 
@@ -167,6 +167,9 @@ def prepare_store(
 
     Returns:
         The run's report (this rank's volumes) and the store's dataset registry.
+
+    Raises:
+        FolderLockedError: another ``prepare`` of the same rank is writing into ``out``.
     """
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
@@ -183,63 +186,64 @@ def prepare_store(
             declared.setdefault(
                 str(i["dataset"]), {"modality": i["modality"], "anatomy": i.get("anatomy"), "ct_window": window}
             )
-    mine = items[rank::world_size]
-    for bad in verify_store(out, checksum=verify):
-        if bad["shard"].startswith(f"r{rank:03d}-"):  # each rank re-does its own shards
-            tqdm.write(f"medvar prepare: re-doing shard {bad['shard']}: {bad['problem']}", file=sys.stderr)
-            remove_shard(out, bad["shard"])
-    done = done_volume_keys(out)
-    result = PrepareResult()
-    todo = []
-    for item in mine:
-        if volume_key(item.get("image") or "", item.get("label")) in done:
-            result.report.append(_entry(item, "skipped", error="already in store"))
-        else:
-            todo.append(item)
+    with WriterLock(out, f"prepare-r{rank:03d}"):  # one writer per rank's shards; readers never wait
+        mine = items[rank::world_size]
+        for bad in verify_store(out, checksum=verify):
+            if bad["shard"].startswith(f"r{rank:03d}-"):  # each rank re-does its own shards
+                tqdm.write(f"medvar prepare: re-doing shard {bad['shard']}: {bad['problem']}", file=sys.stderr)
+                remove_shard(out, bad["shard"])
+        done = done_volume_keys(out)
+        result = PrepareResult()
+        todo = []
+        for item in mine:
+            if volume_key(item.get("image") or "", item.get("label")) in done:
+                result.report.append(_entry(item, "skipped", error="already in store"))
+            else:
+                todo.append(item)
 
-    report_file = out / "reports" / f"rank{rank:03d}-of-{world_size:03d}.json"
-    # the store is readable from the start and after every shard; manifest.csv is written at the end
-    write_store_index(out, declared, manifest=False)
-    writer = ShardWriter(
-        out, shard_size=shard_size, rank=rank, on_commit=lambda: write_store_index(out, declared, manifest=False)
-    )
-    loader = DataLoader(
-        PreparedVolumes(todo, transform),
-        batch_size=None,
-        num_workers=workers,
-        collate_fn=_identity,
-        worker_init_fn=_single_thread_worker if workers else None,
-    )
-    bar = tqdm(loader, total=len(todo), desc="prepare", unit="vol", disable=not progress, file=sys.stderr)
-    for res in bar:
-        item = res["item"]
-        if res["status"] != "ok":
-            tqdm.write(f"medvar prepare: {res['status']}: {item.get('image')}: {res['error']}", file=sys.stderr)
-        if res["status"] == "failed":
-            result.report.append(_entry(item, "failed", error=res["error"]))
-            continue
-        slices = 0 if res["images"] is None else int(res["images"].shape[0])
-        window = (item.get("ct_window") or list(DEFAULT_CT_WINDOW)) if item.get("modality") == "CT" else None
-        record = {
-            "key": volume_key(item["image"], item.get("label")),
-            "image": item["image"],
-            "label": item.get("label"),
-            "dataset": item["dataset"],
-            "modality": item["modality"],
-            "anatomy": item.get("anatomy") or "",
-            "split": item.get("split", "training"),
-            "ct_window": window,
-            "spacing": (res.get("geometry") or {}).get("spacing", []),
-            "matrix": (res.get("geometry") or {}).get("matrix", []),
-            "slice_indices": res.get("slice_indices") or [],
-            "has_label": bool(res.get("has_label")),
-        }
-        empty = np.zeros((0, size, size), np.uint8)
-        writer.add(record, res["images"] if res["images"] is not None else empty, res["labels"])
-        result.report.append(_entry(item, res["status"], slices, res["error"]))
-        bar.set_postfix(ok=result.counts["ok"], failed=result.counts["failed"])
-    writer.flush()
-    atomic_write_json(report_file, {"volumes": result.report})
-    _merge_reports(out, world_size)
-    result.registry = write_store_index(out, declared)
-    return result
+        report_file = out / "reports" / f"rank{rank:03d}-of-{world_size:03d}.json"
+        # the store is readable from the start and after every shard; manifest.csv is written at the end
+        write_store_index(out, declared, manifest=False)
+        writer = ShardWriter(
+            out, shard_size=shard_size, rank=rank, on_commit=lambda: write_store_index(out, declared, manifest=False)
+        )
+        loader = DataLoader(
+            PreparedVolumes(todo, transform),
+            batch_size=None,
+            num_workers=workers,
+            collate_fn=_identity,
+            worker_init_fn=_single_thread_worker if workers else None,
+        )
+        bar = tqdm(loader, total=len(todo), desc="prepare", unit="vol", disable=not progress, file=sys.stderr)
+        for res in bar:
+            item = res["item"]
+            if res["status"] != "ok":
+                tqdm.write(f"medvar prepare: {res['status']}: {item.get('image')}: {res['error']}", file=sys.stderr)
+            if res["status"] == "failed":
+                result.report.append(_entry(item, "failed", error=res["error"]))
+                continue
+            slices = 0 if res["images"] is None else int(res["images"].shape[0])
+            window = (item.get("ct_window") or list(DEFAULT_CT_WINDOW)) if item.get("modality") == "CT" else None
+            record = {
+                "key": volume_key(item["image"], item.get("label")),
+                "image": item["image"],
+                "label": item.get("label"),
+                "dataset": item["dataset"],
+                "modality": item["modality"],
+                "anatomy": item.get("anatomy") or "",
+                "split": item.get("split", "training"),
+                "ct_window": window,
+                "spacing": (res.get("geometry") or {}).get("spacing", []),
+                "matrix": (res.get("geometry") or {}).get("matrix", []),
+                "slice_indices": res.get("slice_indices") or [],
+                "has_label": bool(res.get("has_label")),
+            }
+            empty = np.zeros((0, size, size), np.uint8)
+            writer.add(record, res["images"] if res["images"] is not None else empty, res["labels"])
+            result.report.append(_entry(item, res["status"], slices, res["error"]))
+            bar.set_postfix(ok=result.counts["ok"], failed=result.counts["failed"])
+        writer.flush()
+        atomic_write_json(report_file, {"volumes": result.report})
+        _merge_reports(out, world_size)
+        result.registry = write_store_index(out, declared)
+        return result

@@ -30,7 +30,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import ValidationHandler
 
-from ..files import load_weights
+from ..files import WriterLock, load_weights
 from .common import latest_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,12 @@ logger = logging.getLogger(__name__)
 def is_main_process() -> bool:
     """True outside a process group and on rank 0 inside one (the rank that logs and writes files)."""
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _release_and_raise(engine: Engine, error: BaseException, lock: WriterLock) -> None:
+    """Ignite re-raises a run's error only when nothing handles ``EXCEPTION_RAISED``: free the lock, re-raise."""
+    lock.release()
+    raise error
 
 
 class ResumableCheckpoint:
@@ -79,6 +85,10 @@ class ResumableCheckpoint:
             engine.state.max_epochs = max(epochs, engine.state.epoch + int(engine.state.iteration >= self.max_steps))
         if not is_main_process():
             return
+        lock = WriterLock(self.save_dir, "train")  # one training run per folder; taken when it starts
+        engine.add_event_handler(Events.STARTED, lambda _: lock.acquire())
+        engine.add_event_handler(Events.COMPLETED, lambda _: lock.release())
+        engine.add_event_handler(Events.EXCEPTION_RAISED, _release_and_raise, lock)
         saver = Checkpoint(
             objects,
             DiskSaver(str(self.save_dir), require_empty=False, atomic=True),
