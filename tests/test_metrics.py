@@ -23,6 +23,7 @@ from medvar_bundle.metrics import (
     memorisation_ratio,
     ms_ssim_diversity,
     power_spectrum_distance,
+    radial_power_spectrum,
     real_vs_real_floor,
 )
 from medvar_bundle.metrics.backbones import ClipVisionTransformer, KerasResNet50, fid_inception_v3
@@ -51,9 +52,16 @@ def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
     assert frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-9)
 
 
-def test_feature_statistics_shapes_and_refusals():
-    mu, sigma = feature_statistics(np.ones((3, 5)))
-    assert mu.shape == (5,) and sigma.shape == (5, 5)
+def test_feature_statistics_known_mean_and_unbiased_covariance_and_refusal():
+    """Rows (1, 2), (3, 6), (5, 10): mean (3, 6); deviations (-2, -4), (0, 0), (2, 4), so the
+    unbiased (N - 1 = 2) covariance is [[8, 16], [16, 32]] / 2 = [[4, 8], [8, 16]]; one feature
+    column (D = 1) still gives a (1, 1) covariance."""
+    mu, sigma = feature_statistics([[1.0, 2.0], [3.0, 6.0], [5.0, 10.0]])
+    np.testing.assert_allclose(mu, [3.0, 6.0], rtol=1e-12)
+    np.testing.assert_allclose(sigma, [[4.0, 8.0], [8.0, 16.0]], rtol=1e-12)
+    mu, sigma = feature_statistics([[1.0], [3.0], [5.0]])
+    np.testing.assert_allclose(mu, [3.0], rtol=1e-12)
+    np.testing.assert_allclose(sigma, [[4.0]], rtol=1e-12)
     with pytest.raises(ValueError, match="N >= 2"):
         feature_statistics(np.ones((1, 5)))
 
@@ -75,11 +83,16 @@ def test_kid_shrinks_the_subset_size_with_a_warning():
     assert len(record) == 1
 
 
-def test_cmmd_is_zero_for_identical_sets_and_positive_for_shifted_ones():
+def test_cmmd_is_zero_for_identical_sets_and_known_for_two_orthogonal_directions():
+    """Identical (or rescaled) sets are at exactly 0 (V-statistic on l2-normalised rows). Two sets
+    whose rows point along orthogonal unit vectors u and v, at any lengths, normalise to u and v,
+    ||u - v||² = 2, so CMMD = 1000 · (1 + 1 - 2 exp(-2 / (2 · 10²)))."""
     emb = np.random.default_rng(5).normal(size=(64, 32))
     assert cmmd(emb, emb) == pytest.approx(0.0, abs=1e-9)
     assert cmmd(emb, emb * 3.0) == pytest.approx(0.0, abs=1e-9)  # l2-normalised first
-    assert cmmd(emb, emb + 1.0) > 0.1
+    u, v = np.eye(4)[0], np.eye(4)[2]
+    along_u, along_v = np.outer([1.0, 2.0, 5.0], u), np.outer([0.5, 3.0], v)
+    assert cmmd(along_u, along_v) == pytest.approx(1000 * (2 - 2 * math.exp(-2 / 200)), rel=1e-9)
 
 
 def test_cmmd_math_matches_a_direct_evaluation():
@@ -127,37 +140,106 @@ def test_ms_ssim_diversity_identical_vs_noise():
     assert ms_ssim_diversity(noise, pairs=4) < 0.2
 
 
-def test_histogram_distance_is_zero_for_identical_sets_and_the_shift_for_a_shifted_one():
+def test_ms_ssim_diversity_of_two_flat_slices_is_the_luminance_term():
+    """Slices of levels 0 and 255 are 0 and 1 at data range 1: zero variance, so every contrast-
+    structure term is C2 / C2 = 1 and MS-SSIM is the luminance term of the coarsest scale to its
+    weight 0.1333, l = (2·0·1 + C1) / (0² + 1² + C1) with C1 = (0.01 · 1)². With two slices every
+    pair is the two distinct ones, so the mean is that value."""
+    flat = np.stack([np.zeros((256, 256), np.uint8), np.full((256, 256), 255, np.uint8)])
+    c1 = 0.01**2
+    assert ms_ssim_diversity(flat, pairs=4) == pytest.approx((c1 / (1 + c1)) ** 0.1333, abs=1e-4)
+
+
+def test_histogram_distance_is_the_wasserstein_1_distance_in_levels():
+    """Known W1 distances in 8-bit levels: flat sets of levels 30 and 200 are 170 apart; a set
+    brightened by 10 levels (no clipping) is 10 away; a flat set of level 20 (3 slices) and one slice
+    half 0, half 100 are 0.5 · 20 + 0.5 · 80 = 50 apart, whatever the set sizes (histograms are
+    distributions)."""
+
+    def flat(level: int, n: int) -> np.ndarray:
+        return np.full((n, 16, 16), level, np.uint8)
+
+    assert histogram_distance(flat(30, 2), flat(200, 2)) == pytest.approx(170.0)
     real = np.random.default_rng(7).integers(0, 200, size=(4, 32, 32), dtype=np.uint8)
-    assert histogram_distance(real, real) == 0.0
     assert histogram_distance(real, real + 10) == pytest.approx(10.0)
+    halves = flat(0, 1)
+    halves[:, :, 8:] = 100
+    assert histogram_distance(flat(20, 3), halves) == pytest.approx(50.0)
+
+
+def stripes(amplitude: int, n: int = 2, size: int = 64) -> np.ndarray:
+    """``n`` slices of the cosine of S/4 cycles per slice along x, 128 + amplitude · cos(πx/2):
+    columns 128 + a, 128, 128 - a, 128, ... (exact in uint8)."""
+    row = 128 + amplitude * np.array([1, 0, -1, 0] * (size // 4))
+    return np.broadcast_to(row.astype(np.uint8), (n, size, size)).copy()
+
+
+def test_radial_power_spectrum_of_a_pure_cosine():
+    """A cosine of amplitude A = 100/255 (in [0, 1] units) at S/4 cycles along x puts all its power,
+    Σ|FFT|²/S² = S² · mean(x²) = S² A² / 2 (Parseval), on the two frequencies (0, ±S/4), which lie on
+    the ring of radius S/4: the spectrum there is log10 of that over the ring's pixel count, and
+    every other radius holds no power, i.e. the 1e-12 floor, -12 decades."""
+    size = 64
+    spectrum = radial_power_spectrum(stripes(100, size=size))
+    freq = np.fft.fftfreq(size) * size
+    ring_pixels = np.sum(np.rint(np.hypot(freq[:, None], freq[None, :])) == size // 4)
+    expected = np.full(size // 2, -12.0)  # radii 1 .. S/2
+    expected[size // 4 - 1] = math.log10(size**2 * (100 / 255) ** 2 / 2 / ring_pixels)
+    np.testing.assert_allclose(spectrum, expected, atol=1e-9)
 
 
 def test_power_spectrum_distance_sees_blur():
-    real = np.random.default_rng(8).integers(0, 256, size=(4, 64, 64), dtype=np.uint8)
-    blurred = gaussian_filter(real.astype(float), sigma=(0, 1.5, 1.5)).round().astype(np.uint8)
-    assert power_spectrum_distance(real, real) == 0.0
-    assert power_spectrum_distance(real, blurred) > 0.5
+    """A circular 3-tap box blur along x multiplies a cosine of S/4 cycles by its transfer
+    (1 + 2 cos(2π/4)) / 3 = 1/3: amplitude 99 becomes 33, the power at radius S/4 drops 9-fold and
+    nothing else changes, so the distance is log10(9) decades at one radius of S/2 = 32. Adding a
+    flat slice to a set of one stripe slice halves the set's mean power: log10(2) / 32."""
+    sharp = stripes(99).astype(np.int64)
+    blurred = ((np.roll(sharp, 1, axis=2) + sharp + np.roll(sharp, -1, axis=2)) // 3).astype(np.uint8)
+    np.testing.assert_array_equal(blurred, stripes(33))
+    assert power_spectrum_distance(stripes(99), blurred) == pytest.approx(math.log10(9) / 32, rel=1e-9)
+    one_flat = np.concatenate([stripes(99, n=1), np.full((1, 64, 64), 128, np.uint8)])
+    assert power_spectrum_distance(stripes(99, n=1), one_flat) == pytest.approx(math.log10(2) / 32, rel=1e-9)
 
 
-def test_memorisation_ratio_flags_copies():
+def test_memorisation_ratio_of_copies_is_zero():
+    """Copied training slices are at distance 0 from the training set, so the ratio is 0 (up to
+    the float64 round-off of torch.cdist's ||a||² + ||b||² - 2a·b form on 4096-d points); in a
+    feature space too."""
     rng = np.random.default_rng(9)
-    train, heldout, fresh = smooth_slices(rng, 60), smooth_slices(rng, 60), smooth_slices(rng, 60)
-    assert memorisation_ratio(train[:30], train, heldout) < 0.05
-    assert memorisation_ratio(fresh, train, heldout) == pytest.approx(1.0, abs=0.2)
+    train, heldout = smooth_slices(rng, 60), smooth_slices(rng, 60)
+    assert memorisation_ratio(train[:30], train, heldout) == pytest.approx(0.0, abs=1e-6)
     features = rng.normal(size=(3, 20, 8))
     assert memorisation_ratio(features[1][:5], features[1], features[2]) == 0.0
 
 
+def test_memorisation_ratio_is_the_ratio_of_median_nearest_training_distances():
+    """Flat 128² slices, area-resized to 64², are points 64 · level / 255 apart. Training levels 0,
+    100, 200; held-out 10, 120, 230 are 10, 20, 30 levels from their nearest training slice (median
+    20); generated 95, 100, 150 are 5, 0, 50 levels away (median 5): ratio 5 / 20 = 0.25 (means
+    would give 0.92; nearest held-out instead of training slices 1.25)."""
+
+    def flat(*levels: int) -> np.ndarray:
+        return np.stack([np.full((128, 128), level, np.uint8) for level in levels])
+
+    ratio = memorisation_ratio(flat(95, 100, 150), flat(0, 100, 200), flat(10, 120, 230))
+    assert ratio == pytest.approx(5 / 20, rel=1e-9)
+
+
 def test_real_vs_real_floor_compares_training_and_heldout_slices(synthetic_store):
-    floor = real_vs_real_floor(histogram_distance, synthetic_store, "set0")
+    """The metric is called as ``metric(real, fake)`` with the dataset's training slices first and
+    its validation (held-out volume) slices second, in store order; ``max_slices`` keeps that many
+    slices of each split."""
     train, heldout = (
         np.stack([item["image"].numpy() for item in SliceStore(synthetic_store, split=split, datasets=["set0"])])
         for split in ("training", "validation")
     )
-    assert floor == pytest.approx(histogram_distance(train, heldout))
-    sizes = real_vs_real_floor(lambda a, b: (len(a), len(b)), synthetic_store, "set0", max_slices=3)
-    assert sizes == (3, 3)
+    first, second = real_vs_real_floor(lambda a, b: (a, b), synthetic_store, "set0")
+    np.testing.assert_array_equal(first, train)
+    np.testing.assert_array_equal(second, heldout)
+    first, second = real_vs_real_floor(lambda a, b: (a, b), synthetic_store, "set0", max_slices=3)
+    assert len(first) == len(second) == 3
+    assert all(any(np.array_equal(s, t) for t in train) for s in first)
+    assert all(any(np.array_equal(s, t) for t in heldout) for s in second)
 
 
 # --- feature extractors: real loading path, random weights -----------------------------------
@@ -167,12 +249,30 @@ def tiny_clip() -> ClipVisionTransformer:
     return ClipVisionTransformer(image_size=28, patch_size=14, width=64, layers=2, heads=1, embed_dim=32)
 
 
+class InputProbe(torch.nn.Module):
+    """Stands in for a network: per image, the channel means of its input and the input's side."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.mean(dim=(2, 3)), torch.full((len(x), 1), float(x.shape[-1]))], dim=1)
+
+
 @pytest.mark.parametrize(
-    "load, build, dim",
-    [(load_inception, fid_inception_v3, 2048), (load_radimagenet, KerasResNet50, 2048), (load_clip, tiny_clip, 32)],
+    "load, build, dim, side, mean, std",
+    [
+        # pytorch-fid: bilinear 299², [0, 1] → [-1, 1]
+        (load_inception, fid_inception_v3, 2048, 299, (0.5,) * 3, (0.5,) * 3),
+        # RadFID (Keras "caffe", then /255): no resize, minus the ImageNet mean in BGR order, no std
+        (load_radimagenet, KerasResNet50, 2048, 256, (0.406, 0.456, 0.485), (1.0,) * 3),
+        # CLIP: resize to the tower's input (28² for the tiny tower), OpenAI's mean and std
+        (load_clip, tiny_clip, 32, 28, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    ],
     ids=["inception", "radimagenet", "clip"],
 )
-def test_extractor_loads_a_configured_file(tmp_path, offline_hub, load, build, dim):
+def test_extractor_loads_a_configured_file(tmp_path, offline_hub, load, build, dim, side, mean, std):
+    """The saved weights load and give (N, D) float64 features; the network receives flat slices
+    of levels 0 and 255 as (0 - mean) / std and (1 - mean) / std in every channel (grey replicated,
+    /255, the published per-channel constants), at the documented input side (a resize of a flat
+    image stays flat, up to float32 round-off)."""
     torch.manual_seed(0)
     network = build()
     path = tmp_path / "weights.pth"
@@ -185,6 +285,11 @@ def test_extractor_loads_a_configured_file(tmp_path, offline_hub, load, build, d
     loaded = dict(extractor.network.state_dict())
     for name, tensor in list(network.state_dict().items())[:5]:
         torch.testing.assert_close(loaded[name], tensor)
+    extractor.network = InputProbe()
+    seen = extractor.extract(np.stack([np.zeros((256, 256), np.uint8), np.full((256, 256), 255, np.uint8)]))
+    mean, std = np.array(mean), np.array(std)
+    np.testing.assert_allclose(seen[:, :3], [(0 - mean) / std, (1 - mean) / std], atol=1e-6)
+    assert seen[:, 3].tolist() == [side, side]
 
 
 @pytest.mark.filterwarnings("ignore")  # torch.jit's deprecation and tracer notices
