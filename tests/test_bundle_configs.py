@@ -106,6 +106,7 @@ def test_checkpoint_loader_and_ckpt_export_load_every_tokenizer_tensor(synthetic
     assert sum(k in weights for k in saved) == len(saved)
 
 
+@pytest.mark.slow
 def test_mlflow_tracking_records_parameters_and_metrics_of_a_short_run(synthetic_store, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -131,6 +132,7 @@ def test_mlflow_tracking_records_parameters_and_metrics_of_a_short_run(synthetic
     assert data.metrics["psnr"] == pytest.approx(row["psnr"])
 
 
+@pytest.mark.slow
 def test_verify_net_in_out_checks_the_image_network(model_path):
     """MONAI's verify_net_in_out feeds metadata.json's input format (here at the test model's 64²) to
     ``autoencoder_def`` and checks the output's channels and dtype."""

@@ -28,6 +28,7 @@ def demo(tmp_path_factory):
     return datalist, store
 
 
+@pytest.mark.slow  # the real demo corpus: ~30 s to build and prepare
 def test_demo_datalist_splits_by_volume_and_has_two_modalities(demo):
     datalist, _ = demo
     items = load_datalist(datalist)
@@ -39,6 +40,7 @@ def test_demo_datalist_splits_by_volume_and_has_two_modalities(demo):
         assert {i["modality"] for i in items if i["split"] == split} == {"CT", "MR"}
 
 
+@pytest.mark.slow  # the real demo corpus: ~30 s to build and prepare
 def test_real_mr_keeps_exactly_the_annotated_slices(demo):
     datalist, store = demo
     items = load_datalist(datalist)
@@ -54,6 +56,7 @@ def test_real_mr_keeps_exactly_the_annotated_slices(demo):
     assert record["matrix"] == list(label.shape)
 
 
+@pytest.mark.slow  # the real demo corpus: ~30 s to build and prepare
 def test_real_volumes_stored_as_uint8_256_with_original_spacing(demo):
     datalist, store = demo
     report = json.loads((store / "report.json").read_text())["volumes"]
@@ -74,6 +77,7 @@ def test_real_volumes_stored_as_uint8_256_with_original_spacing(demo):
     assert 0 < len(held_out) < len(ds)
 
 
+@pytest.mark.slow  # the real demo corpus: ~30 s to build and prepare
 def test_body_corpus_reads_every_format_with_its_geometry(demo):
     """NRRD (slicerio), DICOM series folders (pycerr, the Alderson phantom), enhanced multi-frame MR
     DICOM (myoqmri) and the NIfTI written from pydosert's npz: each volume's original spacing, and
@@ -99,6 +103,7 @@ def test_body_corpus_reads_every_format_with_its_geometry(demo):
     }
 
 
+@pytest.mark.slow  # the real demo corpus: ~30 s to build and prepare
 def test_both_legs_survive_background_removal(demo):
     """The lower-leg MR holds two legs, separate in 3D: every middle slice keeps two large components."""
     _, store = demo

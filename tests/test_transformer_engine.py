@@ -158,6 +158,7 @@ def _bundle_run(config_files: list[str], store: Path, out: Path, *extra: str, la
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_one_ddp_step_equals_the_single_process_step(store, tmp_path):
     """torchrun with multi_gpu_train.yaml (2 gloo processes × 2 slices) takes the same optimizer step
     as one process on the same global batch of 4, and as 2 accumulated micro-batches of 2."""
