@@ -16,6 +16,7 @@ from pathlib import Path
 from . import benchmark
 from .bundle_run import ConfigOption, add_config_options, device_expression, output_path, overrides_from, run_config
 from .data.demo import CORPORA
+from .files import WRITE_ERRORS
 from .runtime import fast_bf16
 
 EXIT_USAGE = 2
@@ -762,6 +763,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"medvar {args.command}: interrupted; what was committed is kept, re-run to resume", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRORS:
+            raise
+        print(
+            f"medvar {args.command}: error: cannot write {exc.filename}: {exc.strerror}; what was committed before "
+            "is kept, re-run to resume once the disk is fixed",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ carrying pickled code is refused instead of executed.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import io
@@ -21,35 +22,58 @@ from pathlib import Path
 import numpy as np
 import torch
 
+WRITE_ERRORS = (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+"""Errors of the disk rather than of the program: full disk or quota, I/O error, read-only, too large."""
+
+
+def _write_file(path: Path, payload: bytes) -> None:
+    """Write and fsync ``payload`` into the new file ``path``: where the bundle's bytes reach the disk."""
+    with open(path, "wb") as fh:
+        fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+
 
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` so that readers see the old file or the whole new one."""
+    """Write ``payload`` to ``path`` so that readers see the old file or the whole new one.
+
+    Raises:
+        OSError: naming ``path`` (not the temporary file) when the disk refuses the write (full,
+            I/O error, read-only); the temporary file is removed and ``path`` is unchanged.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write_file(Path(tmp), payload)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno in WRITE_ERRORS:
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
 
 
 def atomic_torch_save(path: str | os.PathLike, obj) -> Path:
     """``torch.save`` to a temporary file beside ``path``, then rename: readers (and a resumed run)
-    see the old file or the whole new one. Returns ``path``."""
+    see the old file or the whole new one. Returns ``path``; a refused write raises ``OSError``
+    naming ``path`` and leaves it unchanged."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in WRITE_ERRORS:
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     return path
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from .files import atomic_write_bytes  # noqa: E402
 
 
 def radiological(slice_xy: np.ndarray) -> np.ndarray:
@@ -22,14 +25,13 @@ def radiological(slice_xy: np.ndarray) -> np.ndarray:
 
 
 def save_figure(fig, out: str | os.PathLike, dpi: int = 100) -> Path:
-    """Save and close a figure; written to a temporary name and renamed, so no reader sees half a PNG."""
+    """Save and close a figure (the format from the suffix); written atomically, so no reader sees half a PNG."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-    fig.savefig(tmp, dpi=dpi)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format=out.suffix.lstrip(".") or "png")
     plt.close(fig)
-    os.replace(tmp, out)
+    atomic_write_bytes(out, buffer.getvalue())
     return out
 
 
