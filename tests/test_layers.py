@@ -9,8 +9,8 @@ import medvar_bundle
 
 PACKAGE = Path(medvar_bundle.__file__).parent
 LAYERS = {
-    "files": 0, "runtime": 0, "weights": 0, "visualize": 0,
-    "data": 1, "networks": 1,
+    "files": 0, "runtime": 0, "weights": 0,
+    "data": 1, "networks": 1, "visualize": 1,
     "sampling": 2, "losses": 2, "metrics": 2, "model_file": 2,
     "engines": 3, "io": 3, "tokenize": 3,
     "inference": 4, "inpaint": 4,
