@@ -308,6 +308,8 @@ PREPARE_OPTIONS = (
     ConfigOption("--rank", "rank", "this machine's share of the datalist (null: $RANK or 0)", type=int),
     ConfigOption("--world-size", "world_size", "number of shares (null: $WORLD_SIZE or 1)", type=int),
     ConfigOption("--shard-size", "shard_size", "slices per shard", type=_positive_int),
+    ConfigOption("--max-voxels", "max_voxels", "refuse a volume whose header claims more voxels than this, before "
+                 "reading it", type=_positive_int),
     ConfigOption("--verify", "verify", "re-check every committed shard's sha256 before resuming (sizes are always "
                  "checked) and re-do the bad shards", const=True),
     ConfigOption("--quiet", "progress", "no progress bar", const=False),

@@ -135,7 +135,8 @@ def load_weights(path: str | os.PathLike, kind: str) -> object:
             f"{path}: refused: the {kind} file carries pickled code ({found.group(1)}), not only weights"
         ) from err
     except Exception as err:  # a truncated or foreign file: one line, not a traceback
-        raise ValueError(f"{path}: not a readable {kind} file ({type(err).__name__}: {err})") from err
+        text = " ".join(str(err).split())[:200]
+        raise ValueError(f"{path}: not a readable {kind} file ({type(err).__name__}: {text})") from err
 
 
 def read_format_file(path: Path, kind: str, fmt: str) -> dict:

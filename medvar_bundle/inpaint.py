@@ -34,17 +34,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
-from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Orientationd, Resize
+from monai.transforms import Compose, EnsureChannelFirst, Orientationd, Resize
 from scipy import ndimage
 from tqdm import tqdm
 
 from medvar_bundle.bundle_config import device_expression, run_config
+from medvar_bundle.data.readers import VolumeFileError, load_volume
 from medvar_bundle.data.transforms import (
+    LoadVolumed,
     NormalizeByModalityd,
     ValidateVolumed,
     VolumeError,
     check_volume_shape,
-    reader_for,
 )
 from medvar_bundle.files import atomic_write_json
 from medvar_bundle.io import check_writable, write_nifti
@@ -62,11 +63,17 @@ class InpaintError(ValueError):
     """Input that cannot be in-painted; the message is one line naming the file and the reason."""
 
 
-def read_volume(path: str | os.PathLike, check_values: bool = True) -> MetaTensor:
+def _naming(path: str, err: VolumeError) -> str:
+    """``err`` as one line that names ``path`` once."""
+    return str(err) if isinstance(err, VolumeFileError) else f"{path}: {err}"
+
+
+def read_volume(path: str | os.PathLike, max_voxels: int, check_values: bool = True) -> MetaTensor:
     """A volume as stored: channel-first ``(1, X, Y, Z)`` in its own dtype, with its RAS affine (mm).
 
     Args:
         path: NIfTI, NRRD/MHA file or DICOM series folder.
+        max_voxels: the most voxels its header may claim (checked before reading, as in ``prepare``).
         check_values: also refuse NaN/Inf and constant volumes (``prepare``'s checks); masks are
             only checked for their shape.
 
@@ -74,17 +81,13 @@ def read_volume(path: str | os.PathLike, check_values: bool = True) -> MetaTenso
         InpaintError: unreadable file, or not one 3D volume.
     """
     path = str(path)
-    if not os.path.exists(path):
-        raise InpaintError(f"{path}: no such file or folder")
     try:
-        img = EnsureChannelFirst()(LoadImage(reader=reader_for(path), image_only=True, dtype=None)(path))
+        img = EnsureChannelFirst()(load_volume(path, max_voxels, dtype=None))
         check_volume_shape(tuple(img.shape))
         if check_values:
             ValidateVolumed("image", label_key=None)({"image": img})
     except VolumeError as err:
-        raise InpaintError(f"{path}: {err}") from None
-    except Exception as err:  # the readers' many error types: one line for the user
-        raise InpaintError(f"{path}: cannot read a volume ({type(err).__name__}: {err})") from None
+        raise InpaintError(_naming(path, err)) from None
     return img
 
 
@@ -152,6 +155,7 @@ class VolumeInpainter:
             if name is not None and name not in model.datasets:
                 raise InpaintError(f"{model_file}: unknown dataset {name!r}; this model knows: "
                                    f"{', '.join(sorted(model.datasets))}")  # fmt: skip
+        self.max_voxels = self._find(preprocessing, LoadVolumed).max_voxels
         self.orientation = self._find(preprocessing, Orientationd)
         self.normalize = self._find(preprocessing, NormalizeByModalityd)
         self.model, self.preprocessing, self.inferer = model, preprocessing, inferer
@@ -178,7 +182,7 @@ class VolumeInpainter:
         Returns:
             The image ``(1, X, Y, Z)`` in its dtype and the mask as bool, both with their affines.
         """
-        img, msk = read_volume(image), read_volume(mask, check_values=False)
+        img, msk = read_volume(image, self.max_voxels), read_volume(mask, self.max_voxels, check_values=False)
         if msk.shape != img.shape:
             grids = f"{tuple(msk.shape[1:])} vs the image's {tuple(img.shape[1:])}"
             raise InpaintError(f"{mask}: the mask is not on the image's grid (shape {grids})")
@@ -210,7 +214,7 @@ class VolumeInpainter:
         try:
             slices = self.preprocessing(item)
         except VolumeError as err:
-            raise InpaintError(f"{image}: {err}") from None
+            raise InpaintError(_naming(image, err)) from None
         check_writable(out)
         oriented = self.orientation({"image": img, "label": region})
         ras, ras_region = oriented["image"], oriented["label"].as_tensor()[0].numpy()

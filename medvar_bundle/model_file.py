@@ -40,14 +40,62 @@ def save_tokenizer(model: MultiScaleVQVAE, path: str | os.PathLike, step: int, e
     )
 
 
+class ModelFileError(ValueError):
+    """A model file that cannot be used: one line naming the file and the reason."""
+
+
+def _names(keys: list[str], limit: int = 3) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
+
+
+def _rebuild(path: Path, kind: str, part: object, cls: type[torch.nn.Module]) -> torch.nn.Module:
+    """Build ``cls`` from ``part = {"config", "state_dict"}`` of a model file and load its weights.
+
+    The network is first built on the ``meta`` device (nothing allocated) and its parameter names
+    and shapes compared with the file's tensors, so a config that does not fit its weights (or
+    would build a network larger than the file) is refused before any memory is spent on it.
+
+    Raises:
+        ModelFileError: one line naming ``path``: the part is missing, its config does not build
+            a ``cls``, or its weights miss keys, carry unexpected ones or have other shapes.
+    """
+    config = part.get("config") if isinstance(part, dict) else None
+    weights = part.get("state_dict") if isinstance(part, dict) else None
+    if not isinstance(config, dict) or not isinstance(weights, dict):
+        raise ModelFileError(f"{path}: not a MedVAR {kind} (no {kind} config and state_dict)")
+    bad = [str(k) for k, v in weights.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ModelFileError(f"{path}: the {kind} state_dict holds values that are not tensors: {_names(bad)}")
+    try:
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in cls(**config).state_dict().items()}
+    except Exception as err:  # a foreign or damaged config: one line, not a traceback
+        text = f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+        raise ModelFileError(f"{path}: the {kind} config does not build a {cls.__name__} ({text})") from None
+    missing = [k for k in shapes if k not in weights]
+    unexpected = [k for k in weights if k not in shapes]
+    other = [f"{k} {tuple(weights[k].shape)} instead of {shapes[k]}" for k in shapes if k in weights
+             and tuple(weights[k].shape) != shapes[k]]  # fmt: skip
+    if missing or unexpected or other:
+        problems = [f"{what} {_names(keys)}" for what, keys in
+                    (("missing", missing), ("unexpected", unexpected), ("other shapes:", other)) if keys]  # fmt: skip
+        raise ModelFileError(f"{path}: the {kind} weights do not fit its config: {'; '.join(problems)}")
+    model = cls(**config)
+    model.load_state_dict(weights)
+    return model
+
+
 def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu") -> MultiScaleVQVAE:
-    """Rebuild a tokenizer saved by :func:`save_tokenizer` (eval mode)."""
+    """Rebuild a tokenizer saved by :func:`save_tokenizer` (eval mode).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: one line naming the file: unreadable, foreign or carrying pickled code
+            (:func:`~medvar_bundle.files.load_weights`), or :class:`ModelFileError`.
+    """
     path = Path(path)
-    blob = load_weights(path, "tokenizer")
-    if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
-        raise ValueError(f"{path}: not a MedVAR tokenizer file (no config/state_dict)")
-    model = MultiScaleVQVAE(**blob["config"])
-    model.load_state_dict(blob["state_dict"])
+    model = _rebuild(path, "tokenizer", load_weights(path, "tokenizer"), MultiScaleVQVAE)
     return model.to(device).eval()
 
 
@@ -123,14 +171,15 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> M
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a MedVAR model file; :class:`ModelMismatchError` if its parts disagree.
+        ValueError: one line naming the file: not a MedVAR model file, pickled code, a part that
+            does not fit its config (:class:`ModelFileError`), or :class:`ModelMismatchError` if
+            its parts disagree.
     """
     path = Path(path)
     blob = read_format_file(path, "MedVAR model", FORMAT)
-    tokenizer = MultiScaleVQVAE(**blob["tokenizer"]["config"])
-    tokenizer.load_state_dict(blob["tokenizer"]["state_dict"])
-    transformer = NextScaleTransformer(**blob["transformer"]["config"])
-    transformer.load_state_dict(blob["transformer"]["state_dict"])
+    tokenizer = _rebuild(path, "tokenizer", blob.get("tokenizer"), MultiScaleVQVAE)
+    transformer = _rebuild(path, "transformer", blob.get("transformer"), NextScaleTransformer)
+    _check_datasets(path, blob.get("datasets"))
     try:
         check_compatible(tokenizer, transformer, blob["datasets"])
     except ModelMismatchError as err:
@@ -149,6 +198,13 @@ class DDPMBaseline:
     datasets: dict
     step: int = 0
     extra: dict = field(default_factory=dict)
+
+
+def _check_datasets(path: Path, datasets: object) -> None:
+    """Refuse a dataset registry that is not ``{name: {"id": int, ...}}`` (:class:`ModelFileError`)."""
+    entries = datasets.values() if isinstance(datasets, dict) else None
+    if entries is None or not all(isinstance(e, dict) and isinstance(e.get("id"), int) for e in entries):
+        raise ModelFileError(f"{path}: no dataset registry ({{name: {{'id': int, ...}}}}) in the file")
 
 
 def _check_registry(model: ConditionalDDPM, datasets: dict) -> None:
@@ -175,12 +231,13 @@ def load_baseline(path: str | os.PathLike, device: str | torch.device = "cpu") -
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a baseline file, or its registry does not fit the network.
+        ValueError: one line naming the file: not a baseline file, pickled code, weights that do
+            not fit the config (:class:`ModelFileError`), or a registry that does not fit the network.
     """
     path = Path(path)
     blob = read_format_file(path, "DDPM baseline", BASELINE_FORMAT)
-    model = ConditionalDDPM(**blob["config"])
-    model.load_state_dict(blob["state_dict"])
+    model = _rebuild(path, "DDPM baseline", blob, ConditionalDDPM)
+    _check_datasets(path, blob.get("datasets"))
     try:
         _check_registry(model, blob["datasets"])
     except ValueError as err:

@@ -27,6 +27,7 @@ from monai.transforms import Orientation
 from scipy import ndimage
 from scipy.interpolate import griddata
 
+from medvar_bundle.bundle_config import config_component
 from medvar_bundle.inpaint import inpaint, read_volume
 from medvar_bundle.metrics.weight_free import histogram_distance, power_spectrum_distance
 from medvar_bundle.model_file import load_model
@@ -99,7 +100,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    image = read_volume(args.image)
+    max_voxels = config_component("prepare", "max_voxels")  # prepare's limit, as `medvar inpaint` reads it
+    image = read_volume(args.image, max_voxels)
     ras = RAS(image)
     truth = ras.as_tensor()[0].numpy()
     mask_ras = box_mask(truth.astype(np.float64), args.box_fraction, args.slices)
@@ -114,7 +116,7 @@ def main() -> None:
         summary = inpaint(args.model, args.image, mask_path, args.dataset, out / f"seed{seed}", seed=seed,
                           progress=False)  # fmt: skip
         seconds.append(summary["seconds"])
-        result = RAS(read_volume(summary["files"]["volume"])).as_tensor()[0].numpy()
+        result = RAS(read_volume(summary["files"]["volume"], max_voxels)).as_tensor()[0].numpy()
         fills[f"MedVAR seed {seed}"] = result
     lo, hi = summary["intensity_range"]
     fills.update(naive_fills(truth, mask_ras))

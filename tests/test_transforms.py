@@ -681,7 +681,7 @@ def test_dicom_series_folder_loads_as_3d_volume(tmp_path):
     Z, Y, X = arr.shape
     folder = _write_ct_series(tmp_path / "series", arr)
 
-    loaded = LoadVolumed(("image", "label"))({"image": folder, "label": None})
+    loaded = LoadVolumed(("image", "label"), max_voxels=10**6)({"image": folder, "label": None})
     assert "label" not in loaded
     vol = as_np(loaded["image"])
     assert vol.shape == (X, Y, Z)  # one volume, slices stacked along the last axis

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ..bundle_config import config_component
 from ..files import WriterLock, atomic_write_json
+from .readers import VolumeFileError
 from .store import ShardWriter, done_volume_keys, remove_shard, verify_store, volume_key, write_store_index
 from .transforms import DEFAULT_CT_WINDOW, MODALITIES, SLICE_SIZE, NoSlicesError, VolumeError
 
@@ -36,10 +37,13 @@ def root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def describe_error(exc: BaseException) -> str:
-    """One line for users: the innermost cause of a (MONAI-wrapped) exception."""
+def describe_error(exc: BaseException, path: str | None = None) -> str:
+    """One line for users: the innermost cause of a (MONAI-wrapped) exception, without a leading
+    ``path: `` (the line that reports it names ``path`` already; another file, a label, stays named)."""
     exc = root_cause(exc)
     text = " ".join(str(exc).split())
+    if isinstance(exc, VolumeFileError) and exc.path == path:
+        text = exc.reason
     if "cannot find a suitable reader" in text:
         return "unreadable: no image reader could open it (corrupt, truncated or not a NIfTI/NRRD/MHA/DICOM file)"
     if not isinstance(exc, VolumeError):
@@ -86,7 +90,7 @@ class PreparedVolumes(Dataset):
             d = self.transform({k: item.get(k) for k in ("image", "label", "modality", "ct_window")})
         except Exception as exc:  # every failure is reported, none stops the corpus
             status = "skipped" if isinstance(root_cause(exc), NoSlicesError) else "failed"
-            return {**out, "status": status, "error": describe_error(exc)}
+            return {**out, "status": status, "error": describe_error(exc, item["image"])}
         out["images"] = np.ascontiguousarray(np.moveaxis(d["image"][0], -1, 0))
         if "label" in d:
             out["labels"] = np.ascontiguousarray(np.moveaxis(d["label"][0], -1, 0))

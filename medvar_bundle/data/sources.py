@@ -16,6 +16,7 @@ import os
 import re
 from pathlib import Path
 
+from .readers import is_dicom_file
 from .store import SPLITS
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -123,24 +124,11 @@ def _stem(p: Path) -> str:
     return name
 
 
-def _is_dicom(p: Path) -> bool:
-    if not p.is_file():
-        return False
-    if p.suffix.lower() == ".dcm":
-        return True
-    try:
-        with open(p, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
 def _dicom_modality(folder: Path) -> str | None:
     import pydicom
 
     for f in sorted(folder.iterdir()):
-        if _is_dicom(f):
+        if is_dicom_file(f):
             try:
                 return pydicom.dcmread(f, stop_before_pixels=True).get("Modality")
             except Exception:  # an unreadable file is reported later, when the series is loaded
@@ -189,7 +177,7 @@ def _plain(root: Path, dataset: str, modality: str | None, val_fraction: float) 
         dirs.sort()
         folder = Path(folder)
         paths = [folder / f for f in sorted(files)]
-        if any(_is_dicom(p) for p in paths):
+        if any(is_dicom_file(p) for p in paths):
             mod = modality or _dicom_modality(folder)
             items.append(_item(folder, dataset, mod, _split_for(str(folder.relative_to(root)), val_fraction)))
         vols = [p for p in paths if _is_volume(p)]
@@ -235,7 +223,7 @@ def discover(root: str | os.PathLike, modality: str | None = None, val_fraction:
             items.extend(_msd(folder, meta, modality, val_fraction))
         else:
             subdirs = sorted(p for p in folder.iterdir() if p.is_dir())
-            direct = [p for p in folder.iterdir() if _is_volume(p) or _is_dicom(p)]
+            direct = [p for p in folder.iterdir() if _is_volume(p) or is_dicom_file(p)]
             if direct or folder != root:
                 items.extend(_plain(folder, dataset, modality, val_fraction))
             else:

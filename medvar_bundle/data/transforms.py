@@ -13,9 +13,8 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import ITKReader, MetaTensor, NibabelReader
+from monai.data import MetaTensor
 from monai.transforms import (
-    LoadImaged,
     MapTransform,
     Resized,
     ScaleIntensityRange,
@@ -23,15 +22,13 @@ from monai.transforms import (
 )
 from scipy import ndimage
 
+from .readers import VolumeError, VolumeFileError, load_volume
+
 DEFAULT_CT_WINDOW: tuple[float, float] = (40.0, 400.0)
 """Soft-tissue window (level, width) in Hounsfield units."""
 
 MODALITIES = ("CT", "MR")
 SLICE_SIZE = 256
-
-
-class VolumeError(ValueError):
-    """A volume that cannot enter the store; the message is the one-line reason shown to users."""
 
 
 class NoSlicesError(VolumeError):
@@ -65,6 +62,12 @@ def check_volume_shape(shape: tuple[int, ...]) -> None:
         )
 
 
+def _refusal(img, reason: str) -> VolumeError:
+    """A :class:`VolumeFileError` naming the file ``img`` was read from (a MetaTensor), else a :class:`VolumeError`."""
+    source = img.meta.get("filename_or_obj") if isinstance(img, MetaTensor) else None
+    return VolumeFileError(source, reason) if source else VolumeError(reason)
+
+
 class ValidateVolumed(MapTransform):
     """Reject volumes the pipeline cannot turn into slices, with a one-line reason.
 
@@ -84,14 +87,17 @@ class ValidateVolumed(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
-            check_volume_shape(tuple(img.shape))
+            try:
+                check_volume_shape(tuple(img.shape))
+            except VolumeError as err:
+                raise _refusal(img, str(err)) from None
             arr = _to_numpy(img)
             bad = int(np.count_nonzero(~np.isfinite(arr)))
             if bad:
-                raise VolumeError(f"{bad} NaN/Inf voxels")
+                raise _refusal(img, f"{bad} NaN/Inf voxels")
             lo, hi = float(arr.min()), float(arr.max())
             if lo == hi:
-                raise VolumeError(f"constant volume (every voxel is {lo:g})")
+                raise _refusal(img, f"constant volume (every voxel is {lo:g})")
         if self.label_key is not None and self.label_key in d:
             lbl_shape = tuple(d[self.label_key].shape[1:])
             img_shape = tuple(d[self.first_key(d)].shape[1:])
@@ -353,17 +359,25 @@ class CastLabeld(MapTransform):
         return d
 
 
-def reader_for(path: str):
-    """ITK for DICOM series folders, NRRD and MHA/MHD; nibabel for NIfTI."""
-    lower = str(path).lower()
-    return NibabelReader() if lower.endswith((".nii", ".nii.gz")) else ITKReader()
-
-
 class LoadVolumed(MapTransform):
-    """Load image (and label) with MONAI's ``LoadImaged``, choosing the reader by file type."""
+    """Load image (and label) with :func:`~medvar_bundle.data.readers.load_volume`: the header is
+    checked (malformed claims, more than ``max_voxels`` voxels) before any pixel data is read, then
+    MONAI's reader for the file type reads it as float32.
 
-    def __init__(self, keys: KeysCollection = ("image", "label")) -> None:
+    Args:
+        keys: the items' keys holding paths; a key whose value is None is dropped.
+        max_voxels: the most voxels (× components) a header may claim (``max_voxels`` of
+            ``configs/prepare.yaml``).
+
+    Raises:
+        VolumeFileError: one line naming the file and the reason.
+    """
+
+    def __init__(self, keys: KeysCollection = ("image", "label"), *, max_voxels: int) -> None:
         super().__init__(keys, allow_missing_keys=True)
+        if max_voxels < 1:
+            raise ValueError(f"max_voxels must be >= 1, got {max_voxels}")
+        self.max_voxels = int(max_voxels)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
@@ -371,6 +385,5 @@ class LoadVolumed(MapTransform):
             if d[key] is None:
                 d.pop(key)
                 continue
-            loader = LoadImaged(key, reader=reader_for(d[key]), image_only=True, dtype=np.float32)
-            d = loader(d)
+            d[key] = load_volume(d[key], self.max_voxels)
         return d
