@@ -20,12 +20,15 @@ install or an unpacked bundle)."""
 CONFIGS = BUNDLE_ROOT / "configs"
 
 
-def config_path(name: str) -> Path:
-    """``configs/<name>.yaml`` of the bundle this package belongs to.
+def config_path(name: str | os.PathLike) -> Path:
+    """``configs/<name>.yaml`` of the bundle this package belongs to, or ``name`` itself when it is
+    the path of a YAML or JSON file (an overlay of the user's, merged after the bundle's configs).
 
     Raises:
         FileNotFoundError: one line, when the package was installed away from its bundle.
     """
+    if Path(name).suffix in (".yaml", ".yml", ".json") and Path(name).is_file():
+        return Path(name)
     path = CONFIGS / f"{name}.yaml"
     if not path.is_file():
         raise FileNotFoundError(

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ..data.resumable import derived_seed
 from ..data.store import SliceStore
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ def epochs_for(max_steps: int, loader: DataLoader) -> int:
         ValueError: one line naming the store(s) when the loader has not one full batch.
     """
     if len(loader) == 0:
-        roots = [str(r) for r in getattr(loader.dataset, "roots", [])]
+        store = getattr(loader.dataset, "data", loader.dataset)  # a SeededSamples wraps the store
+        roots = [str(r) for r in getattr(store, "roots", [])]
         raise ValueError(
             f"{roots}: {len(loader.sampler)} slices to train on, fewer than one batch of {loader.batch_size}"
         )
@@ -62,8 +64,9 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: fl
 
 def reseed(seed: int, step: int, rank: int) -> None:
     """Seed torch's global generator from (seed, step, rank), so the random draws of a step
-    (conditional dropout, stochastic depth) are the same in a resumed run as in an uninterrupted one."""
-    torch.manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
+    (conditional dropout, stochastic depth, diffusion noise, dead-code re-draws) are the same in a
+    resumed run as in an uninterrupted one."""
+    torch.manual_seed(derived_seed(seed, step, rank))
 
 
 def latest_checkpoint(folder: str | os.PathLike) -> Path | None:

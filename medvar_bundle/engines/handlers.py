@@ -53,8 +53,9 @@ class ResumableCheckpoint:
     At attach time the newest checkpoint of ``save_dir`` (if any) is loaded into ``save_dict`` and
     the trainer (its step count), all with ``weights_only=True``; the trainer keeps the epoch budget
     it was built with (``max_epochs`` of this run's config, not of the checkpointed run), so a
-    finished run can be extended. Only the main process writes. The checkpoint keys are those of
-    ``save_dict`` plus ``trainer``.
+    finished run can be extended. A run resumed part-way through an epoch continues that epoch's
+    data order where it stopped when the loader's sampler can (a ``ResumableSampler``). Only the
+    main process writes. The checkpoint keys are those of ``save_dict`` plus ``trainer``.
 
     Args:
         save_dir: folder of the checkpoints.
@@ -81,6 +82,7 @@ class ResumableCheckpoint:
             epochs = engine.state.max_epochs  # this run's budget, not the checkpointed run's
             Checkpoint.load_objects(to_load=objects, checkpoint=load_weights(resume, "checkpoint"))
             logger.info("resumed from %s at step %d", resume, engine.state.iteration)
+            _continue_epoch(engine)
             # a run resumed at its last step must not look finished to Ignite (it would start over)
             engine.state.max_epochs = max(epochs, engine.state.epoch + int(engine.state.iteration >= self.max_steps))
         if not is_main_process():
@@ -97,6 +99,23 @@ class ResumableCheckpoint:
         )
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), saver)
         engine.add_event_handler(Events.COMPLETED, saver)
+
+
+def _continue_epoch(engine: Engine) -> None:
+    """Start the data of a run resumed part-way through an epoch at the first batch it has not trained on.
+
+    Ignite counts the resumed epoch from the checkpointed iteration but draws it from a new
+    data-loader iterator; a :class:`~medvar_bundle.data.resumable.ResumableSampler` skips the
+    batches already done, so the resumed run sees the data order of an uninterrupted one.
+    """
+    done = engine.state.iteration % engine.state.epoch_length
+    if not done:
+        return
+    loader = engine.data_loader
+    if not hasattr(loader.sampler, "start_at"):
+        logger.warning("%s cannot start an epoch part-way: the resumed epoch restarts its data order", loader.sampler)
+        return
+    loader.sampler.start_at(done * loader.batch_size)
 
 
 class StopAtStep:

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine
 from ignite.metrics import Metric
 from monai.transforms import RandSpatialCrop
@@ -24,6 +25,7 @@ from monai.utils import convert_to_tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from tqdm import tqdm
 
+from ..data.resumable import derived_seed
 from ..data.store import SliceStore
 from ..files import atomic_torch_save
 from ..losses import pixel_losses
@@ -31,7 +33,7 @@ from ..model_file import TOKENIZER_FILE, save_tokenizer
 from ..networks.msvqvae import MultiScaleVQVAE
 from ..runtime import autocast, model_input, to_uint8
 from ..visualize import save_reconstructions, save_usage_heatmap
-from .common import evenly_spaced, warmup_cosine
+from .common import evenly_spaced, reseed, warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -177,22 +179,26 @@ def stage_cosine(step: int, ae_warmup: int, max_steps: int, min_lr_ratio: float)
     return warmup_cosine(step - ae_warmup, 0, max_steps - ae_warmup, min_lr_ratio)
 
 
-def random_crops(size: int, seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function cutting one random ``size × size`` crop out of every image of a batch.
+class RandomCrops:
+    """One random ``size × size`` crop out of every image of a batch.
 
     ``(B, C, H, W) -> (B, C, size, size)`` (memory layout kept), with MONAI's
-    :class:`~monai.transforms.RandSpatialCrop` seeded by ``seed``, a new position per image.
+    :class:`~monai.transforms.RandSpatialCrop`, a new position per image; ``set_random_state``
+    seeds it (the tokenizer's iteration does at every step, so a resumed run cuts the same crops).
     """
-    crop = RandSpatialCrop(roi_size=(size, size), random_size=False)
-    crop.set_random_state(seed=seed)
 
-    def cut(x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, size: int) -> None:
+        self.crop = RandSpatialCrop(roi_size=(size, size), random_size=False)
+
+    def set_random_state(self, seed: int | None = None) -> RandomCrops:
+        self.crop.set_random_state(seed=seed)
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        return torch.stack([convert_to_tensor(crop(img), track_meta=False) for img in x]).contiguous(
+        return torch.stack([convert_to_tensor(self.crop(img), track_meta=False) for img in x]).contiguous(
             memory_format=layout
         )
-
-    return cut
 
 
 class TokenizerIteration:
@@ -205,6 +211,8 @@ class TokenizerIteration:
     ``LrScheduleHandler``'s). For the first ``ae_warmup`` steps the quantizer is bypassed (a plain
     autoencoder, on ``cropper``'s random crops if given); at the last warm-up step every code is
     re-drawn from the learned features, then every ``dead_code_every`` steps the dead ones are.
+    Every step first seeds torch's generator and the cropper from ``(seed, step, rank)``
+    (:func:`~medvar_bundle.engines.common.reseed`), so a resumed run draws what an uninterrupted one did.
 
     Returns a one-element list (the shape of a decollated MONAI output, which ``from_engine(keys,
     first=True)`` and MONAI's tracking handlers read) holding the step's figures: ``loss``, ``l1``,
@@ -221,15 +229,16 @@ class TokenizerIteration:
         grad_clip: float = 1.0,
         dead_code_every: int = 50,
         ae_warmup: int = 0,
-        cropper: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        cropper: RandomCrops | None = None,
         perceptual: torch.nn.Module | None = None,
         lpips_weight: float = 0.0,
         discriminator: torch.nn.Module | None = None,
         disc_optimizer: torch.optim.Optimizer | None = None,
         gan_weight: float = 0.0,
         gan_start: int = 1000,
+        seed: int = 0,
     ) -> None:
-        self.bf16, self.grad_clip = bf16, grad_clip
+        self.bf16, self.grad_clip, self.seed = bf16, grad_clip, seed
         self.l1_weight, self.l2_weight, self.vq_weight = l1_weight, l2_weight, vq_weight
         self.dead_code_every, self.ae_warmup, self.cropper = dead_code_every, ae_warmup, cropper
         self.perceptual, self.lpips_weight = perceptual, lpips_weight
@@ -240,11 +249,13 @@ class TokenizerIteration:
         model.train()
         x = slices = model_input(batch["image"], dev)
         step = engine.state.iteration
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        reseed(self.seed, step, rank)
         warming_up = step <= self.ae_warmup
         with autocast(dev, bf16):
             if warming_up:  # plain autoencoder: the quantizer is bypassed
                 if self.cropper is not None:
-                    x = self.cropper(x)
+                    x = self.cropper.set_random_state(derived_seed(self.seed, step, rank))(x)
                 recon, losses = model.decoder(model.encoder(x)), {"vq": torch.zeros((), device=dev)}
             else:
                 recon, losses = model(x)
@@ -288,8 +299,8 @@ class TokenizerIteration:
         return [logs]
 
 
-def crop_sampler(size: int, image_size: int, downsampling: int, seed: int = 0) -> Callable | None:
-    """:func:`random_crops` of ``size``² for the warm-up, or None for ``size`` 0 (whole slices).
+def crop_sampler(size: int, image_size: int, downsampling: int) -> RandomCrops | None:
+    """:class:`RandomCrops` of ``size``² for the warm-up, or None for ``size`` 0 (whole slices).
 
     Raises:
         ValueError: ``size`` is not a multiple of the tokenizer's ``downsampling`` factor in
@@ -299,7 +310,7 @@ def crop_sampler(size: int, image_size: int, downsampling: int, seed: int = 0) -
         raise ValueError(
             f"warmup_crop {size} must be a multiple of the downsampling factor {downsampling}, at most {image_size}"
         )
-    return random_crops(size, seed) if size else None
+    return RandomCrops(size) if size else None
 
 
 class SaveTokenizer:
