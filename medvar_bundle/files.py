@@ -16,8 +16,11 @@ import json
 import os
 import pickle
 import re
+import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -26,16 +29,65 @@ WRITE_ERRORS = (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 """Errors of the disk rather than of the program: full disk or quota, I/O error, read-only, too large."""
 
 
-def _write_file(path: Path, payload: bytes) -> None:
-    """Write and fsync ``payload`` into the new file ``path``: where the bundle's bytes reach the disk."""
+def _write_file(path: Path, payload: bytes | Callable[[BinaryIO], None]) -> None:
+    """Write and fsync ``payload`` into the new file ``path``: where the bundle's bytes reach the disk.
+    ``payload`` is the bytes, or a function that writes them into the open file (a checkpoint
+    streamed by ``torch.save`` instead of held twice in memory)."""
     with open(path, "wb") as fh:
-        fh.write(payload)
+        if callable(payload):
+            payload(fh)
+        else:
+            fh.write(payload)
         fh.flush()
         os.fsync(fh.fileno())
 
 
-def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` so that readers see the old file or the whole new one.
+TEMP_NAME = re.compile(r"^\.(?P<target>[^@]+)\.(?P<pid>\d+)@(?P<host>.+)\.[^.]+\.tmp$")
+"""A temporary file of :func:`atomic_write_bytes`: ``.TARGET.PID@HOST.RANDOM.tmp`` beside ``TARGET``."""
+
+
+def temp_prefix(path: Path) -> str:
+    """Prefix of the temporary files of ``path``: ``.NAME.PID@HOST.``, naming the process that writes."""
+    return f".{path.name}.{os.getpid()}@{socket.gethostname()}."
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, owned: Callable[[str], bool] | None = None) -> list[Path]:
+    """Delete the temporary files in ``folder`` (not below) that a killed writer left behind.
+
+    A writer killed (even by SIGKILL) between creating its temporary file and renaming it leaves the file;
+    no reader ever opens it, but it holds disk space (a whole shard). Removed: those written on this host by a
+    process that is gone, and, whatever their writer, those whose target name ``owned`` accepts (targets
+    that only the caller writes, under its :class:`WriterLock`). A live writer's file is never touched.
+
+    Returns:
+        The files removed.
+    """
+    folder, removed = Path(folder), []
+    host = socket.gethostname()
+    for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:
+        name = TEMP_NAME.match(tmp.name)
+        if name is None:
+            continue
+        gone = name["host"] == host and not _process_alive(int(name["pid"]))
+        if gone or (owned is not None and owned(name["target"])):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def atomic_write_bytes(path: str | os.PathLike, payload: bytes | Callable[[BinaryIO], None]) -> None:
+    """Write ``payload`` (bytes, or a function writing into a binary file) to ``path`` so that
+    readers see the old file or the whole new one.
 
     Raises:
         OSError: naming ``path`` (not the temporary file) when the disk refuses the write (full,
@@ -43,7 +95,7 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -60,21 +112,11 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
 
 
 def atomic_torch_save(path: str | os.PathLike, obj) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then rename: readers (and a resumed run)
-    see the old file or the whole new one. Returns ``path``; a refused write raises ``OSError``
-    naming ``path`` and leaves it unchanged."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.errno in WRITE_ERRORS:
-            raise OSError(err.errno, err.strerror, str(path)) from err
-        raise
-    return path
+    """``torch.save`` through :func:`atomic_write_bytes`: readers (and a resumed run) see the old file
+    or the whole new one. Returns ``path``; a refused write raises ``OSError`` naming ``path`` and
+    leaves it unchanged."""
+    atomic_write_bytes(path, lambda fh: torch.save(obj, fh))
+    return Path(path)
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:

@@ -3,6 +3,8 @@
 Every class here has ``attach(engine)``, so a config lists it in ``train#handlers`` beside MONAI's
 ``StatsHandler``, ``TensorBoardStatsHandler`` and ``LrScheduleHandler``. Why each one exists:
 
+- :class:`AtomicSaver` (the save handler of :class:`ResumableCheckpoint`): Ignite's ``DiskSaver``
+  writes past the bundle's one write point, so a full disk would not name the checkpoint.
 - :class:`ResumableCheckpoint`: MONAI's ``CheckpointSaver`` writes non-atomically (a kill during a
   save leaves a broken file) and ``CheckpointLoader`` does not fit the step budget back to a
   resumed run; this handler saves atomically, resumes from the newest checkpoint at attach time
@@ -27,10 +29,11 @@ from pathlib import Path
 
 import torch.distributed as dist
 from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint, DiskSaver
+from ignite.handlers import Checkpoint
+from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import ValidationHandler
 
-from ..files import WriterLock, load_weights
+from ..files import WriterLock, atomic_torch_save, load_weights
 from .common import latest_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -45,6 +48,21 @@ def _release_and_raise(engine: Engine, error: BaseException, lock: WriterLock) -
     """Ignite re-raises a run's error only when nothing handles ``EXCEPTION_RAISED``: free the lock, re-raise."""
     lock.release()
     raise error
+
+
+class AtomicSaver(BaseSaveHandler):
+    """Ignite's save handler for :class:`~ignite.handlers.Checkpoint` writing through the bundle's one
+    write point (:func:`~medvar_bundle.files.atomic_torch_save`): atomic, and a full disk or I/O
+    error names the checkpoint file, so the command stops with one line."""
+
+    def __init__(self, dirname: str | os.PathLike) -> None:
+        self.dirname = Path(dirname)
+
+    def __call__(self, checkpoint, filename: str, metadata: dict | None = None) -> None:
+        atomic_torch_save(self.dirname / filename, checkpoint)
+
+    def remove(self, filename: str) -> None:
+        (self.dirname / filename).unlink(missing_ok=True)
 
 
 class ResumableCheckpoint:
@@ -93,7 +111,7 @@ class ResumableCheckpoint:
         engine.add_event_handler(Events.EXCEPTION_RAISED, _release_and_raise, lock)
         saver = Checkpoint(
             objects,
-            DiskSaver(str(self.save_dir), require_empty=False, atomic=True),
+            AtomicSaver(self.save_dir),
             n_saved=self.n_saved,
             global_step_transform=lambda e, _: e.state.iteration,
         )
