@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -22,9 +23,17 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..bundle_config import config_component
-from ..files import WriterLock, atomic_write_json
+from ..files import WriterLock, atomic_write_json, remove_stale_temp_files
 from .readers import VolumeFileError
-from .store import ShardWriter, done_volume_keys, remove_shard, verify_store, volume_key, write_store_index
+from .store import (
+    SHARD_DIR,
+    ShardWriter,
+    done_volume_keys,
+    remove_shard,
+    verify_store,
+    volume_key,
+    write_store_index,
+)
 from .transforms import DEFAULT_CT_WINDOW, MODALITIES, SLICE_SIZE, NoSlicesError, VolumeError
 
 MAX_ERROR_CHARS = 300
@@ -134,6 +143,20 @@ def _entry(item: dict, status: str, slices: int = 0, error: str | None = None) -
     }
 
 
+def remove_dead_writes(out: Path, rank: int) -> list[Path]:
+    """Delete the temporary files that killed runs left in the store ``out`` (see
+    :func:`~medvar_bundle.files.remove_stale_temp_files`): those of dead processes of this host, and, whoever
+    wrote them, those of this rank's shards (images, labels, manifest) and report, which only the holder of
+    this rank's lock writes. Returns the files removed."""
+    shard = re.compile(rf"r{rank:03d}-\d+\.(images\.npy|labels\.npy|json)")
+    report = re.compile(rf"rank{rank:03d}-of-\d+\.json")
+    return [
+        *remove_stale_temp_files(out),
+        *remove_stale_temp_files(out / SHARD_DIR, lambda target: shard.fullmatch(target) is not None),
+        *remove_stale_temp_files(out / "reports", lambda target: report.fullmatch(target) is not None),
+    ]
+
+
 def _merge_reports(out: Path, world_size: int) -> list[dict]:
     entries = []
     for p in sorted((out / "reports").glob(f"rank*-of-{world_size:03d}.json")):
@@ -192,6 +215,7 @@ def prepare_store(
             )
     with WriterLock(out, f"prepare-r{rank:03d}"):  # one writer per rank's shards; readers never wait
         mine = items[rank::world_size]
+        remove_dead_writes(out, rank)
         for bad in verify_store(out, checksum=verify):
             if bad["shard"].startswith(f"r{rank:03d}-"):  # each rank re-does its own shards
                 tqdm.write(f"medvar prepare: re-doing shard {bad['shard']}: {bad['problem']}", file=sys.stderr)
