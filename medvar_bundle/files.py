@@ -156,6 +156,13 @@ def check_file(path: str | os.PathLike, record: dict, checksum: bool = True) -> 
     return None
 
 
+def one_line(text: object, limit: int) -> str:
+    """``text`` as one line for a user: whitespace runs (newlines too) become single spaces, and a
+    line longer than ``limit`` characters is cut to ``limit`` with ``...`` at its end."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def load_weights(path: str | os.PathLike, kind: str) -> object:
     """``torch.load`` a model or checkpoint file on the CPU with ``weights_only=True``.
 
@@ -177,8 +184,7 @@ def load_weights(path: str | os.PathLike, kind: str) -> object:
             f"{path}: refused: the {kind} file carries pickled code ({found.group(1)}), not only weights"
         ) from err
     except Exception as err:  # a truncated or foreign file: one line, not a traceback
-        text = " ".join(str(err).split())[:200]
-        raise ValueError(f"{path}: not a readable {kind} file ({type(err).__name__}: {text})") from err
+        raise ValueError(f"{path}: not a readable {kind} file ({type(err).__name__}: {one_line(err, 200)})") from err
 
 
 def read_format_file(path: Path, kind: str, fmt: str) -> dict:

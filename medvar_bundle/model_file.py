@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from medvar_bundle.files import atomic_torch_save, load_weights, read_format_file
+from medvar_bundle.files import atomic_torch_save, load_weights, one_line, read_format_file
 from medvar_bundle.networks.ddpm import ConditionalDDPM
 from medvar_bundle.networks.msvqvae import MultiScaleVQVAE
 from medvar_bundle.networks.transformer import NextScaleTransformer
@@ -71,7 +71,7 @@ def _rebuild(path: Path, kind: str, part: object, cls: type[torch.nn.Module]) ->
         with torch.device("meta"):
             shapes = {k: tuple(v.shape) for k, v in cls(**config).state_dict().items()}
     except Exception as err:  # a foreign or damaged config: one line, not a traceback
-        text = f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+        text = f"{type(err).__name__}: {one_line(err, 200)}"
         raise ModelFileError(f"{path}: the {kind} config does not build a {cls.__name__} ({text})") from None
     missing = [k for k in shapes if k not in weights]
     unexpected = [k for k in weights if k not in shapes]

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from medvar_bundle.engines.common import latest_checkpoint
+from medvar_bundle.engines.common import CHECKPOINT_PATTERN, latest_checkpoint
 
 KILL_OVERLAY = """\
 # Merged after a training config: SIGKILL this process (no clean-up at all) once step kill_at_step is done.
@@ -103,11 +103,9 @@ def differences(a, b, path: str = "") -> list[str]:
 
 
 def checkpoint_step(folder: Path) -> int:
-    """The step of the newest checkpoint in ``folder`` (0 when there is none)."""
+    """The step of the newest checkpoint in ``folder``, read from its name (0 when there is none)."""
     newest = latest_checkpoint(folder)
-    return (
-        0 if newest is None else int(torch.load(newest, map_location="cpu", weights_only=True)["trainer"]["iteration"])
-    )
+    return 0 if newest is None else int(CHECKPOINT_PATTERN.search(newest.name).group(1))
 
 
 def kill_and_resume(

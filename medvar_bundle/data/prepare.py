@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..bundle_config import config_component
-from ..files import WriterLock, atomic_write_json, remove_stale_temp_files
+from ..files import WriterLock, atomic_write_json, one_line, remove_stale_temp_files
 from .readers import VolumeFileError
 from .store import (
     SHARD_DIR,
@@ -57,7 +57,7 @@ def describe_error(exc: BaseException, path: str | None = None) -> str:
         return "unreadable: no image reader could open it (corrupt, truncated or not a NIfTI/NRRD/MHA/DICOM file)"
     if not isinstance(exc, VolumeError):
         text = f"unreadable ({type(exc).__name__}: {text})" if text else f"unreadable ({type(exc).__name__})"
-    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+    return one_line(text, MAX_ERROR_CHARS)
 
 
 def precheck(item: dict) -> str | None:

@@ -34,6 +34,8 @@ import numpy as np
 from monai.data import ITKReader, MetaTensor, NibabelReader
 from monai.transforms import LoadImage
 
+from ..files import one_line
+
 MAX_REASON_CHARS = 240
 SLICE_SPACING_TOLERANCE = 0.05
 """Largest relative difference between the gaps of consecutive DICOM slices of one series."""
@@ -57,18 +59,13 @@ class VolumeFileError(VolumeError):
 
     def __init__(self, path: str | os.PathLike, reason: str) -> None:
         self.path = str(path)
-        self.reason = _one_line(reason)
+        self.reason = one_line(reason, MAX_REASON_CHARS)
         super().__init__(f"{self.path}: {self.reason}")
-
-
-def _one_line(text: str, limit: int = MAX_REASON_CHARS) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _describe(err: BaseException) -> str:
     """``Type: message`` of a library's exception, on one line (ITK's source locations left out)."""
-    text = _one_line(_itk_reason(str(err)))
+    text = one_line(_itk_reason(str(err)), MAX_REASON_CHARS)
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
@@ -322,7 +319,7 @@ def _dicom_slice(path: Path) -> _Slice:
         orientation = _numbers(ds, "ImageOrientationPatient", 6)
         spacing = _numbers(ds, "PixelSpacing", 2)
     except (TypeError, ValueError) as err:
-        raise VolumeFileError(path, f"malformed tag: {_one_line(str(err))}") from None
+        raise VolumeFileError(path, f"malformed tag: {one_line(err, MAX_REASON_CHARS)}") from None
     if min(rows, columns, frames, bits) < 1:
         raise VolumeFileError(path, f"{rows} x {columns} pixels, {frames} frames of {bits} bits: each must be >= 1")
     if samples != 1:
