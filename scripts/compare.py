@@ -1,30 +1,38 @@
-"""MedVAR against the DDPM baseline under the same wall-clock training budget, on the demo store.
+"""MedVAR against the DDPM baseline under the same wall-clock training budgets, on the demo store,
+and how both improve with training time.
 
-Needs the store prepared and tokenized and the tokenizer trained (``make demo``). Each stage is
-skipped when its output exists, so a re-run resumes:
+Needs the store prepared and tokenized, its structure network trained and the tokenizer trained
+(``make demo``). Every stage is skipped when its output exists, so a re-run resumes:
 
-1. ``OUT/medvar/model.pt``: the next-scale transformer (tiny preset, the demo's batch 8, lr 0.096
-   per 256 images, warm-up 20) trained for ``--minutes`` of wall-clock time
-   (``configs/train.yaml`` with ``max_seconds``).
-2. ``OUT/ddpm/baseline.pt``: the DDPM baseline (tiny preset, matched in parameters; batch 8) for the
-   same budget (``configs/train_ddpm.yaml``).
-   Both stop on the budget, not on ``--max-steps`` (whose cosine therefore barely decays the
-   learning rate); validation runs only at the end, on at most 64 slices. A run killed mid-way
-   resumes from its last checkpoint with a fresh budget.
-3. ``OUT/samples/medvar/``: ``--num`` slices per dataset (:func:`~medvar_bundle.inference.generate`).
-4. ``OUT/samples/ddpm-N/`` for each N of ``--ddpm-steps``: ``--ddpm-num`` slices per dataset from
-   one N-step chain over all datasets' slices. DDPM sampling is slow on CPU: a step count whose
-   estimated time (from the previous chain's time per step) would overrun ``--ddpm-minutes`` is
-   skipped and reported.
-5. ``OUT/evaluation/``: :func:`~medvar_bundle.evaluation.evaluate_generation` of every sample folder
-   against the store.
+1. For each budget of ``--minutes`` (cumulative minutes of wall-clock training, e.g. 5 15 60):
+   ``OUT/medvar/`` trains the next-scale transformer (tiny preset, the demo's batch 8, lr 0.096
+   per 256 images, warm-up 20; ``configs/train.yaml`` with ``max_seconds``) on from the previous
+   budget to this one, and ``OUT/ddpm/`` the DDPM baseline (tiny preset, matched in parameters;
+   batch 8; ``configs/train_ddpm.yaml``) likewise. Both stop on the budget, not on
+   ``--max-steps`` (whose cosine therefore barely decays the learning rate); validation runs only
+   at each budget's end, on at most 64 slices. The model files at each budget are copied to
+   ``OUT/points/Mmin/`` with ``training.json`` (optimizer steps, seconds each run took). A run
+   killed mid-way resumes from its last checkpoint with the budget's whole time again, so that
+   point gets more training than its label says (``training.json`` shows it).
+2. ``OUT/samples/Mmin/medvar/``: ``--num`` MedVAR slices per dataset
+   (:func:`~medvar_bundle.inference.generate`).
+3. ``OUT/samples/Mmin/ddpm-N/`` for each N of ``--ddpm-steps``: ``--ddpm-num`` slices per dataset
+   from one N-step chain over all datasets' slices. DDPM sampling is slow on CPU: a step count whose
+   estimated time (from the previous chain's time per step) would overrun ``--ddpm-minutes`` (per
+   budget) is skipped and reported.
+4. ``OUT/evaluation/``: :func:`~medvar_bundle.evaluation.evaluate_generation` of every sample folder
+   against the store (methods labelled ``MedVAR-tiny M min``, ``DDPM-tiny(N) M min``).
+5. ``OUT/curve.png`` (the efficiency's quality metric, the structure FD when the store has a
+   structure network, against training minutes: overall and per dataset, the real floor dashed),
+   ``OUT/curve.json`` (the plotted figures) and ``OUT/curve_grid.png`` (per dataset: held-out real
+   slices, MedVAR's at each budget, the DDPM's with the most steps at the last budget).
 
 Sample folders have ``medvar generate``'s layout: ``NAME.nii.gz``, ``NAME.png`` and
 ``summary.json`` (with ``seconds_per_image`` per dataset and ``parameters``, the sampling network's).
 
     .venv/bin/python scripts/compare.py [--store runs/demo/store] [--tokenizer runs/demo/tokenizer/tokenizer.pt]
-        [--out runs/demo/compare] [--minutes 6] [--num 16] [--ddpm-num 2] [--ddpm-steps 10 20 30 50 100]
-        [--ddpm-minutes 10]
+        [--out runs/demo/compare] [--minutes 5 15 60] [--num 16] [--ddpm-num 2] [--ddpm-steps 10 20 30 50 100]
+        [--ddpm-minutes 10] [--threads N]
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ import numpy as np
 import torch
 
 from medvar_bundle.bundle_config import run_config
-from medvar_bundle.files import atomic_write_json
+from medvar_bundle.files import atomic_write_bytes, atomic_write_json
 from medvar_bundle.inference import generate
 from medvar_bundle.io import save_sample_grid, write_slice_stack
 from medvar_bundle.model_file import BASELINE_FILE, MODEL_FILE, load_baseline
@@ -55,26 +63,42 @@ def _parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def train_both(args: argparse.Namespace, out: Path) -> tuple[Path, Path]:
-    """Train MedVAR and the DDPM baseline for ``args.minutes`` each, unless their files exist."""
+def _label(minutes: float) -> str:
+    return f"{minutes:g}min"
+
+
+def train_to_budgets(args: argparse.Namespace, out: Path) -> dict[float, dict[str, Path]]:
+    """Train MedVAR and the DDPM baseline through every budget of ``args.minutes``; for each budget
+    the copies of both model files in ``OUT/points/Mmin/`` (``{"medvar": ..., "ddpm": ...}``)."""
     common = dict(
         dataset_dir=args.store, max_steps=args.max_steps, batch_size=8, device=f"$torch.device({args.device!r})",
         preset="tiny", warmup_steps=20, val_every=args.max_steps, checkpoint_every=50, val_max_images=VAL_MAX_IMAGES,
-        seed=args.seed, max_seconds=60 * args.minutes,
+        seed=args.seed,
     )  # fmt: skip
-    model = out / "medvar" / MODEL_FILE
-    if model.is_file():
-        logger.info("MedVAR already trained: %s", model)
-    else:
-        run_config(
-            "train", "train", {**common, "output_dir": str(model.parent), "tokenizer": args.tokenizer, "lr": 0.096}
-        )
-    baseline = out / "ddpm" / BASELINE_FILE
-    if baseline.is_file():
-        logger.info("DDPM already trained: %s", baseline)
-    else:
-        run_config("train_ddpm", "train", {**common, "output_dir": str(baseline.parent), "lr": args.ddpm_lr})
-    return model, baseline
+    runs = {
+        "medvar": ("train", MODEL_FILE, {"tokenizer": args.tokenizer, "lr": 0.096}),
+        "ddpm": ("train_ddpm", BASELINE_FILE, {"lr": args.ddpm_lr}),
+    }
+    points, previous = {}, 0.0
+    for minutes in sorted(args.minutes):
+        folder = out / "points" / _label(minutes)
+        record_file = folder / "training.json"
+        record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+        for name, (config, file_name, extra) in runs.items():
+            if name in record:
+                logger.info("%s already trained to %g min: %s", name, minutes, folder / file_name)
+                continue
+            run_dir = out / name
+            start = time.perf_counter()
+            overrides = {**common, **extra, "output_dir": str(run_dir), "max_seconds": 60 * (minutes - previous)}
+            run_config(config, "train", overrides)
+            blob = torch.load(run_dir / file_name, map_location="cpu", weights_only=True)
+            atomic_write_bytes(folder / file_name, (run_dir / file_name).read_bytes())
+            record[name] = {"steps": int(blob["step"]), "seconds": time.perf_counter() - start}
+            atomic_write_json(record_file, record)
+        points[minutes] = {name: folder / file_name for name, (_, file_name, _) in runs.items()}
+        previous = minutes
+    return points
 
 
 def _summary(folder: Path) -> dict:
@@ -157,12 +181,83 @@ def sample_ddpm_all(baseline: Path, samples: Path, args: argparse.Namespace) -> 
     return folders, skipped
 
 
-def evaluate(store: str, folders: list[Path], labels: list[str], out: Path, device: str) -> Path:
+def evaluate(store: str, folders: list[Path], labels: list[str], out: Path, device: str) -> dict:
     """Score every sample folder against the store (the evaluation package is imported only here)."""
     from medvar_bundle.evaluation import evaluate_generation
 
-    evaluate_generation(store, [str(f) for f in folders], str(out), labels=labels, device=device)
-    return out
+    return evaluate_generation(store, [str(f) for f in folders], str(out), labels=labels, device=device)
+
+
+def curve_figures(report: dict, methods: dict[str, dict[float, str]]) -> dict:
+    """The curve's figures: the report's quality metric (structure FD with a structure network,
+    else the efficiency's Q) per method, training budget and dataset (and ``overall``), and the
+    floor per dataset. ``methods``: method → budget (minutes) → its label in ``report``."""
+    from medvar_bundle.evaluation.report import FLOOR
+
+    rows = report["rows"]
+    metric = "structure_fd" if rows[FLOOR]["overall"].get("structure_fd") is not None else report["efficiency"]["q"]
+    names = list(rows[FLOOR])
+    return {
+        "metric": metric,
+        "floor": {name: rows[FLOOR][name][metric] for name in names},
+        "methods": {
+            method: {
+                f"{m:g}": {name: (rows[label].get(name) or {}).get(metric) for name in names} for m, label in by.items()
+            }
+            for method, by in methods.items()
+        },
+    }
+
+
+def plot_curve(figures: dict, path: Path) -> Path:
+    """Quality against training minutes, one panel per dataset and one overall, floor dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medvar_bundle.visualize import save_figure
+
+    names = list(figures["floor"])
+    cols = 4
+    fig, axes = plt.subplots(-(-len(names) // cols), cols, figsize=(3.4 * cols, 2.9 * -(-len(names) // cols)))
+    for ax, name in zip(axes.flat, names):
+        for method, by in figures["methods"].items():
+            points = [(float(m), v[name]) for m, v in by.items() if v[name] is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=method)
+        ax.axhline(figures["floor"][name], color="grey", linestyle="--", linewidth=1, label="real floor")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("training minutes", fontsize=8)
+        ax.set_ylabel(figures["metric"], fontsize=8)
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.suptitle(f"{figures['metric']} (lower is better) against wall-clock training time", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def curve_grid(store: str, columns: list[tuple[str, Path]], path: Path, per_column: int = 2) -> Path:
+    """Per dataset, ``per_column`` held-out real slices then ``per_column`` slices of each
+    ``(title, sample folder)``; the titles go into the figure's title, in column order."""
+    from medvar_bundle.io import read_generated
+    from medvar_bundle.metrics.slices import store_slices
+    from medvar_bundle.visualize import save_grid
+
+    registry = json.loads((Path(store) / "datasets.json").read_text())
+    rows, titles = [], []
+    for name in sorted(registry, key=lambda n: registry[n]["id"]):
+        row = list(store_slices(store, "validation", name, per_column, seed=0))
+        for _, folder in columns:
+            stack = folder / f"{name}.nii.gz"
+            row += list(read_generated(stack, registry[name])[:per_column]) if stack.is_file() else []
+        rows.append(row)
+        titles.append(name)
+    order = " | ".join(["real held-out", *(title for title, _ in columns)])
+    return save_grid(rows, path, titles, title=f"{per_column} slices each: {order}")
 
 
 def parse_args() -> argparse.Namespace:
@@ -173,7 +268,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--out", default="runs/demo/compare", help="output folder")
     parser.add_argument(
-        "--minutes", type=float, default=6.0, help="wall-clock training budget of each model (default 6)"
+        "--minutes",
+        type=float,
+        nargs="+",
+        default=[5.0, 15.0],
+        help="cumulative wall-clock training budgets of each model; samples and scores at each (default 5 15)",
     )
     parser.add_argument(
         "--max-steps", type=int, default=100_000, help="step cap, far beyond the budget (default 100000)"
@@ -184,7 +283,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num", type=int, default=16, help="MedVAR slices per dataset (default 16)")
     parser.add_argument("--ddpm-num", type=int, default=2, help="DDPM slices per dataset and step count (default 2)")
     parser.add_argument("--ddpm-steps", type=int, nargs="+", default=[10, 20, 30, 50, 100], help="DDPM step counts")
-    parser.add_argument("--ddpm-minutes", type=float, default=10.0, help="time limit of all DDPM sampling (default 10)")
+    parser.add_argument(
+        "--ddpm-minutes", type=float, default=10.0, help="time limit of all DDPM sampling per budget (default 10)"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's choice)")
     parser.add_argument("--ddpm-sampler", choices=["ddpm", "ddim"], default="ddpm", help="DDPM sampler (default ddpm)")
     parser.add_argument("--ddpm-cfg", type=float, default=2.0, help="DDPM classifier-free guidance (default 2)")
     parser.add_argument("--device", default="cpu")
@@ -195,17 +297,42 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
-    model, baseline = train_both(args, out)
-    medvar = sample_medvar(model, out / "samples" / "medvar", args)
-    ddpm, skipped = sample_ddpm_all(baseline, out / "samples", args)
-    labels = ["MedVAR-tiny"] + [f"DDPM-tiny({f.name.removeprefix('ddpm-')})" for f in ddpm]
-    report = evaluate(args.store, [medvar, *ddpm], labels, out / "evaluation", args.device)
-    print(f"compare: models {model}, {baseline}; samples in {out / 'samples'}; report {report / 'report.md'}")
+    points = train_to_budgets(args, out)
+    folders, labels, skipped = [], [], []
+    methods: dict[str, dict[float, str]] = {}
+    for minutes, files in points.items():
+        samples = out / "samples" / _label(minutes)
+        folders.append(sample_medvar(files["medvar"], samples / "medvar", args))
+        labels.append(f"MedVAR-tiny {minutes:g} min")
+        methods.setdefault("MedVAR-tiny", {})[minutes] = labels[-1]
+        ddpm, missed = sample_ddpm_all(files["ddpm"], samples, args)
+        for folder in ddpm:
+            steps = folder.name.removeprefix("ddpm-")
+            folders.append(folder)
+            labels.append(f"DDPM-tiny({steps}) {minutes:g} min")
+            methods.setdefault(f"DDPM-tiny({steps})", {})[minutes] = labels[-1]
+        skipped += [f"{steps} steps at {minutes:g} min" for steps in missed]
+    report = evaluate(args.store, folders, labels, out / "evaluation", args.device)
+    figures = curve_figures(report, methods)
+    atomic_write_json(out / "curve.json", figures)
+    plot_curve(figures, out / "curve.png")
+    last = max(points)
+    ddpm_last = [
+        f for f, label in zip(folders, labels) if label.startswith("DDPM") and label.endswith(f" {last:g} min")
+    ]
+    columns = [(f"MedVAR {m:g} min", out / "samples" / _label(m) / "medvar") for m in points]
+    columns += [(f"DDPM-{ddpm_last[-1].name.removeprefix('ddpm-')} {last:g} min", ddpm_last[-1])] if ddpm_last else []
+    curve_grid(args.store, columns, out / "curve_grid.png")
+    print(
+        f"compare: samples in {out / 'samples'}; report {out / 'evaluation' / 'report.md'}; curve {out / 'curve.png'}"
+    )
     if skipped:
         print(
-            f"compare: DDPM step counts {skipped} skipped "
-            f"(over --ddpm-minutes {args.ddpm_minutes}); raise it to run them"
+            f"compare: DDPM {', '.join(skipped)} skipped (over --ddpm-minutes {args.ddpm_minutes} per budget); "
+            "raise it to run them"
         )
     return 0
 

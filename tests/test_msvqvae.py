@@ -377,3 +377,46 @@ def test_bad_input_shape_is_refused(model64):
         model64.encode(torch.zeros(1, 3, 64, 64))
     with pytest.raises(ValueError, match="divisible"):
         MultiScaleVQVAE.from_preset("tiny", image_size=100)
+
+
+# ---- training on crops: the crop's own scale schedule ------------------------------------------
+
+
+def test_crop_schedule_scales_the_sides_and_borrows_the_phi_of_equal_footprint():
+    q = MultiScaleQuantizer(patch_nums=PAPER_PATCH_NUMS)
+    assert q.schedule(16) == (PAPER_PATCH_NUMS, tuple(range(10)))
+    # a 128² crop of a 256² slice: sides as derive_patch_nums(8); side m covers what side 2m covers at 256²
+    assert q.schedule(8) == (derive_patch_nums(8), (1, 3, 5, 6, 7, 8, 9))
+    assert q.schedule(4) == ((1, 2, 3, 4), (3, 6, 8, 9))
+    for bad in (0, 17):
+        with pytest.raises(ValueError, match=r"latent side .* must be in \[1, 16\]"):
+            q.schedule(bad)
+
+
+def test_a_crop_is_quantized_with_its_schedule_and_counts_in_its_scales_rows():
+    torch.manual_seed(0)
+    q = MultiScaleQuantizer(vocab_size=64, embed_dim=8, patch_nums=(1, 2, 3, 4, 5, 6, 8)).eval()
+    with torch.no_grad():
+        q.embedding.weight.normal_()
+    f = torch.randn(2, 8, 4, 4)  # the latent of a crop half the side of the full 8² latent
+    sides, scales = q.schedule(4)
+    assert sides == (1, 2, 3, 4) and scales == (1, 3, 5, 6)
+    out = q(f)
+    f_hat = torch.zeros_like(f)
+    for k, n, idx in zip(scales, sides, out.indices, strict=True):
+        r = _area(f - f_hat, n)
+        assert torch.equal(idx, q.nearest_codes(r.permute(0, 2, 3, 1).reshape(-1, 8)).view(2, n, n))
+        f_hat = f_hat + q.scale_contribution(k, q.embed(idx), size=4)
+    torch.testing.assert_close(out.f_hat, f_hat)
+    assert q.last_hits[list(scales)].sum(1).tolist() == [2 * n * n for n in sides]
+    assert q.last_hits[[0, 2, 4]].sum() == 0
+
+
+def test_the_tokenizer_trains_on_crops_but_tokenizes_whole_slices(model64):
+    recon, losses = _tiny().train()(_images(2, 32))
+    assert recon.shape == (2, 1, 32, 32) and losses["vq"].ndim == 0
+    for bad in (torch.zeros(1, 1, 24, 24), torch.zeros(1, 1, 128, 128), torch.zeros(1, 1, 32, 48)):
+        with pytest.raises(ValueError, match="a multiple of 16"):
+            model64(bad)
+    with pytest.raises(ValueError, match=r"\(B, 1, 64, 64\)"):
+        model64.encode(_images(1, 32))

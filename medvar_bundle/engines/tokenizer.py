@@ -210,7 +210,11 @@ class TokenizerIteration:
     ``grad_clip``; the trainer's ``optimizer`` steps (the learning rate is the
     ``LrScheduleHandler``'s). For the first ``ae_warmup`` steps the quantizer is bypassed (a plain
     autoencoder, on ``cropper``'s random crops if given); at the last warm-up step every code is
-    re-drawn from the learned features, then every ``dead_code_every`` steps the dead ones are.
+    re-drawn from the learned (whole-slice) features, then every ``dead_code_every`` steps the dead
+    ones are. The first ``quantized_crop_steps`` quantized steps train on the cropper's crops too,
+    each quantized with the crop's own scale schedule (a 128² crop of a 256² slice: 7 scales of
+    sides 1–8, see :meth:`~medvar_bundle.networks.quantizer.MultiScaleQuantizer.schedule`), at a
+    quarter of a whole slice's cost; the steps after them see whole slices.
     Every step first seeds torch's generator and the cropper from ``(seed, step, rank)``
     (:func:`~medvar_bundle.engines.common.reseed`), so a resumed run draws what an uninterrupted one did.
 
@@ -230,6 +234,7 @@ class TokenizerIteration:
         dead_code_every: int = 50,
         ae_warmup: int = 0,
         cropper: RandomCrops | None = None,
+        quantized_crop_steps: int = 0,
         perceptual: torch.nn.Module | None = None,
         lpips_weight: float = 0.0,
         discriminator: torch.nn.Module | None = None,
@@ -241,6 +246,7 @@ class TokenizerIteration:
         self.bf16, self.grad_clip, self.seed = bf16, grad_clip, seed
         self.l1_weight, self.l2_weight, self.vq_weight = l1_weight, l2_weight, vq_weight
         self.dead_code_every, self.ae_warmup, self.cropper = dead_code_every, ae_warmup, cropper
+        self.crop_until = ae_warmup + quantized_crop_steps if cropper is not None else 0
         self.perceptual, self.lpips_weight = perceptual, lpips_weight
         self.disc, self.disc_opt, self.gan_weight, self.gan_start = discriminator, disc_optimizer, gan_weight, gan_start
 
@@ -252,10 +258,10 @@ class TokenizerIteration:
         rank = dist.get_rank() if dist.is_initialized() else 0
         reseed(self.seed, step, rank)
         warming_up = step <= self.ae_warmup
+        if step <= self.crop_until:
+            x = self.cropper.set_random_state(derived_seed(self.seed, step, rank))(x)
         with autocast(dev, bf16):
             if warming_up:  # plain autoencoder: the quantizer is bypassed
-                if self.cropper is not None:
-                    x = self.cropper.set_random_state(derived_seed(self.seed, step, rank))(x)
                 recon, losses = model.decoder(model.encoder(x)), {"vq": torch.zeros((), device=dev)}
             else:
                 recon, losses = model(x)

@@ -281,15 +281,23 @@ class MultiScaleVQVAE(nn.Module):
         """Reconstruct images for training.
 
         Args:
-            x: (B, 1, S, S) in [-1, 1]; channels_last and bf16 autocast are fine (the quantizer
-                runs in fp32 regardless).
+            x: (B, 1, S, S) in [-1, 1], or a crop (B, 1, s, s) with s < S a multiple of the
+                downsampling factor, quantized with the crop's scale schedule
+                (:meth:`MultiScaleQuantizer.schedule`); channels_last and bf16 autocast are fine
+                (the quantizer runs in fp32 regardless).
 
         Returns:
-            The unclamped reconstruction (B, 1, S, S) and ``{"vq": codebook + β·commitment loss}``.
-            Pixel/perceptual losses are the caller's; codebook usage of this batch is in
+            The unclamped reconstruction (same shape as ``x``) and ``{"vq": codebook + β·commitment
+            loss}``. Pixel/perceptual losses are the caller's; codebook usage of this batch is in
             ``self.quantizer.usage_stats()``.
         """
-        quant = self.quantizer(self.encode_features(x))
+        S, s, factor = self.image_size, x.shape[-1], self.image_size // self.patch_nums[-1]
+        if x.dim() != 4 or tuple(x.shape[1:]) != (IN_CHANNELS, s, s) or s > S or s % factor:
+            raise ValueError(
+                f"expected images (B, {IN_CHANNELS}, s, s) in [-1, 1] with s <= {S} a multiple of {factor}, "
+                f"got {tuple(x.shape)}"
+            )
+        quant = self.quantizer(self.encoder(x))
         return self.decoder(quant.f_hat), {"vq": quant.vq_loss}
 
     # ---- images <-> tokens -----------------------------------------------------------------

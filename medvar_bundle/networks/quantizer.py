@@ -152,18 +152,40 @@ class MultiScaleQuantizer(nn.Module):
         """Code vectors of a token map: (B, n, n) long -> (B, C, n, n)."""
         return self.embedding(idx).permute(0, 3, 1, 2)
 
-    def scale_contribution(self, k: int, h: Tensor) -> Tensor:
-        """Φ_k(upsample(h)): scale k's term of f̂, (B, C, n_k, n_k) -> (B, C, H, W).
+    def scale_contribution(self, k: int, h: Tensor, size: int | None = None) -> Tensor:
+        """Φ_k(upsample(h)): scale k's term of f̂, (B, C, n, n) -> (B, C, size, size).
 
-        Bicubic upsampling to the latent side; skipped at the last scale, which is already there.
+        ``size`` is the latent side (default: ``patch_nums[-1]``; smaller for a crop, see
+        :meth:`schedule`). Bicubic upsampling to it, skipped when ``h`` is already there.
         Runs in fp32 under autocast too, so f̂ is the same however it is assembled.
         """
-        H = self.patch_nums[-1]
+        size = self.patch_nums[-1] if size is None else size
         with _fp32(h.device):
             h = h.float()
-            if k != len(self.patch_nums) - 1:
-                h = F.interpolate(h, size=(H, H), mode="bicubic")
+            if h.shape[-1] != size:
+                h = F.interpolate(h, size=(size, size), mode="bicubic")
             return self.phis[self.phi_index[k]](h)
+
+    def schedule(self, side: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Token-map sides for a latent of ``side`` and the scale whose Φ each of them uses.
+
+        ``side`` = ``patch_nums[-1]`` gives ``(patch_nums, (0, …, K−1))``. A smaller side is the
+        latent of a crop (training on crops): every side ``n_k`` is scaled by ``side / H`` as
+        :func:`derive_patch_nums` does, and each crop side ``m`` borrows the Φ of the full-size scale
+        whose tokens cover as many pixels (``n_k`` nearest to ``m·H/side``; the first on a tie).
+        With H = 16 and side 8: sides (1, 2, 3, 4, 5, 7, 8), scales (1, 3, 5, 6, 7, 8, 9).
+
+        Raises:
+            ValueError: ``side`` is not in ``[1, H]``.
+        """
+        H = self.patch_nums[-1]
+        if side == H:
+            return self.patch_nums, tuple(range(len(self.patch_nums)))
+        if not 1 <= side < H:
+            raise ValueError(f"latent side {side} must be in [1, {H}]")
+        sides = tuple(dict.fromkeys(max(1, math.floor(n * side / H + 0.5)) for n in self.patch_nums))
+        full = np.asarray(self.patch_nums, dtype=float)
+        return sides, tuple(int(np.argmin(np.abs(full - m * H / side))) for m in sides)
 
     def forward(self, f: Tensor) -> QuantizerOutput:
         """Quantize encoder features f (B, C, H, W) scale by scale (Alg. 1), in fp32."""
@@ -180,34 +202,36 @@ class MultiScaleQuantizer(nn.Module):
         return self._quantize(f)[0].scale_inputs
 
     def _quantize(self, f: Tensor) -> tuple[QuantizerOutput, Tensor]:
-        """Alg. 1 on features f (B, C, H, W): the output and the hits (K, V) of every scale."""
+        """Alg. 1 on features f (B, C, H, W), H = ``patch_nums[-1]`` or a crop's smaller latent
+        (scales from :meth:`schedule`): the output and the hits (K, V) of every scale (a crop's
+        scales count in the rows of the scales whose Φ they use)."""
         B, C, H, W = f.shape
-        if H != W or H != self.patch_nums[-1] or C != self.embed_dim:
+        if H != W or H > self.patch_nums[-1] or C != self.embed_dim:
             raise ValueError(
-                f"expected features (B, {self.embed_dim}, {self.patch_nums[-1]}, {self.patch_nums[-1]}), "
-                f"got {tuple(f.shape)}"
+                f"expected features (B, {self.embed_dim}, {self.patch_nums[-1]}, {self.patch_nums[-1]}) "
+                f"or a square crop of them, got {tuple(f.shape)}"
             )
-        K = len(self.patch_nums)
+        sides, scales = self.schedule(H)
         with _fp32(f.device):
             f = f.float()
             residual = f.detach()
             f_hat = torch.zeros_like(residual)
             indices, inputs, vq_loss = [], [], f.new_zeros(())
-            hits = f.new_zeros(K, self.vocab_size)
-            for k, n in enumerate(self.patch_nums):
-                r = residual if k == K - 1 else F.interpolate(residual, size=(n, n), mode="area")
+            hits = f.new_zeros(len(self.patch_nums), self.vocab_size)
+            for k, n in zip(scales, sides):
+                r = residual if n == H else F.interpolate(residual, size=(n, n), mode="area")
                 inputs.append(r)
                 idx = self.nearest_codes(r.permute(0, 2, 3, 1).reshape(-1, C))
-                hits[k] = idx.bincount(minlength=self.vocab_size).float()
+                hits[k] += idx.bincount(minlength=self.vocab_size).float()
                 idx = idx.view(B, n, n)
-                h = self.scale_contribution(k, self.embed(idx))
+                h = self.scale_contribution(k, self.embed(idx), H)
                 f_hat = f_hat + h
                 residual = residual - h.detach()
                 vq_loss = vq_loss + F.mse_loss(f_hat.detach(), f) * self.beta + F.mse_loss(f_hat, f.detach())
                 indices.append(idx)
             # Straight-through: the value is exactly f̂ (f − f.detach() is exactly 0), the gradient is f's.
             f_hat_st = f_hat.detach() + (f - f.detach())
-        return QuantizerOutput(f_hat_st, indices, residual, vq_loss / K, inputs), hits
+        return QuantizerOutput(f_hat_st, indices, residual, vq_loss / len(sides), inputs), hits
 
     @torch.no_grad()
     def _record_hits(self, hits: Tensor) -> None:
