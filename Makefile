@@ -5,12 +5,18 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO ?= runs/demo
 WORKERS ?= 2
-# tokenizer: 1500 autoencoder warm-up steps on 128² crops, then 550 quantized steps on whole slices
+# tokenizer: 1500 autoencoder warm-up steps on 128² crops, 1000 quantized steps on 128² crops (each with
+# the crop's scale schedule), then 200 quantized steps on whole slices (docs/tokenizer.md, "Levers")
 TOKENIZER_WARMUP ?= 1500
-TOKENIZER_STEPS ?= 2050
+TOKENIZER_CROP_STEPS ?= 1000
+TOKENIZER_STEPS ?= 2700
 # transformer: tiny preset, batch 8, peak LR 3e-3 (--lr is per 256 images: 0.096 x 8/256)
 TRANSFORMER_STEPS ?= 250
 SAMPLES ?= 16
+# compare: MedVAR and the DDPM baseline trained through these cumulative wall-clock budgets (minutes),
+# sampled and scored at each: the quality-vs-training-time curve (docs/evaluation.md)
+COMPARE_MINUTES ?= 5 15 30
+DDPM_STEPS ?= 10 20 30 50 100
 
 .PHONY: install demo test bench compare bundle clean-demo
 
@@ -29,7 +35,7 @@ demo: install
 	$(BIN)/medvar train-structure --store $(DEMO)/store --quiet
 	$(BIN)/medvar train-tokenizer --store $(DEMO)/store --out $(DEMO)/tokenizer --max-steps $(TOKENIZER_STEPS) \
 		--batch-size 4 --lr 1e-3 --min-lr-ratio 0.05 --augment --ae-warmup $(TOKENIZER_WARMUP) --warmup-crop 128 \
-		--dead-code-every 25 --val-every 275 --checkpoint-every 100
+		--quantized-crop-steps $(TOKENIZER_CROP_STEPS) --dead-code-every 25 --val-every 1200 --checkpoint-every 100
 	$(BIN)/medvar evaluate-tokenizer --tokenizer $(DEMO)/tokenizer/tokenizer.pt --store $(DEMO)/store \
 		--split validation --by-group --quiet | tee $(DEMO)/tokenizer/heldout_metrics.json
 	$(BIN)/medvar tokenize --tokenizer $(DEMO)/tokenizer/tokenizer.pt --store $(DEMO)/store --force
@@ -52,7 +58,8 @@ bench: install
 	$(BIN)/python scripts/bench_sampler.py
 
 compare: install
-	$(BIN)/python scripts/compare.py --store $(DEMO)/store --tokenizer $(DEMO)/tokenizer/tokenizer.pt --out $(DEMO)/compare
+	$(BIN)/python scripts/compare.py --store $(DEMO)/store --tokenizer $(DEMO)/tokenizer/tokenizer.pt --out $(DEMO)/compare \
+		--minutes $(COMPARE_MINUTES) --ddpm-steps $(DDPM_STEPS)
 
 # the model-zoo zip (configs, models, docs, LICENSE, large_files.yml, package code); MODELS=DIR adds its weights
 bundle: install

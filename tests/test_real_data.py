@@ -68,11 +68,11 @@ def test_real_volumes_stored_as_uint8_256_with_original_spacing(demo):
     assert len(ds) == sum(v["slices"] for v in report) == sum(e["num_slices"] for e in registry.values())
     item = ds[len(ds) // 2]
     assert item["image"].dtype.is_floating_point is False and tuple(item["image"].shape) == (256, 256)
-    # the held-out CT is an enhanced multi-frame DICOM read through ITK: 0.388672 mm pixels, 10 mm slices
+    # the held-out head CT is one DICOM slice in HU: 0.478516 mm pixels, 20 mm between slices
     shards = [json.loads(p.read_text()) for p in (store / "shards").glob("*.json")]
-    ect = next(v for s in shards for v in s["volumes"] if v["image"].endswith("ect_head"))
-    assert ect["spacing"] == pytest.approx([0.388672, 0.388672, 10.0], rel=1e-4)
-    assert ect["matrix"] == [512, 512, 2]
+    head = next(v for s in shards for v in s["volumes"] if v["image"].endswith("head_ct_693"))
+    assert head["spacing"] == pytest.approx([0.478516, 0.478516, 20.0], rel=1e-4)
+    assert head["matrix"] == [512, 512, 1]
     held_out = SliceStore(store, split="validation")
     assert 0 < len(held_out) < len(ds)
 

