@@ -253,11 +253,12 @@ def curve_grid(store: str, columns: list[tuple[str, Path]], path: Path, per_colu
     registry = json.loads((Path(store) / "datasets.json").read_text())
     rows, titles = [], []
     for name in sorted(registry, key=lambda n: registry[n]["id"]):
-        row = list(store_slices(store, "validation", name, per_column, seed=0))
+        sets = [store_slices(store, "validation", name, per_column, seed=0)]
         for _, folder in columns:
             stack = folder / f"{name}.nii.gz"
-            row += list(read_generated(stack, registry[name])[:per_column]) if stack.is_file() else []
-        rows.append(row)
+            sets.append(read_generated(stack, registry[name])[:per_column] if stack.is_file() else sets[0][:0])
+        blank = np.zeros_like(sets[0][0])  # keeps the columns aligned where a set has fewer slices
+        rows.append([s for images in sets for s in [*images, *[blank] * (per_column - len(images))]])
         titles.append(name)
     order = " | ".join(["real held-out", *(title for title, _ in columns)])
     return save_grid(rows, path, titles, title=f"{per_column} slices each: {order}")
