@@ -185,3 +185,17 @@ def test_bundle_config_runs_the_same_function(synthetic_store, heldout_folder, t
     parser.get_parsed_content("run")
     rows = json.loads((tmp_path / "report.json").read_text())["rows"]
     assert rows["heldout"]["set1"]["histogram"] == pytest.approx(rows[FLOOR]["set1"]["histogram"])
+
+
+def test_a_single_held_out_or_generated_slice_gets_no_frechet_distance_instead_of_a_crash():
+    """The demo's held-out head CT is one slice: its floor row must not stop the whole report."""
+    from medvar_bundle.evaluation.scores import SliceSet, score
+
+    rng = np.random.default_rng(0)
+    train = SliceSet(rng.integers(0, 256, (8, 64, 64), dtype=np.uint8), {"structure": rng.normal(size=(8, 4))})
+    other = SliceSet(rng.integers(0, 256, (2, 64, 64), dtype=np.uint8), {"structure": rng.normal(size=(2, 4))})
+    one = SliceSet(other.slices[:1], {"structure": other.features["structure"][:1]})
+    row = score(train, one, one)
+    assert row["structure_fd"] is None and row["structure_precision"] is None and row["num_slices"] == 1
+    assert row["memorisation"] == 1 and row["histogram"] > 0
+    assert score(train, other, other)["structure_fd"] > 0

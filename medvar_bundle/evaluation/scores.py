@@ -105,23 +105,26 @@ def score(train: SliceSet, heldout: SliceSet, fake: SliceSet) -> dict:
         store's structure network; precision / recall None for sets of ``k`` slices or fewer);
         ``fid``, ``kid``, ``kid_std`` (InceptionV3), ``radfid`` (RadImageNet), ``cmmd`` (CLIP);
         ``histogram`` (8-bit levels), ``power_spectrum`` (decades), ``ms_ssim``, ``memorisation``
-        (see :mod:`medvar_bundle.metrics`).
+        (see :mod:`medvar_bundle.metrics`). Fréchet distances (and KID) are None for a single slice.
     """
     ref, gen = train.features, fake.features
     row: dict = {"num_slices": len(fake.slices), "fid": None, "kid": None, "kid_std": None}
     row["structure_fd"] = row["structure_precision"] = row["structure_recall"] = None
-    if "structure" in ref:
+    several = len(fake.slices) >= 2  # a Fréchet distance needs two slices for a covariance
+    if "structure" in ref and several:
         row["structure_fd"] = frechet_distance_from_features(ref["structure"], gen["structure"])
         if min(len(ref["structure"]), len(gen["structure"])) > PRECISION_RECALL_K:
             row["structure_precision"], row["structure_recall"] = knn_precision_recall(
                 ref["structure"], gen["structure"], PRECISION_RECALL_K
             )
-    if "inception" in ref:
+    if "inception" in ref and several:
         row["fid"] = frechet_distance_from_features(ref["inception"], gen["inception"])
         size = min(1000, len(train.slices), len(fake.slices))
         row["kid"], row["kid_std"] = kid(ref["inception"], gen["inception"], subset_size=size)
     row["radfid"] = (
-        frechet_distance_from_features(ref["radimagenet"], gen["radimagenet"]) if "radimagenet" in ref else None
+        frechet_distance_from_features(ref["radimagenet"], gen["radimagenet"])
+        if "radimagenet" in ref and several
+        else None
     )
     row["cmmd"] = cmmd(ref["clip"], gen["clip"]) if "clip" in ref else None
     row["histogram"] = histogram_distance(train.slices, fake.slices)
