@@ -39,6 +39,7 @@ Sample folders have ``medvar generate``'s layout: ``NAME.nii.gz``, ``NAME.png`` 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import time
@@ -93,9 +94,10 @@ def train_to_budgets(args: argparse.Namespace, out: Path) -> dict[float, dict[st
             start = time.perf_counter()
             overrides = {**common, **extra, "output_dir": str(run_dir), "max_seconds": 60 * (minutes - previous)}
             run_config(config, "train", overrides)
-            blob = torch.load(run_dir / file_name, map_location="cpu", weights_only=True)
-            atomic_write_bytes(folder / file_name, (run_dir / file_name).read_bytes())
-            record[name] = {"steps": int(blob["step"]), "seconds": time.perf_counter() - start}
+            data = (run_dir / file_name).read_bytes()  # read once: copied, and its step recorded
+            atomic_write_bytes(folder / file_name, data)
+            step = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)["step"]
+            record[name] = {"steps": int(step), "seconds": time.perf_counter() - start}
             atomic_write_json(record_file, record)
         points[minutes] = {name: folder / file_name for name, (_, file_name, _) in runs.items()}
         previous = minutes

@@ -213,8 +213,8 @@ class TokenizerIteration:
     re-drawn from the learned (whole-slice) features, then every ``dead_code_every`` steps the dead
     ones are. The first ``quantized_crop_steps`` quantized steps train on the cropper's crops too,
     each quantized with the crop's own scale schedule (a 128² crop of a 256² slice: 7 scales of
-    sides 1–8, see :meth:`~medvar_bundle.networks.quantizer.MultiScaleQuantizer.schedule`), at a
-    quarter of a whole slice's cost; the steps after them see whole slices.
+    sides 1–8, see :meth:`~medvar_bundle.networks.quantizer.MultiScaleQuantizer.schedule`), at about
+    40 % of a whole slice's cost; the steps after them see whole slices.
     Every step first seeds torch's generator and the cropper from ``(seed, step, rank)``
     (:func:`~medvar_bundle.engines.common.reseed`), so a resumed run draws what an uninterrupted one did.
 

@@ -266,11 +266,17 @@ class MultiScaleVQVAE(nn.Module):
 
     # ---- image <-> latent ------------------------------------------------------------------
 
-    def encode_features(self, x: Tensor) -> Tensor:
-        """Continuous encoder features f: images (B, 1, S, S) in [-1, 1] -> (B, C, H, W)."""
-        S = self.image_size
-        if x.dim() != 4 or tuple(x.shape[1:]) != (IN_CHANNELS, S, S):
-            raise ValueError(f"expected images (B, {IN_CHANNELS}, {S}, {S}) in [-1, 1], got {tuple(x.shape)}")
+    def encode_features(self, x: Tensor, crops: bool = False) -> Tensor:
+        """Continuous encoder features f: images (B, 1, S, S) in [-1, 1] -> (B, C, H, W); with
+        ``crops``, also square crops (B, 1, s, s), s < S a multiple of the downsampling factor."""
+        S, s, factor = self.image_size, x.shape[-1], self.image_size // self.patch_nums[-1]
+        allowed = s == S or (crops and s < S and s % factor == 0)
+        if x.dim() != 4 or tuple(x.shape[1:]) != (IN_CHANNELS, s, s) or not allowed:
+            raise ValueError(
+                f"expected images (B, {IN_CHANNELS}, {S}, {S})"
+                + (f" or crops (B, {IN_CHANNELS}, s, s) with s < {S} a multiple of {factor}" if crops else "")
+                + f" in [-1, 1], got {tuple(x.shape)}"
+            )
         return self.encoder(x)
 
     def fhat_to_image(self, f_hat: Tensor) -> Tensor:
@@ -291,13 +297,7 @@ class MultiScaleVQVAE(nn.Module):
             loss}``. Pixel/perceptual losses are the caller's; codebook usage of this batch is in
             ``self.quantizer.usage_stats()``.
         """
-        S, s, factor = self.image_size, x.shape[-1], self.image_size // self.patch_nums[-1]
-        if x.dim() != 4 or tuple(x.shape[1:]) != (IN_CHANNELS, s, s) or s > S or s % factor:
-            raise ValueError(
-                f"expected images (B, {IN_CHANNELS}, s, s) in [-1, 1] with s <= {S} a multiple of {factor}, "
-                f"got {tuple(x.shape)}"
-            )
-        quant = self.quantizer(self.encoder(x))
+        quant = self.quantizer(self.encode_features(x, crops=True))
         return self.decoder(quant.f_hat), {"vq": quant.vq_loss}
 
     # ---- images <-> tokens -----------------------------------------------------------------
