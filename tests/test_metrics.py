@@ -150,6 +150,20 @@ def test_ms_ssim_diversity_of_two_flat_slices_is_the_luminance_term():
     assert ms_ssim_diversity(flat, pairs=4) == pytest.approx((c1 / (1 + c1)) ** 0.1333, abs=1e-4)
 
 
+def test_ms_ssim_diversity_scores_each_distinct_pair_once():
+    """Three slices, two of them identical flat 0 and one flat 255: the unordered pairs are one
+    identical pair (MS-SSIM 1) and two 0-vs-255 pairs (the luminance term l^0.1333 of the test
+    above), so the exact mean is (1 + 2·l^0.1333) / 3 — whatever ``pairs`` is, once it is ≥ 3.
+    With ``pairs=1`` one of the three pairs is scored, so the result is one of the two values."""
+    zero, full = np.zeros((256, 256), np.uint8), np.full((256, 256), 255, np.uint8)
+    stack = np.stack([zero, zero, full])
+    far = (0.01**2 / (1 + 0.01**2)) ** 0.1333
+    for pairs in (3, 1000):
+        assert ms_ssim_diversity(stack, pairs=pairs) == pytest.approx((1 + 2 * far) / 3, abs=1e-4)
+    singles = {round(ms_ssim_diversity(stack, pairs=1, seed=seed), 4) for seed in range(8)}
+    assert singles <= {1.0, round(far, 4)}
+
+
 def test_histogram_distance_is_the_wasserstein_1_distance_in_levels():
     """Known W1 distances in 8-bit levels: flat sets of levels 30 and 200 are 170 apart; a set
     brightened by 10 levels (no clipping) is 10 away; a flat set of level 20 (3 slices) and one slice

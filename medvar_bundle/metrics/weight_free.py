@@ -24,17 +24,21 @@ def _unit_batch(slices: np.ndarray) -> torch.Tensor:
 
 
 def ms_ssim_diversity(images: ArrayLike, pairs: int = 1000, seed: int = 0, batch_size: int = 32) -> float:
-    """Mean MS-SSIM over random pairs of distinct slices of one set; lower = more diverse.
+    """Mean MS-SSIM over pairs of distinct slices of one set; lower = more diverse.
 
     The standard MS-SSIM (Wang et al. 2003, torchmetrics): 5 scales with weights
     (0.0448, 0.2856, 0.3001, 0.2363, 0.1333), an 11×11 Gaussian window with σ = 1.5, data range 1,
     negative similarities clipped to 0. At 256² the coarsest scale is 16², which holds the window;
     slices of 160 pixels or less are refused (torchmetrics raises ValueError).
 
+    Every unordered pair ``{i, j}``, ``i ≠ j``, counts once: a set of N slices has N(N−1)/2 of
+    them, all used when that is at most ``pairs`` (16 samples: 120 pairs, the exact mean), else
+    ``pairs`` of them drawn without replacement. MS-SSIM is symmetric, so no pair is scored twice.
+
     Args:
         images: uint8 ``(N, S, S)``, N ≥ 2.
-        pairs: number of random pairs ``(i, j)``, ``i ≠ j`` (drawn with replacement).
-        seed: seed of the pairs.
+        pairs: the most pairs scored.
+        seed: seed of the draw when there are more pairs than ``pairs``.
         batch_size: pairs per MS-SSIM call.
 
     Returns:
@@ -44,9 +48,10 @@ def ms_ssim_diversity(images: ArrayLike, pairs: int = 1000, seed: int = 0, batch
     n = x.shape[0]
     if n < 2:
         raise ValueError("MS-SSIM diversity needs at least two slices")
-    rng = np.random.default_rng(seed)
-    first = rng.integers(0, n, pairs)
-    second = (first + rng.integers(1, n, pairs)) % n
+    first, second = np.triu_indices(n, k=1)
+    if len(first) > pairs:
+        chosen = np.sort(np.random.default_rng(seed).choice(len(first), pairs, replace=False))
+        first, second = first[chosen], second[chosen]
     scores = [
         multiscale_structural_similarity_index_measure(
             _unit_batch(x[first[s : s + batch_size]]),
@@ -54,7 +59,7 @@ def ms_ssim_diversity(images: ArrayLike, pairs: int = 1000, seed: int = 0, batch
             data_range=1.0,
             reduction="none",
         )
-        for s in range(0, pairs, batch_size)
+        for s in range(0, len(first), batch_size)
     ]
     return float(torch.cat(scores).mean())
 
