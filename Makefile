@@ -16,7 +16,10 @@ SAMPLES ?= 16
 # compare: MedVAR and the DDPM baseline trained through these cumulative wall-clock budgets (minutes),
 # sampled and scored at each: the quality-vs-training-time curve (docs/evaluation.md)
 COMPARE_MINUTES ?= 5 15 30
+COMPARE_NUM ?= 32
 DDPM_STEPS ?= 10 20 30 50 100
+DDPM_NUM ?= 2
+DDPM_MINUTES ?= 40
 
 .PHONY: install demo test bench compare bundle clean-demo
 
@@ -59,7 +62,8 @@ bench: install
 
 compare: install
 	$(BIN)/python scripts/compare.py --store $(DEMO)/store --tokenizer $(DEMO)/tokenizer/tokenizer.pt --out $(DEMO)/compare \
-		--minutes $(COMPARE_MINUTES) --ddpm-steps $(DDPM_STEPS)
+		--minutes $(COMPARE_MINUTES) --num $(COMPARE_NUM) --ddpm-steps $(DDPM_STEPS) --ddpm-num $(DDPM_NUM) \
+		--ddpm-minutes $(DDPM_MINUTES)
 
 # the model-zoo zip (configs, models, docs, LICENSE, large_files.yml, package code); MODELS=DIR adds its weights
 bundle: install

@@ -20,7 +20,9 @@ Needs the store prepared and tokenized, its structure network trained and the to
    first): ``--ddpm-num`` slices per dataset
    from one N-step chain over all datasets' slices. DDPM sampling is slow on CPU: a step count whose
    estimated time (from the previous chain's time per step) would overrun ``--ddpm-minutes`` is
-   skipped and reported.
+   skipped and reported. ``OUT/samples/Mmin/medvar-first/`` holds MedVAR's first ``--ddpm-num``
+   slices per dataset: a Fréchet distance grows as its set shrinks, so MedVAR is also scored at
+   the DDPM's sample count.
 4. ``OUT/evaluation/``: :func:`~medvar_bundle.evaluation.evaluate_generation` of every sample folder
    against the store (methods labelled ``MedVAR-tiny M min``, ``DDPM-tiny(N) M min``).
 5. ``OUT/curve.png`` (the efficiency's quality metric, the structure FD when the store has a
@@ -117,6 +119,21 @@ def sample_medvar(model: Path, folder: Path, args: argparse.Namespace) -> Path:
         logger.info("MedVAR samples already in %s", folder)
         return folder
     generate(model, None, args.num, folder, seed=args.seed, device=args.device)
+    return folder
+
+
+def first_slices(source: Path, num: int, folder: Path, registry: dict) -> Path:
+    """The first ``num`` slices of every stack of the sample folder ``source``, written into
+    ``folder`` (with ``source``'s summary): MedVAR at the DDPM's sample count, so that Fréchet
+    distances, which grow as a set shrinks, are also compared at equal numbers of slices."""
+    from medvar_bundle.io import read_generated
+
+    if (folder / "summary.json").is_file():
+        return folder
+    for stack in sorted(source.glob("*.nii.gz")):
+        name = stack.name.removesuffix(".nii.gz")
+        write_slice_stack(read_generated(stack, registry[name])[:num], registry[name], folder / stack.name)
+    atomic_write_bytes(folder / "summary.json", (source / "summary.json").read_bytes())
     return folder
 
 
@@ -309,7 +326,8 @@ def main() -> int:
     methods: dict[str, dict[float, str]] = {}
     for minutes, files in points.items():
         samples = out / "samples" / _label(minutes)
-        folders.append(sample_medvar(files["medvar"], samples / "medvar", args))
+        medvar = sample_medvar(files["medvar"], samples / "medvar", args)
+        folders.append(medvar)
         labels.append(f"MedVAR-tiny {minutes:g} min")
         methods.setdefault("MedVAR-tiny", {})[minutes] = labels[-1]
         if minutes != max(points):  # DDPM samples at the last budget only: a 256² chain costs minutes per slice
@@ -321,6 +339,10 @@ def main() -> int:
             labels.append(f"DDPM-tiny({steps}) {minutes:g} min")
             methods.setdefault(f"DDPM-tiny({steps})", {})[minutes] = labels[-1]
         skipped += [f"{steps} steps at {minutes:g} min" for steps in missed]
+        if ddpm:
+            registry = json.loads((Path(args.store) / "datasets.json").read_text())
+            folders.append(first_slices(medvar, args.ddpm_num, samples / "medvar-first", registry))
+            labels.append(f"MedVAR-tiny {minutes:g} min, first {args.ddpm_num}")
     report = evaluate(args.store, folders, labels, out / "evaluation", args.device)
     figures = curve_figures(report, methods)
     atomic_write_json(out / "curve.json", figures)

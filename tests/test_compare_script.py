@@ -1,0 +1,47 @@
+"""scripts/compare.py: MedVAR's samples cut to the DDPM's count keep their first slices exactly."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medvar_bundle.io import read_generated, write_slice_stack
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "compare.py"
+REGISTRY = {
+    "chest_ct": {"id": 0, "modality": "CT", "spacing": [0.7, 0.7, 2.5], "matrix": [512, 512, 133], "ct_window": [-400, 1500]},
+    "leg_mr": {"id": 1, "modality": "MR", "spacing": [1.95, 1.95, 2.0], "matrix": [256, 104, 150], "ct_window": None},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def compare():
+    spec = importlib.util.spec_from_file_location("compare_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_help():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--ddpm-num" in out.stdout and "medvar-first" in out.stdout
+
+
+def test_first_slices_keeps_the_first_num_slices_of_every_stack(compare, tmp_path):
+    rng = np.random.default_rng(0)
+    source = tmp_path / "medvar"
+    stacks = {name: rng.integers(0, 256, (5, 32, 32), dtype=np.uint8) for name in REGISTRY}
+    for name, stack in stacks.items():
+        write_slice_stack(stack, REGISTRY[name], source / f"{name}.nii.gz")
+    (source / "summary.json").write_text(json.dumps({"parameters": 7, "datasets": {}}))
+    out = compare.first_slices(source, 2, tmp_path / "first", REGISTRY)
+    for name, stack in stacks.items():
+        np.testing.assert_array_equal(read_generated(out / f"{name}.nii.gz", REGISTRY[name]), stack[:2])
+    assert json.loads((out / "summary.json").read_text())["parameters"] == 7
