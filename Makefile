@@ -63,7 +63,7 @@ bench: install
 compare: install
 	$(BIN)/python scripts/compare.py --store $(DEMO)/store --tokenizer $(DEMO)/tokenizer/tokenizer.pt --out $(DEMO)/compare \
 		--minutes $(COMPARE_MINUTES) --num $(COMPARE_NUM) --ddpm-steps $(DDPM_STEPS) --ddpm-num $(DDPM_NUM) \
-		--ddpm-minutes $(DDPM_MINUTES)
+		--ddpm-minutes $(DDPM_MINUTES) --parallel
 
 # the model-zoo zip (configs, models, docs, LICENSE, large_files.yml, package code); MODELS=DIR adds its weights
 bundle: install

@@ -13,7 +13,9 @@ Needs the store prepared and tokenized, its structure network trained and the to
    at each budget's end, on at most 64 slices. The model files at each budget are copied to
    ``OUT/points/Mmin/`` with ``training.json`` (optimizer steps, seconds each run took). A run
    killed mid-way resumes from its last checkpoint with the budget's whole time again, so that
-   point gets more training than its label says (``training.json`` shows it).
+   point gets more training than its label says (``training.json`` shows it). With ``--parallel``
+   the two train at the same time, one process each (``make compare`` does: on 2 cores each
+   budget is then minutes of one core for each model).
 2. ``OUT/samples/Mmin/medvar/``: ``--num`` MedVAR slices per dataset
    (:func:`~medvar_bundle.inference.generate`).
 3. ``OUT/samples/Mmin/ddpm-N/`` at the last budget, for each N of ``--ddpm-steps`` (the largest
@@ -44,7 +46,10 @@ import argparse
 import io
 import json
 import logging
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +76,16 @@ def _label(minutes: float) -> str:
     return f"{minutes:g}min"
 
 
+def _train(config: str, overrides: dict, threads: int) -> float:
+    """One training run of ``configs/<config>.yaml`` on ``threads`` torch threads (0: torch's
+    choice); returns its wall-clock seconds. A top-level function, so a spawned process can run it."""
+    if threads:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    run_config(config, "train", overrides)
+    return time.perf_counter() - start
+
+
 def train_to_budgets(args: argparse.Namespace, out: Path) -> dict[float, dict[str, Path]]:
     """Train MedVAR and the DDPM baseline through every budget of ``args.minutes``; for each budget
     the copies of both model files in ``OUT/points/Mmin/`` (``{"medvar": ..., "ddpm": ...}``)."""
@@ -88,18 +103,26 @@ def train_to_budgets(args: argparse.Namespace, out: Path) -> dict[float, dict[st
         folder = out / "points" / _label(minutes)
         record_file = folder / "training.json"
         record = json.loads(record_file.read_text()) if record_file.is_file() else {}
-        for name, (config, file_name, extra) in runs.items():
-            if name in record:
-                logger.info("%s already trained to %g min: %s", name, minutes, folder / file_name)
-                continue
-            run_dir = out / name
-            start = time.perf_counter()
-            overrides = {**common, **extra, "output_dir": str(run_dir), "max_seconds": 60 * (minutes - previous)}
-            run_config(config, "train", overrides)
-            data = (run_dir / file_name).read_bytes()  # read once: copied, and its step recorded
-            atomic_write_bytes(folder / file_name, data)
+        todo = {name: run for name, run in runs.items() if name not in record}
+        for name in runs.keys() - todo.keys():
+            logger.info("%s already trained to %g min: %s", name, minutes, folder / runs[name][1])
+        jobs = {
+            name: (config, {**common, **extra, "output_dir": str(out / name), "max_seconds": 60 * (minutes - previous)})
+            for name, (config, _, extra) in todo.items()
+        }
+        if args.parallel and len(jobs) > 1:
+            threads = args.threads or max(1, (os.cpu_count() or 2) // len(jobs))
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(len(jobs), mp_context=context) as pool:
+                futures = {name: pool.submit(_train, *job, threads) for name, job in jobs.items()}
+                seconds = {name: future.result() for name, future in futures.items()}
+        else:
+            seconds = {name: _train(*job, args.threads) for name, job in jobs.items()}
+        for name in jobs:
+            data = (out / name / runs[name][1]).read_bytes()  # read once: copied, and its step recorded
+            atomic_write_bytes(folder / runs[name][1], data)
             step = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)["step"]
-            record[name] = {"steps": int(step), "seconds": time.perf_counter() - start}
+            record[name] = {"steps": int(step), "seconds": seconds[name]}
             atomic_write_json(record_file, record)
         points[minutes] = {name: folder / file_name for name, (_, file_name, _) in runs.items()}
         previous = minutes
@@ -308,6 +331,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ddpm-steps", type=int, nargs="+", default=[10, 20, 30, 50, 100], help="DDPM step counts")
     parser.add_argument("--ddpm-minutes", type=float, default=10.0, help="time limit of all DDPM sampling (default 10)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's choice)")
+    parser.add_argument(
+        "--parallel",
+        action="store_true",
+        help="train MedVAR and the DDPM at the same time, one process each (each on --threads threads, "
+        "default half the cores): each budget is then wall-clock minutes of each on its share of the machine",
+    )
     parser.add_argument("--ddpm-sampler", choices=["ddpm", "ddim"], default="ddpm", help="DDPM sampler (default ddpm)")
     parser.add_argument("--ddpm-cfg", type=float, default=2.0, help="DDPM classifier-free guidance (default 2)")
     parser.add_argument("--device", default="cpu")
