@@ -15,10 +15,9 @@ from medvar_bundle.io import read_generated, write_slice_stack
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "compare.py"
-REGISTRY = {
-    "chest_ct": {"id": 0, "modality": "CT", "spacing": [0.7, 0.7, 2.5], "matrix": [512, 512, 133], "ct_window": [-400, 1500]},
-    "leg_mr": {"id": 1, "modality": "MR", "spacing": [1.95, 1.95, 2.0], "matrix": [256, 104, 150], "ct_window": None},
-}  # fmt: skip
+CHEST = {"id": 0, "modality": "CT", "spacing": [0.7, 0.7, 2.5], "matrix": [512, 512, 133], "ct_window": [-400, 1500]}
+LEG = {"id": 1, "modality": "MR", "spacing": [1.95, 1.95, 2.0], "matrix": [256, 104, 150], "ct_window": None}
+REGISTRY = {"chest_ct": CHEST, "leg_mr": LEG}
 
 
 @pytest.fixture(scope="module")
