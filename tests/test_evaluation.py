@@ -188,14 +188,17 @@ def test_bundle_config_runs_the_same_function(synthetic_store, heldout_folder, t
 
 
 def test_a_single_held_out_or_generated_slice_gets_no_frechet_distance_instead_of_a_crash():
-    """The demo's held-out head CT is one slice: its floor row must not stop the whole report."""
-    from medvar_bundle.evaluation.scores import SliceSet, score
+    """The demo's held-out head CT is one slice: its floor row must not stop the whole report. The
+    slices are large enough for MS-SSIM (which needs a pair: None for one slice, a value for two)."""
+    from medvar_bundle.evaluation.scores import MS_SSIM_MIN_SIDE, SliceSet, score
 
     rng = np.random.default_rng(0)
-    train = SliceSet(rng.integers(0, 256, (8, 64, 64), dtype=np.uint8), {"structure": rng.normal(size=(8, 4))})
-    other = SliceSet(rng.integers(0, 256, (2, 64, 64), dtype=np.uint8), {"structure": rng.normal(size=(2, 4))})
+    side = MS_SSIM_MIN_SIDE
+    train = SliceSet(rng.integers(0, 256, (8, side, side), dtype=np.uint8), {"structure": rng.normal(size=(8, 4))})
+    other = SliceSet(rng.integers(0, 256, (2, side, side), dtype=np.uint8), {"structure": rng.normal(size=(2, 4))})
     one = SliceSet(other.slices[:1], {"structure": other.features["structure"][:1]})
     row = score(train, one, one)
     assert row["structure_fd"] is None and row["structure_precision"] is None and row["num_slices"] == 1
-    assert row["memorisation"] == 1 and row["histogram"] > 0
-    assert score(train, other, other)["structure_fd"] > 0
+    assert row["ms_ssim"] is None and row["memorisation"] == 1 and row["histogram"] > 0
+    two = score(train, other, other)
+    assert two["structure_fd"] > 0 and 0 < two["ms_ssim"] < 1

@@ -56,8 +56,8 @@ EXTRACTORS = {
 }
 """Extractor name → (loader, the metrics it enables)."""
 
-MS_SSIM_MIN_SIDE = 161
-"""MS-SSIM's 5 scales with an 11-pixel window need slices larger than 160 pixels."""
+MS_SSIM_MIN_SIDE = 176
+"""MS-SSIM's 5 scales with an 11-pixel window: torchmetrics needs side // 16 > 10, so 176 pixels."""
 
 AVERAGED = (
     "structure_fd", "structure_precision", "structure_recall", "fid", "kid", "kid_std", "radfid", "cmmd",
@@ -96,7 +96,7 @@ def score(train: SliceSet, heldout: SliceSet, fake: SliceSet) -> dict:
     """Every metric of ``fake`` against the training reference of one dataset.
 
     Feature metrics are None when their extractor is not loaded; ``ms_ssim`` (the diversity of
-    ``fake`` itself) is None for slices of 160 pixels or less. With ``fake = heldout`` this is the
+    ``fake`` itself) is None for slices under 176 pixels and for a single slice. With ``fake = heldout`` this is the
     real-vs-real floor (its ``memorisation`` is 1 by definition and its ``ms_ssim`` the diversity
     of real slices).
 
@@ -129,7 +129,7 @@ def score(train: SliceSet, heldout: SliceSet, fake: SliceSet) -> dict:
     row["cmmd"] = cmmd(ref["clip"], gen["clip"]) if "clip" in ref else None
     row["histogram"] = histogram_distance(train.slices, fake.slices)
     row["power_spectrum"] = power_spectrum_distance(train.slices, fake.slices)
-    row["ms_ssim"] = ms_ssim_diversity(fake.slices) if fake.slices.shape[-1] >= MS_SSIM_MIN_SIDE else None
+    row["ms_ssim"] = ms_ssim_diversity(fake.slices) if several and fake.slices.shape[-1] >= MS_SSIM_MIN_SIDE else None
     row["memorisation"] = memorisation_ratio(fake.slices, train.slices, heldout.slices)
     return row
 
