@@ -227,9 +227,16 @@ def sample_ddpm_all(baseline: Path, samples: Path, args: argparse.Namespace) -> 
 
 
 def evaluate(store: str, folders: list[Path], labels: list[str], out: Path, device: str) -> dict:
-    """Score every sample folder against the store (the evaluation package is imported only here)."""
+    """Score every sample folder against the store (the evaluation package is imported only here);
+    a report already in ``out`` that scored the same folders under the same labels is reused."""
     from medvar_bundle.evaluation import evaluate_generation
 
+    done = out / "report.json"
+    if done.is_file():
+        report = json.loads(done.read_text())
+        if report.get("methods") == {label: str(folder) for label, folder in zip(labels, folders)}:
+            logger.info("evaluation already in %s", out)
+            return report
     return evaluate_generation(store, [str(f) for f in folders], str(out), labels=labels, device=device)
 
 
@@ -271,7 +278,8 @@ def plot_curve(figures: dict, path: Path) -> Path:
             points = [(float(m), v[name]) for m, v in by.items() if v[name] is not None]
             if points:
                 ax.plot(*zip(*points), marker="o", label=method)
-        ax.axhline(figures["floor"][name], color="grey", linestyle="--", linewidth=1, label="real floor")
+        if figures["floor"][name] is not None:  # None: fewer than two held-out slices
+            ax.axhline(figures["floor"][name], color="grey", linestyle="--", linewidth=1, label="real floor")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("training minutes", fontsize=8)
         ax.set_ylabel(figures["metric"], fontsize=8)
