@@ -293,14 +293,13 @@ def plot_curve(figures: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def curve_grid(store: str, columns: list[tuple[str, Path]], path: Path, per_column: int = 2) -> Path:
+def curve_grid(store: str, registry: dict, columns: list[tuple[str, Path]], path: Path, per_column: int = 2) -> Path:
     """Per dataset, ``per_column`` held-out real slices then ``per_column`` slices of each
     ``(title, sample folder)``; the titles go into the figure's title, in column order."""
     from medvar_bundle.io import read_generated
     from medvar_bundle.metrics.slices import store_slices
     from medvar_bundle.visualize import save_grid
 
-    registry = json.loads((Path(store) / "datasets.json").read_text())
     rows, titles = [], []
     for name in sorted(registry, key=lambda n: registry[n]["id"]):
         sets = [store_slices(store, "validation", name, per_column, seed=0)]
@@ -359,6 +358,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     points = train_to_budgets(args, out)
+    registry = json.loads((Path(args.store) / "datasets.json").read_text())
     folders, labels, skipped = [], [], []
     methods: dict[str, dict[float, str]] = {}
     for minutes, files in points.items():
@@ -377,7 +377,6 @@ def main() -> int:
             methods.setdefault(f"DDPM-tiny({steps})", {})[minutes] = labels[-1]
         skipped += [f"{steps} steps at {minutes:g} min" for steps in missed]
         if ddpm:
-            registry = json.loads((Path(args.store) / "datasets.json").read_text())
             folders.append(first_slices(medvar, args.ddpm_num, samples / "medvar-first", registry))
             labels.append(f"MedVAR-tiny {minutes:g} min, first {args.ddpm_num}")
     report = evaluate(args.store, folders, labels, out / "evaluation", args.device)
@@ -390,7 +389,7 @@ def main() -> int:
     ]
     columns = [(f"MedVAR {m:g} min", out / "samples" / _label(m) / "medvar") for m in points]
     columns += [(f"DDPM-{ddpm_last[-1].name.removeprefix('ddpm-')} {last:g} min", ddpm_last[-1])] if ddpm_last else []
-    curve_grid(args.store, columns, out / "curve_grid.png")
+    curve_grid(args.store, registry, columns, out / "curve_grid.png")
     print(
         f"compare: samples in {out / 'samples'}; report {out / 'evaluation' / 'report.md'}; curve {out / 'curve.png'}"
     )
