@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import lpips
@@ -203,7 +204,9 @@ def load_lpips(
     if net not in BACKBONES:
         raise ValueError(f"LPIPS backbone must be one of {sorted(BACKBONES)}, got {net!r}")
     cache = Path(archive_dir) if archive_dir else default_wheel_dir()
-    model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)  # linear heads load from the package
+    with warnings.catch_warnings():  # lpips builds the trunk with torchvision's deprecated pretrained=False
+        warnings.filterwarnings("ignore", message=".*(pretrained|weights).*deprecated", category=UserWarning)
+        model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)  # linear heads load from the package
     model.net.load_state_dict(_backbone_state(net, model, backbone_path, allow_download, cache))
     model.eval().requires_grad_(False)
     return model

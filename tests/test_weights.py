@@ -1,6 +1,7 @@
 """Pretrained-weight resolution and the offline LPIPS path, with random weights saved here."""
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ def test_lpips_loads_a_configured_backbone_file(tmp_path, offline_hub):
     weights = torchvision.models.alexnet(weights=None).state_dict()
     path = tmp_path / "my_alexnet.pth"
     torch.save(weights, path)
-    model = load_lpips("alex", backbone_path=path)
+    with warnings.catch_warnings():  # lpips' own construction warns through torchvision; the user sees none of it
+        warnings.simplefilter("error")
+        model = load_lpips("alex", backbone_path=path)
     torch.testing.assert_close(getattr(model.net.slice1, "0").weight, weights["features.0.weight"])
     torch.testing.assert_close(getattr(model.net.slice5, "10").bias, weights["features.10.bias"])
     assert not any(p.requires_grad for p in model.parameters())
