@@ -24,6 +24,7 @@ import numpy as np
 from medvar_bundle.data.store import SPLITS, SliceStore
 from medvar_bundle.io import GeneratedFolder, check_writable, read_generated, read_generated_folder
 from medvar_bundle.metrics import (
+    MS_SSIM_MIN_SIDE,
     FeatureExtractor,
     cmmd,
     efficiency,
@@ -55,9 +56,6 @@ EXTRACTORS = {
     "clip": (load_clip, "CMMD"),
 }
 """Extractor name → (loader, the metrics it enables)."""
-
-MS_SSIM_MIN_SIDE = 176
-"""MS-SSIM's 5 scales with an 11-pixel window: torchmetrics needs side // 16 > 10, so 176 pixels."""
 
 AVERAGED = (
     "structure_fd", "structure_precision", "structure_recall", "fid", "kid", "kid_std", "radfid", "cmmd",
@@ -96,9 +94,9 @@ def score(train: SliceSet, heldout: SliceSet, fake: SliceSet) -> dict:
     """Every metric of ``fake`` against the training reference of one dataset.
 
     Feature metrics are None when their extractor is not loaded; ``ms_ssim`` (the diversity of
-    ``fake`` itself) is None for slices under 176 pixels and for a single slice. With ``fake = heldout`` this is the
-    real-vs-real floor (its ``memorisation`` is 1 by definition and its ``ms_ssim`` the diversity
-    of real slices).
+    ``fake`` itself) is None for slices under ``MS_SSIM_MIN_SIDE`` pixels and for a single slice.
+    With ``fake = heldout`` this is the real-vs-real floor (its ``memorisation`` is 1 by definition
+    and its ``ms_ssim`` the diversity of real slices).
 
     Returns:
         ``num_slices``; ``structure_fd``, ``structure_precision``, ``structure_recall`` (the

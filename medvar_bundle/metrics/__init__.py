@@ -23,6 +23,7 @@ from .extractors import FeatureExtractor, load_clip, load_inception, load_radima
 from .slices import real_vs_real_floor, store_slices
 from .structure import STRUCTURE_FILE, StructureNet, load_structure_net
 from .weight_free import (
+    MS_SSIM_MIN_SIDE,
     histogram_distance,
     memorisation_ratio,
     ms_ssim_diversity,
@@ -31,6 +32,7 @@ from .weight_free import (
 )
 
 __all__ = [
+    "MS_SSIM_MIN_SIDE",
     "STRUCTURE_FILE",
     "FeatureExtractor",
     "StructureNet",

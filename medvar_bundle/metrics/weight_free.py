@@ -17,6 +17,10 @@ from .slices import as_slices
 
 _LEVELS = np.arange(256)
 
+MS_SSIM_MIN_SIDE = 2**4 * 11
+"""Smallest slice side MS-SSIM accepts: after its 4 halvings the 11-pixel window must still fit
+(torchmetrics needs side // 16 > 10), so 176 pixels."""
+
 
 def _unit_batch(slices: np.ndarray) -> torch.Tensor:
     """uint8 ``(B, H, W)`` → float32 ``(B, 1, H, W)`` in [0, 1]."""
@@ -29,7 +33,7 @@ def ms_ssim_diversity(images: ArrayLike, pairs: int = 1000, seed: int = 0, batch
     The standard MS-SSIM (Wang et al. 2003, torchmetrics): 5 scales with weights
     (0.0448, 0.2856, 0.3001, 0.2363, 0.1333), an 11×11 Gaussian window with σ = 1.5, data range 1,
     negative similarities clipped to 0. At 256² the coarsest scale is 16², which holds the window;
-    slices under 176 pixels are refused (torchmetrics raises ValueError: it needs side // 16 > 10).
+    slices under :data:`MS_SSIM_MIN_SIDE` pixels are refused (torchmetrics raises ValueError).
 
     Every unordered pair ``{i, j}``, ``i ≠ j``, counts once: a set of N slices has N(N−1)/2 of
     them, all used when that is at most ``pairs`` (16 samples: 120 pairs, the exact mean), else
