@@ -37,7 +37,6 @@ demo: install
 	$(BIN)/medvar demo-data --out $(DEMO)/data
 	$(BIN)/medvar prepare --datalist $(DEMO)/data/datalist.json --out $(DEMO)/store --workers $(WORKERS)
 	$(BIN)/medvar preview --store $(DEMO)/store --out $(DEMO)/store_preview.png
-	$(BIN)/medvar train-structure --store $(DEMO)/store --quiet
 	$(BIN)/medvar train-tokenizer --store $(DEMO)/store --out $(DEMO)/tokenizer --max-steps $(TOKENIZER_STEPS) \
 		--batch-size 4 --lr 1e-3 --min-lr-ratio 0.05 --augment --ae-warmup $(TOKENIZER_WARMUP) --warmup-crop 128 \
 		--quantized-crop-steps $(TOKENIZER_CROP_STEPS) --dead-code-every 25 --val-every 1200 --checkpoint-every 100
@@ -47,7 +46,7 @@ demo: install
 	$(BIN)/medvar train --store $(DEMO)/store --tokenizer $(DEMO)/tokenizer/tokenizer.pt --out $(DEMO)/transformer \
 		--preset tiny --max-steps $(TRANSFORMER_STEPS) --batch-size 8 --lr 0.096 --warmup 20 --val-every 125 --checkpoint-every 50
 	$(BIN)/medvar generate --model $(DEMO)/transformer/model.pt --num $(SAMPLES) --out $(DEMO)/samples --progression
-	@echo "demo: store $(DEMO)/store (preview $(DEMO)/store_preview.png, structure network $(DEMO)/store/structure.pt);"
+	@echo "demo: store $(DEMO)/store (preview $(DEMO)/store_preview.png);"
 	@echo "      tokenizer $(DEMO)/tokenizer/tokenizer.pt"
 	@echo "      held-out tokenizer metrics $(DEMO)/tokenizer/heldout_metrics.json, pictures in $(DEMO)/tokenizer/validation/"
 	@echo "      model (tokenizer + transformer + dataset registry, all generation needs): $(DEMO)/transformer/model.pt"
@@ -62,7 +61,9 @@ bench: install
 	$(BIN)/python scripts/bench_tokenizer.py
 	$(BIN)/python scripts/bench_sampler.py
 
+# the structure network the comparison scores with (STORE/structure.pt) is trained first when missing
 compare: install
+	test -f $(DEMO)/store/structure.pt || $(BIN)/medvar train-structure --store $(DEMO)/store --quiet
 	$(BIN)/python scripts/compare.py --store $(DEMO)/store --tokenizer $(DEMO)/tokenizer/tokenizer.pt --out $(DEMO)/compare \
 		--minutes $(COMPARE_MINUTES) --num $(COMPARE_NUM) --ddpm-steps $(DDPM_STEPS) --ddpm-num $(DDPM_NUM) \
 		--ddpm-minutes $(DDPM_MINUTES) --parallel

@@ -141,20 +141,16 @@ def _evaluate_tokenizer(args: argparse.Namespace) -> int:
     if len(store) == 0:
         raise UserError(f"{args.store}: no slices{f' in split {args.split}' if args.split else ''}")
 
-    def figures(slices: SliceStore) -> dict:
-        metrics = evaluate_tokenizer(
-            model, slices, args.batch_size, args.device, _bf16(args), args.max_images, progress=not args.quiet
-        )
-        metrics.pop("counts")
-        return metrics
-
-    metrics = figures(store)
-    if args.by_group:
+    groups = None
+    if args.by_group:  # groups without slices in the split are left out of the figures
         from .evaluation.scores import anatomy_groups
 
-        held = [name for name in store.datasets if len(SliceStore(args.store, args.split, [name]))]
-        groups = anatomy_groups(store.datasets, held)
-        metrics["groups"] = {g: figures(SliceStore(args.store, args.split, names)) for g, names in groups.items()}
+        groups = anatomy_groups(store.datasets, list(store.datasets))
+    metrics = evaluate_tokenizer(
+        model, store, args.batch_size, args.device, _bf16(args), args.max_images, not args.quiet, groups
+    )
+    for figures in (metrics, *metrics.get("groups", {}).values()):
+        figures.pop("counts")
     print(json.dumps(metrics))
     return 0
 

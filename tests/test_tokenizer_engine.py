@@ -222,6 +222,28 @@ def test_evaluate_tokenizer_known_psnr_and_usage(synthetic_store, monkeypatch):
     assert metrics["per_scale_usage"] == pytest.approx([1 / 16, 2 / 16])
 
 
+def test_evaluate_tokenizer_groups_match_separate_evaluations(trained, synthetic_store):
+    """One pass scores every group: each group's figures are those of evaluating its datasets alone,
+    and the groups' slices add up to the whole, with batches that straddle the groups."""
+    from medvar_bundle.engines.tokenizer import evaluate_tokenizer
+
+    model = load_tokenizer(trained[1])
+    metrics = evaluate_tokenizer(
+        model, SliceStore(synthetic_store), batch_size=5, bf16=False, groups={"A": ["set0"], "B": ["set1"], "C": []}
+    )
+    assert list(metrics["groups"]) == ["A", "B"]  # a group without slices is left out
+    for name, datasets in (("A", ["set0"]), ("B", ["set1"])):
+        alone = evaluate_tokenizer(model, SliceStore(synthetic_store, datasets=datasets), batch_size=8, bf16=False)
+        group = metrics["groups"][name]
+        assert group["num_images"] == alone["num_images"] == 16
+        assert np.array_equal(group["counts"], alone["counts"])
+        for key in ("psnr", "ssim", "codebook_usage", "perplexity"):
+            assert group[key] == pytest.approx(alone[key], rel=1e-5), key
+    total = metrics["groups"]["A"]["counts"] + metrics["groups"]["B"]["counts"]
+    assert np.array_equal(total, metrics["counts"])
+    assert metrics["psnr"] == pytest.approx(np.mean([metrics["groups"][g]["psnr"] for g in "AB"]), rel=1e-6)
+
+
 def test_multiscale_rows_draw_every_scale_evenly():
     from medvar_bundle.engines.tokenizer import multiscale_rows
 

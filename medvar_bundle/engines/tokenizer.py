@@ -125,17 +125,34 @@ def evaluate_tokenizer(
     bf16: bool = True,
     max_images: int | None = None,
     progress: bool = False,
+    groups: dict[str, Sequence[str]] | None = None,
 ) -> dict:
     """:class:`TokenizerFigures` of ``model`` on the slices of ``store`` (an evenly spaced subset
-    of at most ``max_images`` slices with ``max_images``)."""
+    of at most ``max_images`` slices with ``max_images``).
+
+    ``groups`` (name → dataset names, e.g. the anatomy × modality groups) adds ``"groups"``: the
+    same figures per group, from the same single pass over the slices.
+    """
     order = evenly_spaced(len(store), max_images)
-    figures = TokenizerFigures(model.config["vocab_size"], len(model.patch_nums))
+    vocab, scales = model.config["vocab_size"], len(model.patch_nums)
+    figures = TokenizerFigures(vocab, scales)
+    group_ids = {g: [store.datasets[n]["id"] for n in names] for g, names in (groups or {}).items()}
+    group_figures = {g: TokenizerFigures(vocab, scales) for g in group_ids}
     step = TokenizerEvaluation(bf16)
     engine = SimpleNamespace(network=model, state=SimpleNamespace(device=torch.device(device)))
     for start in tqdm(range(0, len(order), batch_size), disable=not progress, desc="evaluate", unit="batch"):
-        batch = {"image": torch.stack([store[int(i)]["image"] for i in order[start : start + batch_size]])}
-        figures.update(step(engine, batch))
-    return figures.compute()
+        chosen = order[start : start + batch_size]
+        output = step(engine, {"image": torch.stack([store[int(i)]["image"] for i in chosen])})
+        figures.update(output)
+        for g, ids in group_ids.items():
+            rows = torch.from_numpy(np.isin(store.dataset_ids[chosen], ids)).to(output["pred"].device)
+            if rows.any():
+                part = {key: output[key][rows] for key in ("pred", "label")}
+                group_figures[g].update({**part, "indices": [idx[rows] for idx in output["indices"]]})
+    result = figures.compute()
+    if groups is not None:
+        result["groups"] = {g: f.compute() for g, f in group_figures.items() if f.n}
+    return result
 
 
 def save_validation_pictures(

@@ -90,7 +90,10 @@ def teacher_forced_loss(
         inputs = tokenizer.teacher_forcing_input(tokenizer.split_tokens(tokens))
     with autocast(tokens.device, bf16):
         logits = transformer(dataset_id, inputs)
-    return F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none"), logits
+    # rows of V contiguous logits: cross-entropy over the class dim 1 of a (B, V, L) view would copy
+    # the logits and run log-softmax along a strided axis (~7 % of a demo training step on CPU)
+    ce = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none")
+    return ce.view_as(tokens), logits
 
 
 class TokenStats:
