@@ -126,14 +126,28 @@ def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_s
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _cpu_flash_attention_backward_flops(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
 def flop_counter() -> FlopCounterMode:
-    """A silent :class:`FlopCounterMode` that also counts CPU flash attention
-    (``aten._scaled_dot_product_flash_attention_for_cpu``, absent from torch's table)."""
+    """A silent :class:`FlopCounterMode` that also counts CPU flash attention, forward and backward
+    (``aten._scaled_dot_product_flash_attention_for_cpu[_backward]``, absent from torch's table)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    return FlopCounterMode(display=False, custom_mapping={cpu_flash: _cpu_flash_attention_flops})
+    aten = torch.ops.aten
+    return FlopCounterMode(
+        display=False,
+        custom_mapping={
+            aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_attention_backward_flops,
+        },
+    )
 
 
 def _sample_medvar(

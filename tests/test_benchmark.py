@@ -123,6 +123,15 @@ def test_flop_counter_counts_cpu_flash_attention():
     assert counter.get_total_flops() == 2 * (2 * 2 * 4 * 16 * 24 * 8) + 2 * 5 * 7 * 3
 
 
+def test_flop_counter_counts_cpu_flash_attention_backward():
+    """The flash backward of the same attention is five such matmuls: it recomputes S = QKᵀ, then
+    dV = Pᵀ·dO, dP = dO·Vᵀ, dQ = dS·K, dK = dSᵀ·Q. Forward and backward: 7·(2·2·4·16·24·8) FLOPs."""
+    q, k, v = (torch.randn(2, 4, n, 8, requires_grad=True) for n in (16, 24, 24))
+    with benchmark.flop_counter() as counter:
+        F.scaled_dot_product_attention(q, k, v).sum().backward()
+    assert counter.get_total_flops() == 7 * (2 * 2 * 4 * 16 * 24 * 8)
+
+
 def test_bench_command_line(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(
