@@ -38,6 +38,12 @@ from .common import evenly_spaced, reseed, warmup_cosine
 logger = logging.getLogger(__name__)
 
 
+def slice_fidelity(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PSNR (dB) and SSIM per slice ``(B,)`` of reconstructions against originals ``(B, 1, H, W)`` in [0, 1]."""
+    psnr = peak_signal_noise_ratio(pred, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    return psnr, structural_similarity_index_measure(pred, target, data_range=1.0, reduction="none")
+
+
 class TokenizerFigures(Metric):
     """Reconstruction fidelity and codebook health, accumulated over batches (an Ignite metric).
 
@@ -70,14 +76,15 @@ class TokenizerFigures(Metric):
         self.update(self._output_transform(engine.state.output))
 
     def update(self, output: dict) -> None:
-        pred, target = output["pred"], output["label"]
-        for k, idx in enumerate(output["indices"]):
+        self.add(*slice_fidelity(output["pred"], output["label"]), output["indices"])
+
+    def add(self, psnr: torch.Tensor, ssim: torch.Tensor, indices: Sequence[torch.Tensor]) -> None:
+        """Accumulate B slices: their PSNR (dB) and SSIM ``(B,)`` and their K token maps ``(B, n_k, n_k)``."""
+        for k, idx in enumerate(indices):
             self.counts[k] += torch.bincount(idx.flatten().cpu(), minlength=self.vocab_size)
-        psnr = peak_signal_noise_ratio(pred, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
-        ssim = structural_similarity_index_measure(pred, target, data_range=1.0, reduction="none")
         self.psnr_sum += float(psnr.sum())
         self.ssim_sum += float(ssim.sum())
-        self.n += pred.shape[0]
+        self.n += psnr.shape[0]
 
     def compute(self) -> dict:
         total = self.counts.sum(0).double()
@@ -143,12 +150,12 @@ def evaluate_tokenizer(
     for start in tqdm(range(0, len(order), batch_size), disable=not progress, desc="evaluate", unit="batch"):
         chosen = order[start : start + batch_size]
         output = step(engine, {"image": torch.stack([store[int(i)]["image"] for i in chosen])})
-        figures.update(output)
+        psnr, ssim = slice_fidelity(output["pred"], output["label"])  # once per slice, for the groups too
+        figures.add(psnr, ssim, output["indices"])
         for g, ids in group_ids.items():
-            rows = torch.from_numpy(np.isin(store.dataset_ids[chosen], ids)).to(output["pred"].device)
+            rows = torch.from_numpy(np.isin(store.dataset_ids[chosen], ids)).to(psnr.device)
             if rows.any():
-                part = {key: output[key][rows] for key in ("pred", "label")}
-                group_figures[g].update({**part, "indices": [idx[rows] for idx in output["indices"]]})
+                group_figures[g].add(psnr[rows], ssim[rows], [idx[rows] for idx in output["indices"]])
     result = figures.compute()
     if groups is not None:
         result["groups"] = {g: f.compute() for g, f in group_figures.items() if f.n}
