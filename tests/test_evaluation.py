@@ -198,7 +198,25 @@ def test_a_single_held_out_or_generated_slice_gets_no_frechet_distance_instead_o
     other = SliceSet(rng.integers(0, 256, (2, side, side), dtype=np.uint8), {"structure": rng.normal(size=(2, 4))})
     one = SliceSet(other.slices[:1], {"structure": other.features["structure"][:1]})
     row = score(train, one, one)
-    assert row["structure_fd"] is None and row["structure_precision"] is None and row["num_slices"] == 1
+    assert row["structure_fd"] is None and row["structure_recall"] is None and row["num_slices"] == 1
     assert row["ms_ssim"] is None and row["memorisation"] == 1 and row["histogram"] > 0
     two = score(train, other, other)
     assert two["structure_fd"] > 0 and 0 < two["ms_ssim"] < 1
+
+
+def test_precision_needs_only_the_training_sets_radii_and_recall_only_the_generated_sets():
+    """Two generated slices per dataset (make compare's DDPM) are too few for recall's k-NN radii
+    (k = 3) but not for precision, which only asks whether each of them lies inside the real set's balls."""
+    from medvar_bundle.evaluation.scores import PRECISION_RECALL_K, SliceSet, score
+
+    rng = np.random.default_rng(0)
+    train = SliceSet(rng.integers(0, 256, (8, 64, 64), dtype=np.uint8), {"structure": rng.normal(size=(8, 4))})
+    copies = SliceSet(train.slices[:2], {"structure": train.features["structure"][:2]})
+    far = SliceSet(train.slices[:2], {"structure": train.features["structure"][:2] + 1e3})
+    heldout = SliceSet(rng.integers(0, 256, (2, 64, 64), dtype=np.uint8), {"structure": rng.normal(size=(2, 4))})
+    assert score(train, heldout, copies)["structure_precision"] == 1.0
+    assert score(train, heldout, far)["structure_precision"] == 0.0
+    assert score(train, heldout, copies)["structure_recall"] is None
+    enough = SliceSet(train.slices, train.features)
+    assert len(enough.slices) > PRECISION_RECALL_K
+    assert score(train, heldout, enough)["structure_recall"] == 1.0

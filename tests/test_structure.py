@@ -21,6 +21,7 @@ from medvar_bundle.metrics import (
     StructureNet,
     efficiency,
     frechet_distance_from_features,
+    knn_precision,
     knn_precision_recall,
     load_structure_net,
     store_slices,
@@ -51,8 +52,10 @@ def test_precision_and_recall_count_points_inside_the_other_sets_balls():
     # the radius is the distance to the k-th neighbour, 1 for k = 1 on a unit lattice: shifted by 1.5,
     # the column at x = 5.5 is 1.5 from the real set (out) and the real column at x = 0 is 1.5 from the fake one
     assert knn_precision_recall(mode_a, lattice(1.5), k=1) == (20 / 25, 20 / 25)
-    with pytest.raises(ValueError, match="more than 3 rows"):
-        knn_precision_recall(real, mode_a[:3])
+    # precision needs only the real set's radii: one or two fake points are enough
+    assert knn_precision(real, mode_a[:2]) == 1.0 and knn_precision(real, lattice(500.0)[:1]) == 0.0
+    with pytest.raises(ValueError, match="more than 3 rows in the reference set"):
+        knn_precision_recall(real, mode_a[:3])  # recall: the fake set is the reference
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from medvar_bundle.metrics import (
     frechet_distance_from_features,
     histogram_distance,
     kid,
-    knn_precision_recall,
+    knn_precision,
     load_clip,
     load_inception,
     load_radimagenet,
@@ -100,7 +100,8 @@ def score(train: SliceSet, heldout: SliceSet, fake: SliceSet) -> dict:
 
     Returns:
         ``num_slices``; ``structure_fd``, ``structure_precision``, ``structure_recall`` (the
-        store's structure network; precision / recall None for sets of ``k`` slices or fewer);
+        store's structure network; precision None when the training set, recall None when ``fake``
+        has ``k`` slices or fewer: each needs its own set's k-NN radii);
         ``fid``, ``kid``, ``kid_std`` (InceptionV3), ``radfid`` (RadImageNet), ``cmmd`` (CLIP);
         ``histogram`` (8-bit levels), ``power_spectrum`` (decades), ``ms_ssim``, ``memorisation``
         (see :mod:`medvar_bundle.metrics`). Fréchet distances (and KID) are None for a single slice.
@@ -109,12 +110,13 @@ def score(train: SliceSet, heldout: SliceSet, fake: SliceSet) -> dict:
     row: dict = {"num_slices": len(fake.slices), "fid": None, "kid": None, "kid_std": None}
     row["structure_fd"] = row["structure_precision"] = row["structure_recall"] = None
     several = len(fake.slices) >= 2  # a Fréchet distance needs two slices for a covariance
-    if "structure" in ref and several:
-        row["structure_fd"] = frechet_distance_from_features(ref["structure"], gen["structure"])
-        if min(len(ref["structure"]), len(gen["structure"])) > PRECISION_RECALL_K:
-            row["structure_precision"], row["structure_recall"] = knn_precision_recall(
-                ref["structure"], gen["structure"], PRECISION_RECALL_K
-            )
+    if "structure" in ref:
+        if several:
+            row["structure_fd"] = frechet_distance_from_features(ref["structure"], gen["structure"])
+        if len(ref["structure"]) > PRECISION_RECALL_K:
+            row["structure_precision"] = knn_precision(ref["structure"], gen["structure"], PRECISION_RECALL_K)
+        if len(gen["structure"]) > PRECISION_RECALL_K:
+            row["structure_recall"] = knn_precision(gen["structure"], ref["structure"], PRECISION_RECALL_K)
     if "inception" in ref and several:
         row["fid"] = frechet_distance_from_features(ref["inception"], gen["inception"])
         size = min(1000, len(train.slices), len(fake.slices))

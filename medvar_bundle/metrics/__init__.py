@@ -16,6 +16,7 @@ from .distances import (
     frechet_distance,
     frechet_distance_from_features,
     kid,
+    knn_precision,
     knn_precision_recall,
 )
 from .efficiency import efficiency
@@ -43,6 +44,7 @@ __all__ = [
     "frechet_distance_from_features",
     "histogram_distance",
     "kid",
+    "knn_precision",
     "knn_precision_recall",
     "load_clip",
     "load_inception",

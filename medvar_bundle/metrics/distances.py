@@ -16,11 +16,11 @@ from numpy.typing import ArrayLike
 from scipy import linalg
 
 
-def _features(features: ArrayLike, name: str) -> np.ndarray:
-    """``features`` as a float64 ``(N, D)`` array with at least two rows."""
+def _features(features: ArrayLike, name: str, min_rows: int = 2) -> np.ndarray:
+    """``features`` as a float64 ``(N, D)`` array with at least ``min_rows`` rows."""
     x = np.asarray(features, dtype=np.float64)
-    if x.ndim != 2 or x.shape[0] < 2:
-        raise ValueError(f"{name}: expected features of shape (N >= 2, D), got {x.shape}")
+    if x.ndim != 2 or x.shape[0] < min_rows:
+        raise ValueError(f"{name}: expected features of shape (N >= {min_rows}, D), got {x.shape}")
     return x
 
 
@@ -191,24 +191,35 @@ def _covered(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, c
     return float(torch.cat(inside).double().mean())
 
 
+def knn_precision(features_real: ArrayLike, features_fake: ArrayLike, k: int = 3) -> float:
+    """Improved precision (Kynkäänniemi et al., 2019): the fraction of fake points inside the real manifold.
+
+    The real manifold is the union of balls around the real points, each with radius the distance
+    to the point's ``k``-th nearest real neighbour. In [0, 1], higher is better (fidelity);
+    Euclidean distances in float64. Only the real set needs more than ``k`` rows: precision is
+    defined for any number of fake points (with few of them it moves in coarse steps).
+
+    Args:
+        features_real: ``(N, D)``, N > k.
+        features_fake: ``(M, D)``, M ≥ 1.
+        k: the neighbour that sets the radii (the paper's default is 3).
+    """
+    x, y = _features(features_real, "features_real"), _features(features_fake, "features_fake", min_rows=1)
+    if len(x) <= k:
+        raise ValueError(f"k-NN precision with k={k} needs more than {k} rows in the reference set, got {len(x)}")
+    real = torch.from_numpy(x)
+    return _covered(torch.from_numpy(y), real, _knn_radii(real, k))
+
+
 def knn_precision_recall(features_real: ArrayLike, features_fake: ArrayLike, k: int = 3) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al., 2019) of two feature sets.
 
-    Each set's manifold is the union of balls around its points with radius the distance to the
-    point's ``k``-th nearest neighbour in the same set. Precision: the fraction of fake points
-    inside the real manifold (fidelity); recall: the fraction of real points inside the fake
-    manifold (coverage). Both in [0, 1], higher is better; Euclidean distances in float64.
+    Precision: the fraction of fake points inside the real manifold (:func:`knn_precision`,
+    fidelity); recall: the fraction of real points inside the fake manifold, i.e. the precision
+    with the roles swapped (coverage). Both in [0, 1], higher is better.
 
     Args:
         features_real, features_fake: ``(N, D)`` and ``(M, D)``, each with more than ``k`` rows.
         k: the neighbour that sets the radii (the paper's default is 3).
     """
-    x, y = _features(features_real, "features_real"), _features(features_fake, "features_fake")
-    if min(len(x), len(y)) <= k:
-        raise ValueError(
-            f"k-NN precision/recall with k={k} needs more than {k} rows per set, got {len(x)} and {len(y)}"
-        )
-    real, fake = torch.from_numpy(x), torch.from_numpy(y)
-    precision = _covered(fake, real, _knn_radii(real, k))
-    recall = _covered(real, fake, _knn_radii(fake, k))
-    return precision, recall
+    return knn_precision(features_real, features_fake, k), knn_precision(features_fake, features_real, k)
