@@ -61,8 +61,8 @@ LEGEND = """\
 - Struct. FD, P, R: Fréchet distance (lower is better) and k-NN precision / recall (k = 3, Kynkäänniemi et al.
   2019; higher is better) in the feature space of the store's structure network: a small CNN trained only on the
   store's training slices to tell each slice's dataset and position along the body axis (`medvar train-structure`).
-  Precision: the share of a set's slices that look like some real slice; recall: the share of real slices the set
-  covers.
+  Precision: the share of a set's slices that look like some real slice (any number of slices; with two it can
+  only be 0, 0.5 or 1); recall: the share of real slices the set covers (empty for 3 slices or fewer).
 - FID, KID (InceptionV3), RadFID (RadImageNet), CMMD (CLIP): distances to the training split, lower is better.
 - Hist. W1: Wasserstein-1 distance of the pixel-intensity histograms, in 8-bit levels.
 - PSD dist.: mean |difference| of the log10 radially averaged power spectra, in decades (blur, missing texture).
