@@ -100,8 +100,8 @@ def score(train: SliceSet, heldout: SliceSet, fake: SliceSet) -> dict:
 
     Returns:
         ``num_slices``; ``structure_fd``, ``structure_precision``, ``structure_recall`` (the
-        store's structure network; precision None when the training set, recall None when ``fake``
-        has ``k`` slices or fewer: each needs its own set's k-NN radii);
+        store's structure network; precision is None when the training set has ``k`` slices or
+        fewer, recall when ``fake`` has: each needs the k-NN radii of its own reference set);
         ``fid``, ``kid``, ``kid_std`` (InceptionV3), ``radfid`` (RadImageNet), ``cmmd`` (CLIP);
         ``histogram`` (8-bit levels), ``power_spectrum`` (decades), ``ms_ssim``, ``memorisation``
         (see :mod:`medvar_bundle.metrics`). Fréchet distances (and KID) are None for a single slice.
