@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 DEMO ?= runs/demo
 WORKERS ?= 2
 # tokenizer: 1500 autoencoder warm-up steps on 128² crops, 1000 quantized steps on 128² crops (each with
-# the crop's scale schedule), then 200 quantized steps on whole slices (docs/tokenizer.md, "Levers")
+# the crop's scale schedule), then 200 quantized steps on whole slices, codes learnt by online k-means
+# (docs/tokenizer.md, "Levers")
 # TOKENIZER_WARMUP=6000 TOKENIZER_CROP_STEPS=4000 TOKENIZER_STEPS=10800: four times the steps, 26.54 dB held out
 # instead of 25.7, every group with more than one held-out slice at 25.98 dB or more (about 4.5 times the minutes)
 TOKENIZER_WARMUP ?= 1500
@@ -39,7 +40,8 @@ demo: install
 	$(BIN)/medvar preview --store $(DEMO)/store --out $(DEMO)/store_preview.png
 	$(BIN)/medvar train-tokenizer --store $(DEMO)/store --out $(DEMO)/tokenizer --max-steps $(TOKENIZER_STEPS) \
 		--batch-size 4 --lr 1e-3 --min-lr-ratio 0.05 --augment --ae-warmup $(TOKENIZER_WARMUP) --warmup-crop 128 \
-		--quantized-crop-steps $(TOKENIZER_CROP_STEPS) --dead-code-every 25 --val-every 1200 --checkpoint-every 100
+		--quantized-crop-steps $(TOKENIZER_CROP_STEPS) --codebook-decay 0.99 --dead-code-every 25 --val-every 1200 \
+		--checkpoint-every 100
 	$(BIN)/medvar evaluate-tokenizer --tokenizer $(DEMO)/tokenizer/tokenizer.pt --store $(DEMO)/store \
 		--split validation --by-group --quiet | tee $(DEMO)/tokenizer/heldout_metrics.json
 	$(BIN)/medvar tokenize --tokenizer $(DEMO)/tokenizer/tokenizer.pt --store $(DEMO)/store --force

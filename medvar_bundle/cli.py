@@ -358,6 +358,8 @@ TOKENIZER_OPTIONS = (
                  required=True),
     ConfigOption("--preset", "preset", "network preset: tiny (CPU) or paper (~100M parameters)"),
     ConfigOption("--l2-norm", "network_def#l2_norm", "l2-normalised (cosine) code lookup", const=True),
+    ConfigOption("--codebook-decay", "network_def#codebook_decay", "0: codes learn by gradient; in (0, 1): online "
+                 "k-means with this EMA decay", type=float),
     ConfigOption("--max-steps", "max_steps", "optimizer steps", type=_positive_int),
     ConfigOption("--batch-size", "batch_size", "images per batch", type=_positive_int),
     ConfigOption("--lr", "lr", "AdamW learning rate", type=float),

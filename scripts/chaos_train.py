@@ -55,6 +55,7 @@ DEMO_SETTINGS = {
     "tokenizer": dict(
         config="train_tokenizer", batch_size=4, lr=1e-3, min_lr_ratio=0.05, augment=True, warmup_crop=128,
         ae_warmup=12, dead_code_every=5, max_steps=24, val_every=10, checkpoint_every=5,
+        **{"network_def#codebook_decay": 0.99},
     ),
     "transformer": dict(
         config="train", preset="tiny", batch_size=8, lr=0.096, warmup_steps=5, max_steps=24, val_every=10,

@@ -224,6 +224,59 @@ def test_reinit_replaces_exactly_the_dead_codes():
     assert q.reinit_dead_codes(features) == 0
 
 
+def _kmeans_quantizer(decay: float):
+    """One 2×2 scale, identity Φ, V = 4: codes a, b near two pairs of feature vectors, c and d far."""
+    q = MultiScaleQuantizer(vocab_size=4, embed_dim=2, patch_nums=(2,), codebook_decay=decay)
+    _identity_phis(q)
+    codes = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 50.0], [50.0, 50.0]])
+    with torch.no_grad():
+        q.embedding.weight.copy_(codes)
+        q.cluster_sum.copy_(codes / 4)
+    rows = torch.tensor([[1.0, 0.0], [0.0, 3.0], [9.0, 1.0], [12.0, -2.0]])  # two pick code 0, two code 1
+    return q, codes, rows.T.reshape(1, 2, 2, 2)
+
+
+def test_kmeans_codebook_moves_each_code_to_the_ema_mean_of_its_residuals():
+    d = 0.9
+    q, codes, f = _kmeans_quantizer(d)
+    q.train()(f)
+    # one step by hand: size = d/V + (1-d)·hits/N, sum = d·code/V + (1-d)·Σ rows/N, code = sum/size
+    size = d / 4 + (1 - d) * torch.tensor([2, 2, 0, 0]) / 4
+    total = torch.stack([torch.tensor([1.0, 3.0]), torch.tensor([21.0, -1.0]), torch.zeros(2), torch.zeros(2)])
+    expected = (d * codes / 4 + (1 - d) * total / 4) / size[:, None]
+    torch.testing.assert_close(q.embedding.weight.detach(), expected)
+    torch.testing.assert_close(q.cluster_size, size)
+    for _ in range(300):  # the same batch again and again: each picked code converges to its members' mean
+        q(f)
+    torch.testing.assert_close(q.embedding.weight[:2].detach(), torch.tensor([[0.5, 1.5], [10.5, -0.5]]))
+    torch.testing.assert_close(q.embedding.weight[2:].detach(), codes[2:])  # never picked: unchanged
+    before = q.embedding.weight.detach().clone()
+    q.eval()(f)
+    assert torch.equal(q.embedding.weight.detach(), before)  # eval forwards leave the codes alone
+
+
+def test_kmeans_codebook_gets_no_gradient_and_rejects_a_bad_decay():
+    q, _, f = _kmeans_quantizer(0.9)
+    q.train()(f.requires_grad_()).vq_loss.backward()
+    assert q.embedding.weight.grad is None  # an optimizer step leaves it to the k-means update
+    assert q.phis[0].conv.weight.grad is not None and f.grad is not None
+    assert "quantizer.cluster_sum" in _tiny(codebook_decay=0.95).state_dict()
+    assert "quantizer.cluster_sum" not in _tiny().state_dict()  # gradient codebooks keep the old format
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="codebook_decay"):
+            MultiScaleQuantizer(vocab_size=4, embed_dim=2, patch_nums=(2,), codebook_decay=bad)
+
+
+def test_reinit_restarts_a_kmeans_codes_cluster_at_its_new_value():
+    q, _, f = _kmeans_quantizer(0.9)
+    with torch.no_grad():
+        q.ema_usage.copy_(torch.tensor([0.25, 0.25, 0.0, 0.25]))  # code 2 dead
+    assert q.reinit_dead_codes(torch.tensor([[7.0, 7.0]])) == 1
+    torch.testing.assert_close(q.embedding.weight[2].detach(), torch.tensor([7.0, 7.0]))
+    assert q.cluster_size[2] == pytest.approx(1 / 4)
+    torch.testing.assert_close(q.cluster_sum[2], torch.tensor([7.0, 7.0]) / 4)
+
+
 # ---- the whole tokenizer ---------------------------------------------------------------------
 
 

@@ -210,7 +210,7 @@ class MultiScaleVQVAE(nn.Module):
         vocab_size, embed_dim: codebook size V and code dimension C (= latent channels, Cvae).
         patch_nums: token-map sides, strictly increasing and ending at the latent side; derived
             from the latent side by :func:`derive_patch_nums` when omitted (paper's 10 at 256²).
-        beta, l2_norm, usage_decay, dead_threshold: see :class:`MultiScaleQuantizer`.
+        beta, l2_norm, usage_decay, dead_threshold, codebook_decay: see :class:`MultiScaleQuantizer`.
 
     ``config`` holds the keyword arguments that rebuild the model: ``MultiScaleVQVAE(**m.config)``.
     """
@@ -230,6 +230,7 @@ class MultiScaleVQVAE(nn.Module):
         l2_norm: bool = False,
         usage_decay: float = 0.98,
         dead_threshold: float = 0.1,
+        codebook_decay: float = 0.0,
     ):
         super().__init__()
         ch_mult = tuple(ch_mult)
@@ -244,14 +245,14 @@ class MultiScaleVQVAE(nn.Module):
             image_size=image_size, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, mid_attn=mid_attn,
             patch_size=patch_size, vocab_size=vocab_size, embed_dim=embed_dim, patch_nums=patch_nums, beta=beta,
             l2_norm=l2_norm,
-            usage_decay=usage_decay, dead_threshold=dead_threshold,
+            usage_decay=usage_decay, dead_threshold=dead_threshold, codebook_decay=codebook_decay,
         )  # fmt: skip
         self.image_size, self.patch_nums = image_size, patch_nums
         self.encoder = Encoder(ch, ch_mult, num_res_blocks, embed_dim, mid_attn, patch_size)
         self.decoder = Decoder(ch, ch_mult, num_res_blocks, embed_dim, mid_attn, patch_size)
         self.quantizer = MultiScaleQuantizer(
             vocab_size=vocab_size, embed_dim=embed_dim, patch_nums=patch_nums, beta=beta, l2_norm=l2_norm,
-            usage_decay=usage_decay, dead_threshold=dead_threshold,
+            usage_decay=usage_decay, dead_threshold=dead_threshold, codebook_decay=codebook_decay,
         )  # fmt: skip
 
     @classmethod

@@ -94,6 +94,11 @@ class MultiScaleQuantizer(nn.Module):
             ``dead_threshold / V``, i.e. this fraction of uniform usage. With the defaults
             (0.98, 0.1) a code re-initialised at uniform usage and never picked again counts as
             dead after ~114 training steps (log 0.1 / log 0.98).
+        codebook_decay: 0 (the default, VAR's way): the codes learn by gradient descent on the
+            codebook term of the VQ loss. In (0, 1): online k-means instead (the EMA codebook of
+            VQ-VAE, van den Oord et al. 2017, appendix): after every training forward each code
+            moves to the mean of the residuals r_k that picked it, averaged over the batches with
+            this decay (``cluster_size``, ``cluster_sum`` buffers); the codebook gets no gradient.
     """
 
     def __init__(
@@ -107,14 +112,17 @@ class MultiScaleQuantizer(nn.Module):
         phi_resi_ratio: float = 0.5,
         usage_decay: float = 0.98,
         dead_threshold: float = 0.1,
+        codebook_decay: float = 0.0,
     ):
         super().__init__()
         patch_nums = tuple(int(n) for n in patch_nums)
         if not patch_nums or patch_nums[0] < 1 or any(a >= b for a, b in zip(patch_nums, patch_nums[1:])):
             raise ValueError(f"patch_nums must be positive and strictly increasing, got {patch_nums}")
+        if not 0.0 <= codebook_decay < 1.0:
+            raise ValueError(f"codebook_decay must be in [0, 1), got {codebook_decay}")
         self.vocab_size, self.embed_dim, self.patch_nums = vocab_size, embed_dim, patch_nums
         self.beta, self.l2_norm = beta, l2_norm
-        self.usage_decay, self.dead_threshold = usage_decay, dead_threshold
+        self.usage_decay, self.dead_threshold, self.codebook_decay = usage_decay, dead_threshold, codebook_decay
 
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / vocab_size, 1.0 / vocab_size)  # as VAR
@@ -129,6 +137,11 @@ class MultiScaleQuantizer(nn.Module):
         self.register_buffer("ema_usage", torch.full((vocab_size,), 1.0 / vocab_size))
         # Hits per scale and code in the last forward (training or eval).
         self.register_buffer("last_hits", torch.zeros(K, vocab_size), persistent=False)
+        if codebook_decay:
+            # k-means statistics: EMAs of each code's share of the lookups and of the sum of the
+            # residuals that picked it (per lookup); a code is their ratio.
+            self.register_buffer("cluster_size", torch.full((vocab_size,), 1.0 / vocab_size))
+            self.register_buffer("cluster_sum", self.embedding.weight.detach() / vocab_size)
 
     @property
     def num_tokens(self) -> int:
@@ -149,8 +162,9 @@ class MultiScaleQuantizer(nn.Module):
             return dist_sq.argmin(dim=1)
 
     def embed(self, idx: Tensor) -> Tensor:
-        """Code vectors of a token map: (B, n, n) long -> (B, C, n, n)."""
-        return self.embedding(idx).permute(0, 3, 1, 2)
+        """Code vectors of a token map: (B, n, n) long -> (B, C, n, n) (no gradient to k-means codes)."""
+        codes = self.embedding.weight.detach() if self.codebook_decay else self.embedding.weight
+        return F.embedding(idx, codes).permute(0, 3, 1, 2)
 
     def scale_contribution(self, k: int, h: Tensor, size: int | None = None) -> Tensor:
         """Φ_k(upsample(h)): scale k's term of f̂, (B, C, n, n) -> (B, C, size, size).
@@ -189,8 +203,8 @@ class MultiScaleQuantizer(nn.Module):
 
     def forward(self, f: Tensor) -> QuantizerOutput:
         """Quantize encoder features f (B, C, H, W) scale by scale (Alg. 1), in fp32."""
-        out, hits = self._quantize(f)
-        self._record_hits(hits)
+        out, hits, sums = self._quantize(f)
+        self._record(hits, sums)
         return out
 
     @torch.no_grad()
@@ -201,10 +215,11 @@ class MultiScaleQuantizer(nn.Module):
         """
         return self._quantize(f)[0].scale_inputs
 
-    def _quantize(self, f: Tensor) -> tuple[QuantizerOutput, Tensor]:
+    def _quantize(self, f: Tensor) -> tuple[QuantizerOutput, Tensor, Tensor]:
         """Alg. 1 on features f (B, C, H, W), H = ``patch_nums[-1]`` or a crop's smaller latent
-        (scales from :meth:`schedule`): the output and the hits (K, V) of every scale (a crop's
-        scales count in the rows of the scales whose Φ they use)."""
+        (scales from :meth:`schedule`): the output, the hits (K, V) of every scale (a crop's
+        scales count in the rows of the scales whose Φ they use) and, over all scales, the sum
+        (V, C) of the residuals that picked each code."""
         B, C, H, W = f.shape
         if H != W or H > self.patch_nums[-1] or C != self.embed_dim:
             raise ValueError(
@@ -218,11 +233,14 @@ class MultiScaleQuantizer(nn.Module):
             f_hat = torch.zeros_like(residual)
             indices, inputs, vq_loss = [], [], f.new_zeros(())
             hits = f.new_zeros(len(self.patch_nums), self.vocab_size)
+            sums = f.new_zeros(self.vocab_size, C)
             for k, n in zip(scales, sides):
                 r = residual if n == H else F.interpolate(residual, size=(n, n), mode="area")
                 inputs.append(r)
-                idx = self.nearest_codes(r.permute(0, 2, 3, 1).reshape(-1, C))
+                rows = r.permute(0, 2, 3, 1).reshape(-1, C)
+                idx = self.nearest_codes(rows)
                 hits[k] += idx.bincount(minlength=self.vocab_size).float()
+                sums.index_add_(0, idx, rows)
                 idx = idx.view(B, n, n)
                 h = self.scale_contribution(k, self.embed(idx), H)
                 f_hat = f_hat + h
@@ -231,21 +249,31 @@ class MultiScaleQuantizer(nn.Module):
                 indices.append(idx)
             # Straight-through: the value is exactly f̂ (f − f.detach() is exactly 0), the gradient is f's.
             f_hat_st = f_hat.detach() + (f - f.detach())
-        return QuantizerOutput(f_hat_st, indices, residual, vq_loss / len(sides), inputs), hits
+        return QuantizerOutput(f_hat_st, indices, residual, vq_loss / len(sides), inputs), hits, sums
 
     @torch.no_grad()
-    def _record_hits(self, hits: Tensor) -> None:
-        """Keep the hits (K, V) of this batch; in training, fold them into the usage EMA.
+    def _record(self, hits: Tensor, sums: Tensor) -> None:
+        """Keep the hits (K, V) of this batch; in training, fold them into the usage EMA and, for
+        a k-means codebook, the residual sums (V, C) into the cluster statistics and move the codes.
 
-        Under torch.distributed the hits are summed over ranks, so every rank holds the same EMA.
+        Under torch.distributed hits and sums are summed over ranks, so every rank holds the same
+        EMAs and codes. A code no lookup has picked for ~500 steps keeps its value (its statistics
+        would otherwise decay to zero together).
         """
         self.last_hits.copy_(hits)
         if not self.training:
             return
-        total = hits.sum(0)
+        V = self.vocab_size
+        total = torch.cat([hits.sum(0)[:, None], sums], 1) if self.codebook_decay else hits.sum(0)[:, None]
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(total)
-        self.ema_usage.mul_(self.usage_decay).add_(total / total.sum(), alpha=1 - self.usage_decay)
+        total = total / total[:, 0].sum()  # per lookup
+        self.ema_usage.mul_(self.usage_decay).add_(total[:, 0], alpha=1 - self.usage_decay)
+        if self.codebook_decay:
+            self.cluster_size.mul_(self.codebook_decay).add_(total[:, 0], alpha=1 - self.codebook_decay)
+            self.cluster_sum.mul_(self.codebook_decay).add_(total[:, 1:], alpha=1 - self.codebook_decay)
+            kept = self.cluster_size > 1e-12 / V
+            self.embedding.weight[kept] = self.cluster_sum[kept] / self.cluster_size[kept, None]
 
     def dead_codes(self) -> Tensor:
         """Boolean mask (V,) of codes whose EMA usage is below ``dead_threshold / V``."""
@@ -279,6 +307,9 @@ class MultiScaleQuantizer(nn.Module):
             if dist.is_available() and dist.is_initialized():
                 dist.broadcast(self.embedding.weight, src=0)
                 dist.broadcast(self.ema_usage, src=0)
+            if self.codebook_decay:  # a new cluster of uniform share, centred on its new code
+                self.cluster_size[dead] = 1.0 / self.vocab_size
+                self.cluster_sum[dead] = self.embedding.weight[dead] / self.vocab_size
         return int(dead.numel())
 
     def usage_stats(self) -> dict[str, float]:
