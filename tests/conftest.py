@@ -1,6 +1,9 @@
 """Shared fixtures: a small synthetic slice store (64×64 slices) for the model and engine tests."""
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import nibabel as nib
 import numpy as np
@@ -9,6 +12,18 @@ import torch
 
 from medvar_bundle.data import prepare_store
 from medvar_bundle.data.demo import ArchiveUnavailableError, build_demo_data
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(stem: str) -> ModuleType:
+    """``scripts/<stem>.py`` imported as a module (registered in ``sys.modules``, where dataclasses
+    look their annotations up)."""
+    spec = importlib.util.spec_from_file_location(f"medvar_script_{stem}", SCRIPTS / f"{stem}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def phantom_volume(rng: np.random.Generator, shape=(48, 48, 8)) -> np.ndarray:

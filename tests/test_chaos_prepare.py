@@ -4,7 +4,6 @@ SIGKILLed write left its temporary file in the store for good)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import load_script
 
 from medvar_bundle.data import load_datalist, prepare_store
 from medvar_bundle.files import TEMP_NAME, temp_prefix
@@ -24,12 +24,7 @@ SCRIPT = ROOT / "scripts" / "chaos_prepare.py"
 
 @pytest.fixture(scope="module")
 def chaos_prepare():
-    spec = importlib.util.spec_from_file_location("chaos_prepare", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["chaos_prepare"] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["chaos_prepare"]
+    return load_script("chaos_prepare")
 
 
 def test_help():

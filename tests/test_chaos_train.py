@@ -4,18 +4,15 @@ moments and step counts, scheduler and trainer state. The settings are the demo'
 (``scripts/chaos_train.py`` ``DEMO_SETTINGS``: augmentation, crops, autoencoder warm-up, dead-code
 re-draws for the tokenizer), scaled to the 64² synthetic store of 16 training slices."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from medvar_bundle.engines.common import latest_checkpoint
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "chaos_train.py"
-spec = importlib.util.spec_from_file_location("chaos_train", SCRIPT)
-chaos = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(chaos)
+chaos = load_script("chaos_train")
 
 SMALL = dict(bf16=False, val_every=100, val_max_images=4, checkpoint_every=3)
 CASES = {

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "tokenizer_references.py"
@@ -16,10 +16,7 @@ SCRIPT = ROOT / "scripts" / "tokenizer_references.py"
 
 @pytest.fixture(scope="module")
 def refs():
-    spec = importlib.util.spec_from_file_location("tokenizer_references", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tokenizer_references")
 
 
 def _smooth_images(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
