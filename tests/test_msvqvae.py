@@ -267,6 +267,34 @@ def test_kmeans_codebook_gets_no_gradient_and_rejects_a_bad_decay():
             MultiScaleQuantizer(vocab_size=4, embed_dim=2, patch_nums=(2,), codebook_decay=bad)
 
 
+def _kmeans_rank(rank: int, init_file: str, f: torch.Tensor, out_file: str) -> None:
+    """One of two gloo processes: a k-means quantizer's training forward on its half of ``f``."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    q = MultiScaleQuantizer(vocab_size=16, embed_dim=4, patch_nums=(1, 2, 4), codebook_decay=0.9).train()
+    q(f.chunk(2)[rank])
+    if rank == 0:
+        torch.save(q.state_dict(), out_file)
+    dist.destroy_process_group()
+
+
+def test_kmeans_codebook_under_two_processes_equals_one_process_on_the_whole_batch(tmp_path):
+    f = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    single = MultiScaleQuantizer(vocab_size=16, embed_dim=4, patch_nums=(1, 2, 4), codebook_decay=0.9).train()
+    initial = single.embedding.weight.detach().clone()
+    single(f)
+    torch.multiprocessing.spawn(
+        _kmeans_rank, args=(str(tmp_path / "init"), f, str(tmp_path / "rank0.pt")), nprocs=2, join=True
+    )
+    ranked = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    for key in ("embedding.weight", "cluster_size", "cluster_sum", "ema_usage"):
+        torch.testing.assert_close(ranked[key], single.state_dict()[key], atol=1e-6, rtol=0, msg=key)
+    assert not torch.equal(ranked["embedding.weight"], initial)  # the codes moved
+
+
 def test_reinit_restarts_a_kmeans_codes_cluster_at_its_new_value():
     q, _, f = _kmeans_quantizer(0.9)
     with torch.no_grad():
