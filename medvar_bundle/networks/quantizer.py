@@ -257,8 +257,9 @@ class MultiScaleQuantizer(nn.Module):
         a k-means codebook, the residual sums (V, C) into the cluster statistics and move the codes.
 
         Under torch.distributed hits and sums are summed over ranks, so every rank holds the same
-        EMAs and codes. A code no lookup has picked for ~500 steps keeps its value (its statistics
-        would otherwise decay to zero together).
+        EMAs and codes. A code whose share has decayed below 1e-12 of uniform use (unpicked for
+        ~2,750 steps at decay 0.99; dead-code re-draws usually come first) keeps its value, where its
+        two statistics would otherwise underflow to 0 / 0.
         """
         self.last_hits.copy_(hits)
         if not self.training:
