@@ -25,6 +25,7 @@ import sys
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from medvar_bundle.data.store import SliceStore
 from medvar_bundle.engines.tokenizer import slice_fidelity
@@ -100,9 +101,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     budget = math.ceil(args.tokens * math.log2(args.vocab) / 8)
     images = _slices(held_out)
+    size = images.shape[-1]
+    if size % args.patch or not 1 <= args.components <= args.patch**2:
+        print(
+            f"tokenizer_references: --patch {args.patch} must divide the slice side {size} and --components "
+            f"{args.components} lie in [1, {args.patch**2}]",
+            file=sys.stderr,
+        )
+        return 2
     target = torch.from_numpy(images.astype(np.float32) / 255)[:, None]
 
-    coded = [jpeg2000_at_budget(image, budget) for image in images]
+    coded = [jpeg2000_at_budget(image, budget) for image in tqdm(images, desc="jpeg2000", unit="slice")]
     mean, axes = pca_basis(_slices(training).astype(np.float32) / 255, args.patch, args.components)
     projected = pca_reconstruct(images.astype(np.float32) / 255, mean, axes, args.patch).clip(0, 1)
     methods = {

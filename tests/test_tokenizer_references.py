@@ -73,3 +73,6 @@ def test_prints_one_row_per_reference_and_refuses_a_missing_store(synthetic_stor
     assert "| jpeg2000, 1020 bytes |" in out.stdout and "| pca 16² × 8 |" in out.stdout
     missing = subprocess.run([sys.executable, str(SCRIPT), "--store", str(tmp_path)], capture_output=True, text=True)
     assert missing.returncode == 1 and str(tmp_path) in missing.stderr and missing.stderr.count("\n") == 1
+    odd = [sys.executable, str(SCRIPT), "--store", str(synthetic_store), "--patch", "24"]
+    bad = subprocess.run(odd, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--patch 24 must divide the slice side 64" in bad.stderr
