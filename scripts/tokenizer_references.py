@@ -11,8 +11,11 @@ already puts it, so that an exactly kept slice does not make a mean infinite) an
   principal components of the *training* slices' patches (16 × 16 patches and 32 components is the
   tiny tokenizer's latent shape, 16 × 16 × 32 at 256², unquantized): what a linear encoder and
   decoder keep before any quantization.
+- with ``--tokenizer``, that tokenizer (bf16 where the CPU has it, as in training) twice: its
+  decoder on the encoder's features (``unquantized``) and on the quantized f̂: where it loses, in
+  the encoder and decoder or in the quantizer.
 
-    python scripts/tokenizer_references.py --store runs/demo/store [--tokens 680 --vocab 4096]
+    python scripts/tokenizer_references.py --store runs/demo/store [--tokenizer runs/demo/tokenizer/tokenizer.pt]
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from medvar_bundle.data.store import SliceStore
 from medvar_bundle.engines.tokenizer import slice_fidelity
 from medvar_bundle.evaluation.report import markdown_table
 from medvar_bundle.evaluation.scores import anatomy_groups
+from medvar_bundle.model_file import load_tokenizer
+from medvar_bundle.runtime import autocast, fast_bf16, model_input
 
 PSNR_CAP = 60.0
 """dB; a slice kept exactly (PSNR infinite) counts as this."""
@@ -75,6 +80,19 @@ def pca_reconstruct(images: np.ndarray, mean: np.ndarray, axes: np.ndarray, patc
     return from_patches(rows @ axes.T @ axes + mean, images.shape[-1], patch)
 
 
+@torch.no_grad()
+def tokenizer_reconstructions(model, images: np.ndarray, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """uint8 slices ``(N, S, S)`` through a tokenizer (:class:`MultiScaleVQVAE`, eval mode):
+    ``{"unquantized": decoder(encoder(x)), "quantized": decoder(f̂)}``, each ``(N, S, S)`` in [0, 1]."""
+    out: dict[str, list[torch.Tensor]] = {"unquantized": [], "quantized": []}
+    with autocast("cpu", fast_bf16("cpu")):
+        for start in tqdm(range(0, len(images), batch_size), desc="tokenizer", unit="batch"):
+            features = model.encode_features(model_input(torch.from_numpy(images[start : start + batch_size]), "cpu"))
+            for name, latent in (("unquantized", features), ("quantized", model.quantizer(features).f_hat)):
+                out[name].append((model.decoder(latent).float().clamp(-1, 1)[:, 0] + 1) / 2)
+    return {name: torch.cat(parts) for name, parts in out.items()}
+
+
 def _slices(store: SliceStore) -> np.ndarray:
     return np.stack([store[i]["image"].numpy() for i in range(len(store))])
 
@@ -89,11 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, default=4096, help="codebook size (default: 4096)")
     parser.add_argument("--patch", type=int, default=16, help="PCA patch side in pixels (default: 16)")
     parser.add_argument("--components", type=int, default=32, help="PCA components per patch (default: 32)")
+    parser.add_argument("--tokenizer", help="tokenizer.pt: also its reconstructions, unquantized and quantized")
     args = parser.parse_args(argv)
 
     try:
         held_out, training = SliceStore(args.store, split=args.split), SliceStore(args.store, split="training")
-    except FileNotFoundError as error:
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    except (FileNotFoundError, ValueError) as error:
         print(f"tokenizer_references: {error}", file=sys.stderr)
         return 1
     if not len(held_out) or not len(training):
@@ -118,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         f"jpeg2000, {budget} bytes": torch.from_numpy(np.stack([c[0] for c in coded]).astype(np.float32) / 255),
         f"pca {args.patch}² × {args.components}": torch.from_numpy(projected.astype(np.float32)),
     }
+    if tokenizer is not None:
+        recons = tokenizer_reconstructions(tokenizer, images)
+        methods.update({f"tokenizer, {name}": pred for name, pred in recons.items()})
     groups = anatomy_groups(held_out.datasets, list(held_out.datasets))
     group_of_id = {held_out.datasets[n]["id"]: g for g, names in groups.items() for n in names}
     group_of = np.array([group_of_id[int(i)] for i in held_out.dataset_ids])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,3 +77,31 @@ def test_prints_one_row_per_reference_and_refuses_a_missing_store(synthetic_stor
     odd = [sys.executable, str(SCRIPT), "--store", str(synthetic_store), "--patch", "24"]
     bad = subprocess.run(odd, capture_output=True, text=True)
     assert bad.returncode == 2 and "--patch 24 must divide the slice side 64" in bad.stderr
+
+
+def test_a_tokenizer_is_scored_unquantized_and_through_its_own_tokens(refs, tokenized_store, tmp_path):
+    from medvar_bundle.data.store import SliceStore
+    from medvar_bundle.model_file import load_tokenizer
+    from medvar_bundle.runtime import autocast, fast_bf16, model_input
+
+    path = tokenized_store.parent / "tokenizer.pt"
+    store = SliceStore(tokenized_store, split="validation")
+    images = np.stack([store[i]["image"].numpy() for i in range(len(store))])
+    model = load_tokenizer(path)
+    recons = refs.tokenizer_reconstructions(model, images, batch_size=5)
+    with torch.no_grad(), autocast("cpu", fast_bf16("cpu")):
+        x = model_input(torch.from_numpy(images), "cpu")
+        through_tokens = (model.decode(model.encode(x)).float()[:, 0] + 1) / 2  # what evaluate-tokenizer scores
+        unquantized = (model.decoder(model.encoder(x)).float().clamp(-1, 1)[:, 0] + 1) / 2
+    torch.testing.assert_close(recons["quantized"], through_tokens, atol=1e-5, rtol=0)
+    torch.testing.assert_close(recons["unquantized"], unquantized, atol=1e-5, rtol=0)
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--store", str(tokenized_store), "--tokenizer", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "| tokenizer, unquantized |" in out.stdout and "| tokenizer, quantized |" in out.stdout
+    gone = [sys.executable, str(SCRIPT), "--store", str(tokenized_store), "--tokenizer", str(tmp_path / "no.pt")]
+    missing = subprocess.run(gone, capture_output=True, text=True)
+    assert missing.returncode == 1 and "no.pt" in missing.stderr and missing.stderr.count("\n") == 1
