@@ -65,9 +65,10 @@ def test_a_slice_depends_only_on_the_seed_its_dataset_and_its_number(model_path,
 
 
 def test_seconds_per_image_leave_out_the_first_call(model_path, tmp_path, monkeypatch):
-    """A sampler whose first call in the process costs 1 s more (as kernel selection and memory
+    """A sampler whose first call in the process costs 3 s more (as kernel selection and memory
     pools do): the warm-up batch absorbs it, the timed batch does not see it, and the slices are
-    those of a run without warm-up."""
+    those of a run without warm-up. (3 s, 1.5 s per image of the 2, stands well clear of what a
+    batch itself takes on a loaded 2-core machine: 0.43 s per image was measured there.)"""
     from medvar_bundle.sampling.medvar import NextScaleInferer
 
     calls, sample = [], NextScaleInferer.__call__
@@ -75,18 +76,18 @@ def test_seconds_per_image_leave_out_the_first_call(model_path, tmp_path, monkey
     def cold_first_call(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
-            time.sleep(1.0)
+            time.sleep(3.0)
         return sample(self, *args, **kwargs)
 
     monkeypatch.setattr(NextScaleInferer, "__call__", cold_first_call)
     summary = generate(model_path, "brain_mr", num=2, out_dir=tmp_path / "warm", batch_size=2, progress=False)
     assert len(calls) == 2 and summary["warmup"] is True
-    assert summary["datasets"]["brain_mr"]["seconds_per_image"] < 0.25
+    assert summary["datasets"]["brain_mr"]["seconds_per_image"] < 1.0
     calls.clear()
     cold = generate(
         model_path, "brain_mr", num=2, out_dir=tmp_path / "cold", batch_size=2, progress=False, warmup=False
     )
-    assert len(calls) == 1 and cold["datasets"]["brain_mr"]["seconds_per_image"] >= 0.5
+    assert len(calls) == 1 and cold["datasets"]["brain_mr"]["seconds_per_image"] >= 1.5
     warm, cold = (np.asarray(nib.load(tmp_path / x / "brain_mr.nii.gz").dataobj) for x in ("warm", "cold"))
     assert np.array_equal(warm, cold)
 
