@@ -89,7 +89,7 @@ def tokenizer_reconstructions(model, images: np.ndarray, batch_size: int = 16) -
         for start in tqdm(range(0, len(images), batch_size), desc="tokenizer", unit="batch"):
             features = model.encode_features(model_input(torch.from_numpy(images[start : start + batch_size]), "cpu"))
             for name, latent in (("unquantized", features), ("quantized", model.quantizer(features).f_hat)):
-                out[name].append((model.decoder(latent).float().clamp(-1, 1)[:, 0] + 1) / 2)
+                out[name].append((model.fhat_to_image(latent).float()[:, 0] + 1) / 2)
     return {name: torch.cat(parts) for name, parts in out.items()}
 
 

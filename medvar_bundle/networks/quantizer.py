@@ -215,11 +215,11 @@ class MultiScaleQuantizer(nn.Module):
         """
         return self._quantize(f)[0].scale_inputs
 
-    def _quantize(self, f: Tensor) -> tuple[QuantizerOutput, Tensor, Tensor]:
+    def _quantize(self, f: Tensor) -> tuple[QuantizerOutput, Tensor, Tensor | None]:
         """Alg. 1 on features f (B, C, H, W), H = ``patch_nums[-1]`` or a crop's smaller latent
         (scales from :meth:`schedule`): the output, the hits (K, V) of every scale (a crop's
-        scales count in the rows of the scales whose Φ they use) and, over all scales, the sum
-        (V, C) of the residuals that picked each code."""
+        scales count in the rows of the scales whose Φ they use) and, when training a k-means
+        codebook, the sum (V, C) over all scales of the residuals that picked each code (else None)."""
         B, C, H, W = f.shape
         if H != W or H > self.patch_nums[-1] or C != self.embed_dim:
             raise ValueError(
@@ -233,14 +233,16 @@ class MultiScaleQuantizer(nn.Module):
             f_hat = torch.zeros_like(residual)
             indices, inputs, vq_loss = [], [], f.new_zeros(())
             hits = f.new_zeros(len(self.patch_nums), self.vocab_size)
-            sums = f.new_zeros(self.vocab_size, C)
+            # the residual sums feed only a k-means codebook's training update (see _record)
+            sums = f.new_zeros(self.vocab_size, C) if self.codebook_decay and self.training else None
             for k, n in zip(scales, sides):
                 r = residual if n == H else F.interpolate(residual, size=(n, n), mode="area")
                 inputs.append(r)
                 rows = r.permute(0, 2, 3, 1).reshape(-1, C)
                 idx = self.nearest_codes(rows)
                 hits[k] += idx.bincount(minlength=self.vocab_size).float()
-                sums.index_add_(0, idx, rows)
+                if sums is not None:
+                    sums.index_add_(0, idx, rows)
                 idx = idx.view(B, n, n)
                 h = self.scale_contribution(k, self.embed(idx), H)
                 f_hat = f_hat + h
@@ -252,7 +254,7 @@ class MultiScaleQuantizer(nn.Module):
         return QuantizerOutput(f_hat_st, indices, residual, vq_loss / len(sides), inputs), hits, sums
 
     @torch.no_grad()
-    def _record(self, hits: Tensor, sums: Tensor) -> None:
+    def _record(self, hits: Tensor, sums: Tensor | None) -> None:
         """Keep the hits (K, V) of this batch; in training, fold them into the usage EMA and, for
         a k-means codebook, the residual sums (V, C) into the cluster statistics and move the codes.
 
@@ -264,7 +266,6 @@ class MultiScaleQuantizer(nn.Module):
         self.last_hits.copy_(hits)
         if not self.training:
             return
-        V = self.vocab_size
         total = torch.cat([hits.sum(0)[:, None], sums], 1) if self.codebook_decay else hits.sum(0)[:, None]
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(total)
@@ -273,7 +274,7 @@ class MultiScaleQuantizer(nn.Module):
         if self.codebook_decay:
             self.cluster_size.mul_(self.codebook_decay).add_(total[:, 0], alpha=1 - self.codebook_decay)
             self.cluster_sum.mul_(self.codebook_decay).add_(total[:, 1:], alpha=1 - self.codebook_decay)
-            kept = self.cluster_size > 1e-12 / V
+            kept = self.cluster_size > 1e-12 / self.vocab_size
             self.embedding.weight[kept] = self.cluster_sum[kept] / self.cluster_size[kept, None]
 
     def dead_codes(self) -> Tensor:
