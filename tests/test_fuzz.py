@@ -441,6 +441,29 @@ def test_each_malformed_dicom_series_has_its_own_reason(faults, reason, tmp_path
     assert pixel_reads == []  # every refusal here comes from the headers
 
 
+def test_a_compressed_dicom_series_is_decoded_not_refused_as_short(tmp_path):
+    """Encapsulated pixel data (here RLE) holds fewer bytes than rows x columns x 2: it is decoded, not
+    refused as "pixel data holds N bytes" (the demo corpus's JPEG 2000 head CT was, before 0.8.1). The
+    frames are larger than the reader's 1 KiB defer size, as in real files, where pydicom reads them in
+    full on access and no longer gives the undefined length."""
+    import pydicom
+    from pydicom.uid import RLELossless
+
+    rows, cols = 96, 80
+    folder = tmp_path / "series"
+    write_dicom_series(folder, 2, rows, cols, {})
+    r, c = np.mgrid[:rows, :cols]
+    image = ((r * 7 + (c // 4) * 13) % 2000).astype("<i2")  # runs of 4 equal pixels along each row
+    for k, path in enumerate(sorted(folder.iterdir())):
+        ds = pydicom.dcmread(path)
+        ds.compress(RLELossless, image + k)
+        assert 1024 < len(ds.PixelData) < rows * cols * 2
+        ds.save_as(path)
+    out = np.asarray(readers.load_volume(folder, 10**5))
+    expected = np.stack([image.T + k - 1024 for k in range(2)], axis=-1)  # (columns, rows, slices), HU
+    np.testing.assert_array_equal(out, expected)
+
+
 # ----------------------------------------------------------------------------------------------
 # end to end: `medvar prepare` over one good and one hostile volume
 # ----------------------------------------------------------------------------------------------

@@ -326,9 +326,14 @@ def _dicom_slice(path: Path) -> _Slice:
         raise VolumeFileError(path, f"{samples} samples per pixel (colour): a greyscale series is needed")
     if spacing is not None and min(spacing) <= 0:
         raise VolumeFileError(path, f"PixelSpacing {spacing} mm: each must be positive")
+    syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
     length = pixel.length if hasattr(pixel, "length") else len(pixel.value or b"")
     need = rows * columns * frames * ((bits + 7) // 8)
-    short = length != 0xFFFFFFFF and length < need  # undefined length: compressed (encapsulated) frames
+    # compressed (encapsulated) frames hold fewer bytes than the matrix; pydicom gives their undefined
+    # length (0xFFFFFFFF) only below the defer size and reads larger ones in full: only native pixel data
+    # can be too short
+    encapsulated = length == 0xFFFFFFFF or (syntax is not None and syntax.is_compressed)
+    short = not encapsulated and length < need
     short_by = (
         f"pixel data holds {length} bytes, {rows} x {columns} x {frames} of {bits} bits need {need}" if short else ""
     )
