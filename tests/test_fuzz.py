@@ -464,6 +464,23 @@ def test_a_compressed_dicom_series_is_decoded_not_refused_as_short(tmp_path):
     np.testing.assert_array_equal(out, expected)
 
 
+def test_a_real_jpeg2000_head_ct_slice_reads_as_pydicom_decodes_it(tmp_path):
+    """pydicom's own JPEG 2000 test slice of a head CT (512², 0.431 mm; its codestream's signedness
+    contradicts PixelRepresentation): ITK's decoding equals pydicom's, in HU."""
+    import pydicom
+
+    src = Path(pydicom.__file__).parent / "data" / "test_files" / "J2K_pixelrep_mismatch.dcm"
+    folder = tmp_path / "head"
+    folder.mkdir()
+    (folder / src.name).write_bytes(src.read_bytes())
+    out = readers.load_volume(folder, 2**20)
+    ds = pydicom.dcmread(src)
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    assert hu.min() < -1000 and hu.max() > 1000  # air and bone, both signs survive
+    np.testing.assert_array_equal(np.asarray(out)[..., 0], hu.T)
+    np.testing.assert_allclose(out.pixdim[:2], [0.431, 0.431])
+
+
 # ----------------------------------------------------------------------------------------------
 # end to end: `medvar prepare` over one good and one hostile volume
 # ----------------------------------------------------------------------------------------------
