@@ -443,7 +443,7 @@ def test_each_malformed_dicom_series_has_its_own_reason(faults, reason, tmp_path
 
 def test_a_compressed_dicom_series_is_decoded_not_refused_as_short(tmp_path):
     """Encapsulated pixel data (here RLE) holds fewer bytes than rows x columns x 2: it is decoded, not
-    refused as "pixel data holds N bytes" (the demo corpus's JPEG 2000 head CT was, before 0.8.1). The
+    refused as "pixel data holds N bytes" (pydicom's JPEG 2000 head CT slice was, before 0.8.1). The
     frames are larger than the reader's 1 KiB defer size, as in real files, where pydicom reads them in
     full on access and no longer gives the undefined length."""
     import pydicom
