@@ -8,9 +8,10 @@ WORKERS ?= 2
 # tokenizer: 1500 autoencoder warm-up steps on 128² crops, 1000 quantized steps on 128² crops (each with
 # the crop's scale schedule), then 200 quantized steps on whole slices, codes learnt by online k-means
 # (docs/tokenizer.md, "Levers")
-# TOKENIZER_WARMUP=6000 TOKENIZER_CROP_STEPS=4000 TOKENIZER_STEPS=10800: four times the steps (about 4.5 times the
-# minutes); it gave 26.80 dB held out instead of 26.0, every group with more than one held-out slice at 26.18 dB
-# or more, over the 26 dB floor (docs/tokenizer.md, "Four times the steps")
+# TOKENIZER_WARMUP=6000 TOKENIZER_CROP_STEPS=4000 TOKENIZER_STEPS=10800: four times the steps (a 29-minute tokenizer
+# and a 37-minute demo in a fresh clone, against 9 and 18); it gave 26.78 dB held out instead of 26.0, every
+# group with more than one held-out slice at 26.17 dB or more, over the 26 dB floor (docs/tokenizer.md,
+# "Four times the steps")
 TOKENIZER_WARMUP ?= 1500
 TOKENIZER_CROP_STEPS ?= 1000
 TOKENIZER_STEPS ?= 2700
