@@ -34,6 +34,7 @@ from medvar_bundle.data.store import SliceStore
 from medvar_bundle.engines.tokenizer import slice_fidelity
 from medvar_bundle.evaluation.report import markdown_table
 from medvar_bundle.evaluation.scores import anatomy_groups
+from medvar_bundle.metrics.slices import from_tiles, to_tiles
 from medvar_bundle.model_file import load_tokenizer
 from medvar_bundle.runtime import autocast, fast_bf16, model_input
 
@@ -53,16 +54,13 @@ def jpeg2000_at_budget(image: np.ndarray, budget_bytes: int) -> tuple[np.ndarray
 
 
 def to_patches(images: np.ndarray, patch: int) -> np.ndarray:
-    """Slices ``(N, S, S)`` -> patches ``(N · (S/patch)², patch²)``, row-major over each slice."""
-    n, s = images.shape[0], images.shape[-1]
-    g = s // patch
-    return images.reshape(n, g, patch, g, patch).transpose(0, 1, 3, 2, 4).reshape(-1, patch * patch)
+    """Slices ``(N, S, S)`` -> patches as rows ``(N · (S/patch)², patch²)``, row-major over each slice."""
+    return to_tiles(images, patch).reshape(-1, patch * patch)
 
 
 def from_patches(patches: np.ndarray, size: int, patch: int) -> np.ndarray:
     """Inverse of :func:`to_patches`: ``(N · (S/patch)², patch²)`` -> ``(N, S, S)``."""
-    g = size // patch
-    return patches.reshape(-1, g, g, patch, patch).transpose(0, 1, 3, 2, 4).reshape(-1, size, size)
+    return from_tiles(patches.reshape(-1, (size // patch) ** 2, patch, patch))
 
 
 def pca_basis(training: np.ndarray, patch: int, components: int) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from .slices import as_slices
+from .slices import as_slices, from_tiles, to_tiles
 
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:
@@ -43,13 +43,13 @@ def shuffle_patches(slices: np.ndarray, fraction: float, seed: int = 0, patch: i
     if side % patch or x.shape[2] != side:
         raise ValueError(f"slices of {x.shape[1]}×{x.shape[2]} do not tile into {patch}×{patch} patches")
     k = side // patch
-    tiles = x.reshape(n, k, patch, k, patch).transpose(0, 1, 3, 2, 4).reshape(n, k * k, patch, patch).copy()
+    tiles = to_tiles(x, patch).copy()
     rng = np.random.default_rng(seed)
     chosen_count = int(round(fraction * k * k))
     for i in range(n):
         chosen = rng.choice(k * k, chosen_count, replace=False)
         tiles[i, chosen] = tiles[i, rng.permutation(chosen)]
-    return tiles.reshape(n, k, k, patch, patch).transpose(0, 1, 3, 2, 4).reshape(n, side, side)
+    return from_tiles(tiles)
 
 
 DAMAGES = {

@@ -28,6 +28,21 @@ def as_slices(images: ArrayLike | torch.Tensor) -> np.ndarray:
     return x
 
 
+def to_tiles(slices: np.ndarray, patch: int) -> np.ndarray:
+    """Square slices ``(N, S, S)`` -> their ``patch × patch`` tiles ``(N, (S/patch)², patch, patch)``,
+    row-major over each slice (``S`` a multiple of ``patch``; any dtype)."""
+    n, side = slices.shape[0], slices.shape[-1]
+    k = side // patch
+    return slices.reshape(n, k, patch, k, patch).transpose(0, 1, 3, 2, 4).reshape(n, k * k, patch, patch)
+
+
+def from_tiles(tiles: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`to_tiles`: ``(N, k², patch, patch)`` -> ``(N, k·patch, k·patch)``."""
+    n, count, patch = tiles.shape[0], tiles.shape[1], tiles.shape[-1]
+    k = int(round(count**0.5))
+    return tiles.reshape(n, k, k, patch, patch).transpose(0, 1, 3, 2, 4).reshape(n, k * patch, k * patch)
+
+
 def store_slices(
     store: str | os.PathLike, split: str, dataset: str, max_slices: int | None = None, seed: int = 0
 ) -> np.ndarray:

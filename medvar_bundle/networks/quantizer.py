@@ -266,12 +266,12 @@ class MultiScaleQuantizer(nn.Module):
         self.last_hits.copy_(hits)
         if not self.training:
             return
-        total = torch.cat([hits.sum(0)[:, None], sums], 1) if self.codebook_decay else hits.sum(0)[:, None]
+        total = hits.sum(0)[:, None] if sums is None else torch.cat([hits.sum(0)[:, None], sums], 1)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(total)
         total = total / total[:, 0].sum()  # per lookup
         self.ema_usage.mul_(self.usage_decay).add_(total[:, 0], alpha=1 - self.usage_decay)
-        if self.codebook_decay:
+        if sums is not None:
             self.cluster_size.mul_(self.codebook_decay).add_(total[:, 0], alpha=1 - self.codebook_decay)
             self.cluster_sum.mul_(self.codebook_decay).add_(total[:, 1:], alpha=1 - self.codebook_decay)
             kept = self.cluster_size > 1e-12 / self.vocab_size
