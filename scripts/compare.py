@@ -313,6 +313,17 @@ def curve_grid(store: str, registry: dict, columns: list[tuple[str, Path]], path
     return save_grid(rows, path, titles, title=f"{per_column} slices each: {order}")
 
 
+def grid_columns(out: Path, budgets: list[float], ddpm: list[Path]) -> list[tuple[str, Path]]:
+    """The curve grid's (title, sample folder) columns: MedVAR at each of ``budgets`` (minutes),
+    then, of ``ddpm`` (the last budget's ``ddpm-N`` folders, in any order), the chain with the most
+    steps, e.g. ``("DDPM-100 30 min", OUT/samples/30min/ddpm-100)``."""
+    columns = [(f"MedVAR {m:g} min", out / "samples" / _label(m) / "medvar") for m in budgets]
+    if ddpm:
+        most = max(ddpm, key=lambda folder: int(folder.name.removeprefix("ddpm-")))
+        columns.append((f"DDPM-{most.name.removeprefix('ddpm-')} {max(budgets):g} min", most))
+    return columns
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", default="runs/demo/store", help="prepared and tokenized slice store")
@@ -387,9 +398,7 @@ def main() -> int:
     ddpm_last = [
         f for f, label in zip(folders, labels) if label.startswith("DDPM") and label.endswith(f" {last:g} min")
     ]
-    columns = [(f"MedVAR {m:g} min", out / "samples" / _label(m) / "medvar") for m in points]
-    columns += [(f"DDPM-{ddpm_last[-1].name.removeprefix('ddpm-')} {last:g} min", ddpm_last[-1])] if ddpm_last else []
-    curve_grid(args.store, registry, columns, out / "curve_grid.png")
+    curve_grid(args.store, registry, grid_columns(out, list(points), ddpm_last), out / "curve_grid.png")
     print(
         f"compare: samples in {out / 'samples'}; report {out / 'evaluation' / 'report.md'}; curve {out / 'curve.png'}"
     )

@@ -41,3 +41,12 @@ def test_first_slices_keeps_the_first_num_slices_of_every_stack(compare, tmp_pat
     for name, stack in stacks.items():
         np.testing.assert_array_equal(read_generated(out / f"{name}.nii.gz", REGISTRY[name]), stack[:2])
     assert json.loads((out / "summary.json").read_text())["parameters"] == 7
+
+
+def test_grid_shows_the_ddpm_chain_with_the_most_steps(compare, tmp_path):
+    # sample_ddpm_all returns the largest step count first, then the others from the smallest up
+    ddpm = [tmp_path / "samples" / "30min" / f"ddpm-{steps}" for steps in (100, 10, 20, 30, 50)]
+    columns = compare.grid_columns(tmp_path, [5.0, 15.0, 30.0], ddpm)
+    assert [title for title, _ in columns] == ["MedVAR 5 min", "MedVAR 15 min", "MedVAR 30 min", "DDPM-100 30 min"]
+    assert columns[0][1] == tmp_path / "samples" / "5min" / "medvar" and columns[-1][1] == ddpm[0]
+    assert [title for title, _ in compare.grid_columns(tmp_path, [5.0], [])] == ["MedVAR 5 min"]
