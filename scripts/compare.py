@@ -371,6 +371,7 @@ def main() -> int:
     points = train_to_budgets(args, out)
     registry = json.loads((Path(args.store) / "datasets.json").read_text())
     folders, labels, skipped = [], [], []
+    ddpm: list[Path] = []  # the last budget's DDPM sample folders
     methods: dict[str, dict[float, str]] = {}
     for minutes, files in points.items():
         samples = out / "samples" / _label(minutes)
@@ -394,11 +395,7 @@ def main() -> int:
     figures = curve_figures(report, methods)
     atomic_write_json(out / "curve.json", figures)
     plot_curve(figures, out / "curve.png")
-    last = max(points)
-    ddpm_last = [
-        f for f, label in zip(folders, labels) if label.startswith("DDPM") and label.endswith(f" {last:g} min")
-    ]
-    curve_grid(args.store, registry, grid_columns(out, list(points), ddpm_last), out / "curve_grid.png")
+    curve_grid(args.store, registry, grid_columns(out, list(points), ddpm), out / "curve_grid.png")
     print(
         f"compare: samples in {out / 'samples'}; report {out / 'evaluation' / 'report.md'}; curve {out / 'curve.png'}"
     )
