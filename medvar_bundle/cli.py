@@ -231,7 +231,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from .evaluation import ablate, parse_grid
+    from .evaluation.ablation import ablate, parse_grid, plus_minus
     from .weights import MissingWeightsError
 
     try:
@@ -242,7 +242,7 @@ def _ablate(args: argparse.Namespace) -> int:
             args.num,
             args.out,
             grid=parse_grid(args.grid) if args.grid else None,
-            seed=args.seed,
+            seeds=args.seed,
             inception_weights=args.inception_weights,
             radimagenet_weights=args.radimagenet_weights,
             clip_weights=args.clip_weights,
@@ -258,7 +258,10 @@ def _ablate(args: argparse.Namespace) -> int:
     except (MissingWeightsError, FileNotFoundError, ValueError, PermissionError) as exc:
         raise UserError(str(exc)) from None
     for row in result["rows"]:
-        print(f"medvar ablate: {row['description']}: {result['metric']} {row['value']:.4g} (Δ {row['delta']:+.4g})")
+        print(
+            f"medvar ablate: {row['description']}: {result['metric']} {plus_minus(row['value'], row['sd'])}"
+            f" (Δ {plus_minus(row['delta'], row['delta_sd'], signed=True)})"
+        )
     print(f"medvar ablate: ablation.md, ablation.csv, ablation.json in {args.out}")
     return 0
 
@@ -726,16 +729,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "ablate",
-        help="sampling ablation (paper Table 4): CFG, top-k, top-p with one seed, metric and delta per setting",
-        description="Generate one dataset under each sampling setting with the same seed and score every setting "
+        help="sampling ablation (paper Table 4): CFG, top-k, top-p over datasets and seeds; metric and delta per "
+        "setting",
+        description="Generate the datasets under each sampling setting, each seed the same for every setting, and "
+        "score every setting "
         "with `medvar evaluate`'s metrics: FID with --inception-weights, else the structure FD when the store has a "
         "structure network, else --quality-metric. Without --grid the "
         "paper's cumulative rows (Baseline, + top-p 0.95, + top-k 900, + CFG 4); with --grid every combination. "
-        "Writes ablation.md/.csv/.json, one folder per setting and evaluation/.",
+        "A setting's value is the mean over the datasets, then over the seeds (± their sd); Δ is paired per seed. "
+        "Writes ablation.md/.csv/.json, one folder per setting and seed (finished ones are kept on a re-run) and "
+        "evaluation/.",
     )
     p.add_argument("--model", required=True, help="model.pt written by `medvar train`")
     p.add_argument("--real", required=True, help="slice store holding the dataset's training and held-out slices")
-    p.add_argument("--dataset", required=True, help="dataset name")
+    p.add_argument("--dataset", nargs="+", metavar="NAME", help="dataset names (default: all of the model's)")
     p.add_argument("--num", type=int, default=64, help="slices per setting (default 64)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
@@ -744,7 +751,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=V1,V2",
         help="settings as cfg=0,4 top_k=0,900 top_p=1,0.95 (top_k 0 = all codes; left-out options stay plain)",
     )
-    p.add_argument("--seed", type=int, default=42, help="generation seed for every setting (default 42)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        nargs="+",
+        default=[42],
+        metavar="SEED",
+        help="generation seeds, each for every setting (default 42); several give the spread over seeds",
+    )
     _evaluation_options(p)
     _runtime_options(p, batch_size=16)
     p.set_defaults(func=_ablate)

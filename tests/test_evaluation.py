@@ -168,11 +168,48 @@ def test_ablation_on_a_two_setting_grid(model_path, synthetic_store, tmp_path, o
     assert result["metric"] == "power_spectrum" and result["parameters"] > 0
     assert [(r["description"], r["cfg"]) for r in result["rows"]] == [("Baseline", 0.0), ("cfg=4", 4.0)]
     assert result["rows"][0]["delta"] == 0.0 and result["rows"][0]["top_k"] == 0
-    assert (out / "00_Baseline" / "set0.nii.gz").is_file() and (out / "evaluation" / "report.json").is_file()
+    assert result["rows"][0]["sd"] is None and list(result["rows"][1]["per_dataset"]) == ["set0"]
+    assert (out / "00_Baseline" / "seed42" / "set0.nii.gz").is_file() and (out / "evaluation" / "report.json").is_file()
     assert (
         "| Baseline |" in (out / "ablation.md").read_text()
         and len((out / "ablation.csv").read_text().splitlines()) == 3
     )
+
+
+def test_ablation_over_every_dataset_and_seeds_averages_pairs_and_resumes(
+    model_path, synthetic_store, tmp_path, offline_hub, monkeypatch
+):
+    """Two seeds over both datasets: a setting's value is the mean over seeds of the report's
+    overall row, its sd the spread over seeds, its Δ paired per seed; a re-run samples nothing again."""
+    from medvar_bundle.evaluation import ablate, ablation
+
+    out = tmp_path / "ablation"
+    options = dict(grid={"cfg": [0.0, 4.0]}, seeds=[3, 5], allow_download=False, batch_size=4, progress=False)
+    result = ablate(model_path, synthetic_store, None, 4, out, **options)
+    names = sorted(SliceStore(synthetic_store).datasets)
+    report = json.loads((out / "evaluation" / "report.json").read_text())["rows"]
+    metric = result["metric"]
+    assert result["datasets"] == names and result["seeds"] == [3, 5]
+    for row in result["rows"]:
+        per_seed = [report[f"{row['description']}, seed {s}"]["overall"][metric] for s in (3, 5)]
+        assert row["per_seed"] == {"3": per_seed[0], "5": per_seed[1]}
+        assert row["value"] == pytest.approx(np.mean(per_seed)) and row["sd"] == pytest.approx(np.std(per_seed, ddof=1))
+        assert row["value"] == pytest.approx(np.mean(list(row["per_dataset"].values())))
+    baseline, guided = result["rows"]
+    assert baseline["delta"] == 0 and baseline["delta_sd"] == 0
+    differences = [guided["per_seed"][s] - baseline["per_seed"][s] for s in ("3", "5")]
+    assert guided["delta"] == pytest.approx(np.mean(differences))
+    assert guided["delta_sd"] == pytest.approx(np.std(differences, ddof=1))
+    assert sorted(p.name for p in (out / "01_cfg=4").iterdir()) == ["seed3", "seed5"]
+    assert all(name in (out / "ablation.md").read_text() for name in names)
+
+    def must_not_sample(*args, **kwargs):
+        raise AssertionError("a finished setting was sampled again")
+
+    monkeypatch.setattr(ablation, "generate", must_not_sample)
+    assert ablate(model_path, synthetic_store, None, 4, out, **options)["rows"] == result["rows"]
+    with pytest.raises(AssertionError, match="sampled again"):
+        ablate(model_path, synthetic_store, None, 4, out, **{**options, "seeds": [7]})
 
 
 def test_bundle_config_runs_the_same_function(synthetic_store, heldout_folder, tmp_path, offline_hub):

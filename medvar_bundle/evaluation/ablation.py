@@ -1,25 +1,31 @@
-"""Inference-time ablation (paper §7, Table 4): one model and one seed under several sampling
-settings, each generated with :func:`~medvar_bundle.inference.generate` and scored by the same
-:class:`~medvar_bundle.evaluation.scores.Evaluator`."""
+"""Inference-time ablation (paper §7, Table 4): one model under several sampling settings, over
+one or more datasets and seeds, each generated with :func:`~medvar_bundle.inference.generate` and
+scored by the same :class:`~medvar_bundle.evaluation.scores.Evaluator`."""
 
 from __future__ import annotations
 
 import csv
 import io
 import itertools
+import json
+import logging
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from medvar_bundle.files import atomic_write_bytes, atomic_write_json
 from medvar_bundle.inference import GenerationRequests, generate
-from medvar_bundle.io import check_writable
+from medvar_bundle.io import SUMMARY_FILE, check_writable
 from medvar_bundle.model_file import load_model
 from medvar_bundle.sampling.medvar import SamplingOptions
 
-from .report import COLUMNS, format_cell, markdown_table
+from .report import COLUMNS, OVERALL, format_cell, markdown_table
 from .scores import load_evaluator
+
+logger = logging.getLogger(__name__)
 
 PLAIN = {"cfg": 0.0, "top_k": 0, "top_p": 1.0}
 """The reference setting: no guidance, no top-k (``top_k = 0`` keeps all V codes), no top-p."""
@@ -74,38 +80,80 @@ def _off(key: str, value: float) -> str:
     return "×" if value == PLAIN[key] else f"{value:g}"
 
 
+def _spread(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation over seeds (sd None for one seed; both None when a value is missing)."""
+    if not values or any(v is None for v in values):
+        return None, None
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
+def plus_minus(mean: float | None, sd: float | None, signed: bool = False) -> str:
+    """``"-12.3 ± 4.5"`` (``"–"`` for a missing mean; no ``±`` for one seed)."""
+    if mean is None:
+        return "–"
+    text = f"{mean:+.4g}" if signed else f"{mean:.4g}"
+    return text if sd is None else f"{text} ± {sd:.2g}"
+
+
 def ablation_tables(result: dict) -> tuple[str, str]:
     """``ablation.md`` and ``ablation.csv`` of an :func:`ablate` result."""
-    metric, rows = result["metric"], result["rows"]
+    metric, rows, names, seeds = result["metric"], result["rows"], result["datasets"], result["seeds"]
     header = ["Description", "Params", "CFG", "Top-p", "Top-k", COLUMNS[metric], "Δ", "s/image"]
     cells = [
         [row["description"], format_cell("parameters", result["parameters"]), _off("cfg", row["cfg"]),
-         _off("top_p", row["top_p"]), _off("top_k", row["top_k"]), format_cell(metric, row["value"]),
-         f"{row['delta']:+.4g}", format_cell("seconds_per_image", row["seconds_per_image"])]
+         _off("top_p", row["top_p"]), _off("top_k", row["top_k"]), plus_minus(row["value"], row["sd"]),
+         plus_minus(row["delta"], row["delta_sd"], signed=True),
+         format_cell("seconds_per_image", row["seconds_per_image"])]
         for row in rows
     ]  # fmt: skip
-    markdown = "\n\n".join([
-        f"# Sampling ablation: {result['dataset']}, seed {result['seed']}, {result['num']} slices",
+    what = names[0] if len(names) == 1 else f"{len(names)} datasets"
+    sections = [
+        f"# Sampling ablation: {what}, seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}, "
+        f"{result['num']} slices per dataset",
         markdown_table(header, cells),
-        f"Δ: change of {COLUMNS[metric]} against the Baseline row (lower is better); top-k × keeps all codes. "
-        f"Full report: `{result['evaluation']}`.",
-    ]) + "\n"  # fmt: skip
+        (f"{COLUMNS[metric]}: the mean over the datasets ({', '.join(names)}), " if len(names) > 1 else "")
+        + (f"mean ± sd over the {len(seeds)} seeds; " if len(seeds) > 1 else "")
+        + "Δ: change against the Baseline row (lower is better"
+        + ("; paired per seed, mean ± sd" if len(seeds) > 1 else "")
+        + f"); top-k × keeps all codes. Full report: `{result['evaluation']}`.",
+    ]
+    if len(names) > 1:
+        per_dataset = [
+            [row["description"], *(format_cell(metric, row["per_dataset"][n]) for n in names)] for row in rows
+        ]
+        sections += [f"## {COLUMNS[metric]} per dataset", markdown_table(["Description", *names], per_dataset)]
+    markdown = "\n\n".join(sections) + "\n"
     buffer = io.StringIO()
-    fields = ["description", "cfg", "top_p", "top_k", "value", "delta", "seconds_per_image", "folder"]
-    writer = csv.DictWriter(buffer, fields, lineterminator="\n")
+    fields = ["description", "cfg", "top_p", "top_k", "value", "sd", "delta", "delta_sd", "seconds_per_image", "folder"]
+    writer = csv.DictWriter(buffer, fields + names, lineterminator="\n")
     writer.writeheader()
-    writer.writerows({k: row[k] for k in fields} for row in rows)
+    writer.writerows({**{k: row[k] for k in fields}, **row["per_dataset"]} for row in rows)
     return markdown, buffer.getvalue()
+
+
+def _generated(
+    folder: Path, model: str | os.PathLike, num: int, seed: int, option: SamplingOptions, names: Sequence[str]
+) -> bool:
+    """Whether ``folder`` already holds these slices of ``model`` (its ``summary.json`` says so): a
+    killed ablation resumes without sampling again what it had finished."""
+    path = folder / SUMMARY_FILE
+    if not path.is_file():
+        return False
+    summary = json.loads(path.read_text())
+    wanted = {
+        "model": str(model), "num": num, "seed": seed, "cfg": option.cfg, "top_k": option.top_k, "top_p": option.top_p,
+    }  # fmt: skip
+    return all(summary.get(k) == v for k, v in wanted.items()) and set(names) <= set(summary.get("datasets", {}))
 
 
 def ablate(
     model: str | os.PathLike,
     real: str | os.PathLike,
-    dataset: str,
+    datasets: Sequence[str] | None,
     num: int,
     out_dir: str | os.PathLike,
     grid: dict[str, Sequence[float]] | None = None,
-    seed: int = 42,
+    seeds: Sequence[int] = (42,),
     inception_weights: str | os.PathLike | None = None,
     radimagenet_weights: str | os.PathLike | None = None,
     clip_weights: str | os.PathLike | None = None,
@@ -118,31 +166,40 @@ def ablate(
     bf16: bool = True,
     progress: bool = True,
 ) -> dict:
-    """Generate ``num`` slices of ``dataset`` under each sampling setting and tabulate one metric
-    and its change Δ against the plain setting (paper Table 4).
+    """Generate ``num`` slices of each dataset under each sampling setting and seed, and tabulate one
+    metric and its change Δ against the plain setting (paper Table 4), with its spread over seeds.
 
     Everything is checked (settings, model, store, weights) before sampling; ``top_k = 0`` becomes
-    the model's codebook size V. Each setting is generated with the same ``seed`` into
-    ``out_dir/NN_DESCRIPTION/``; all are evaluated together into ``out_dir/evaluation/`` (the full
-    report of :func:`evaluate_generation`, real floor included); the metric is the efficiency's
-    ``Q`` there: FID with InceptionV3 weights, else the structure FD when the store has a structure
-    network (``STORE/structure.pt``), else ``quality_metric``. Writes ``ablation.json``,
-    ``ablation.md`` and ``ablation.csv``.
+    the model's codebook size V. Each setting and seed is generated into
+    ``out_dir/NN_DESCRIPTION/seedS/`` (skipped when a previous run finished it there); all are
+    evaluated together into ``out_dir/evaluation/`` (the full report of
+    :func:`evaluate_generation`, real floor included, methods labelled ``DESCRIPTION, seed S``);
+    the metric is the efficiency's ``Q`` there: FID with InceptionV3 weights, else the structure
+    FD when the store has a structure network (``STORE/structure.pt``), else ``quality_metric``.
+    A setting's value is the report's overall row (the mean over the datasets) averaged over the
+    seeds; every seed samples each setting from the same noise, so Δ is paired per seed. Writes
+    ``ablation.json``, ``ablation.md`` and ``ablation.csv``.
 
     Args:
         model: a model file of ``medvar train``.
-        real: the slice store holding ``dataset``'s training and held-out slices.
+        real: the slice store holding the datasets' training and held-out slices.
+        datasets: dataset names of the model (None: all of them).
         grid: see :func:`ablation_settings` (None: the paper's cumulative rows).
-        seed: the generation seed, the same for every setting.
+        seeds: generation seeds, each used for every setting.
         Others: as :func:`~medvar_bundle.inference.generate` and :func:`evaluate_generation`.
 
     Returns:
-        The content of ``ablation.json``: ``metric``, ``parameters`` (the transformer's), and
-        ``rows`` (description, cfg, top_k, top_p, folder, value, delta, seconds_per_image).
+        The content of ``ablation.json``: ``metric``, ``parameters`` (the transformer's),
+        ``datasets``, ``seeds`` and ``rows`` (description, cfg, top_k, top_p, folder; ``value`` and
+        ``sd``: mean and standard deviation over seeds; ``delta`` and ``delta_sd`` likewise;
+        ``per_seed`` and ``per_dataset`` values; ``seconds_per_image``).
     """
     settings = ablation_settings(grid)
+    seeds = list(dict.fromkeys(int(s) for s in seeds))
     loaded = load_model(model)
-    GenerationRequests(loaded, [dataset], num, batch_size, seed)  # a bad request fails before any work
+    registry = loaded.datasets
+    names = list(datasets) if datasets else sorted(registry, key=lambda n: registry[n]["id"])
+    GenerationRequests(loaded, names, num, batch_size, seeds[0])  # a bad request fails before any work
     options = [SamplingOptions(s["cfg"], s["top_k"] or loaded.transformer.vocab_size, s["top_p"]) for _, s in settings]
     parameters = sum(p.numel() for p in loaded.transformer.parameters())
     del loaded
@@ -150,32 +207,48 @@ def ablate(
         real, None, inception_weights, radimagenet_weights, clip_weights, allow_download, max_slices, heldout_split,
         quality_metric, device=device,
     )  # fmt: skip
-    if dataset not in evaluator.registry:
+    absent = [n for n in names if n not in evaluator.registry]
+    if absent:
         raise ValueError(
-            f"dataset {dataset!r} is not in the store {real}; it has: {', '.join(sorted(evaluator.registry))}"
+            f"dataset {', '.join(map(repr, absent))} is not in the store {real}; it has: "
+            f"{', '.join(sorted(evaluator.registry))}"
         )
     out = Path(out_dir)
     check_writable(out)
 
-    folders = []
+    folders, runs, labels = [], [], []
     for i, ((label, _), option) in enumerate(zip(settings, options)):
         folders.append(out / f"{i:02d}_{re.sub(r'[^A-Za-z0-9=.-]+', '_', label).strip('_')}")
-        generate(
-            model, [dataset], num, folders[-1], cfg=option.cfg, top_k=option.top_k, top_p=option.top_p, seed=seed,
-            batch_size=batch_size, device=device, bf16=bf16, progress=progress,
-        )  # fmt: skip
-    labels = [label for label, _ in settings]
-    report = evaluator.evaluate(folders, out / "evaluation", labels, [dataset])
+        for seed in seeds:
+            runs.append(folders[-1] / f"seed{seed}")
+            labels.append(f"{label}, seed {seed}")
+            if _generated(runs[-1], model, num, seed, option, names):
+                logger.info("%s already sampled in %s", labels[-1], runs[-1])
+                continue
+            generate(
+                model, names, num, runs[-1], cfg=option.cfg, top_k=option.top_k, top_p=option.top_p, seed=seed,
+                batch_size=batch_size, device=device, bf16=bf16, progress=progress,
+            )  # fmt: skip
+    report = evaluator.evaluate(runs, out / "evaluation", labels, names)
     metric = evaluator.q_metric
-    scores = [report["rows"][label][dataset] for label in labels]
+
+    def scores(label: str, key: str = OVERALL, column: str = metric) -> list[float | None]:
+        return [(report["rows"][f"{label}, seed {seed}"].get(key) or {}).get(column) for seed in seeds]
+
+    baseline = scores(settings[0][0])
+    rows = []
+    for (label, setting), folder in zip(settings, folders):
+        values = scores(label)
+        deltas = [None if v is None or b is None else v - b for v, b in zip(values, baseline)]
+        rows.append({
+            "description": label, **setting, "folder": folder.name, **dict(zip(("value", "sd"), _spread(values))),
+            **dict(zip(("delta", "delta_sd"), _spread(deltas))), "per_seed": dict(zip(map(str, seeds), values)),
+            "per_dataset": {n: _spread(scores(label, n))[0] for n in names},
+            "seconds_per_image": _spread(scores(label, column="seconds_per_image"))[0],
+        })  # fmt: skip
     result = {
-        "model": str(model), "dataset": dataset, "num": num, "seed": seed, "metric": metric, "parameters": parameters,
-        "evaluation": str(out / "evaluation" / "report.md"),
-        "rows": [
-            {"description": label, **setting, "folder": folder.name, "value": row[metric],
-             "delta": row[metric] - scores[0][metric], "seconds_per_image": row["seconds_per_image"]}
-            for (label, setting), folder, row in zip(settings, folders, scores)
-        ],
+        "model": str(model), "datasets": names, "num": num, "seeds": seeds, "metric": metric,
+        "parameters": parameters, "evaluation": str(out / "evaluation" / "report.md"), "rows": rows,
     }  # fmt: skip
     markdown, table = ablation_tables(result)
     atomic_write_bytes(out / "ablation.md", markdown.encode())
