@@ -741,9 +741,9 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluation/.",
     )
     p.add_argument("--model", required=True, help="model.pt written by `medvar train`")
-    p.add_argument("--real", required=True, help="slice store holding the dataset's training and held-out slices")
+    p.add_argument("--real", required=True, help="slice store holding the datasets' training and held-out slices")
     p.add_argument("--dataset", nargs="+", metavar="NAME", help="dataset names (default: all of the model's)")
-    p.add_argument("--num", type=int, default=64, help="slices per setting (default 64)")
+    p.add_argument("--num", type=int, default=64, help="slices per dataset, setting and seed (default 64)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--grid",
