@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medvar_bundle.bundle_config import run_config
+from medvar_bundle.bundle_config import config_component, run_config
 from medvar_bundle.files import atomic_write_bytes, atomic_write_json
 from medvar_bundle.inference import generate
 from medvar_bundle.io import save_sample_grid, write_slice_stack
@@ -136,12 +136,14 @@ def _summary(folder: Path) -> dict:
 
 
 def sample_medvar(model: Path, folder: Path, args: argparse.Namespace) -> Path:
-    """``args.num`` MedVAR slices per dataset into ``folder`` (its ``summary.json`` carries the
-    transformer's ``parameters``)."""
-    if "parameters" in _summary(folder):
+    """``args.num`` MedVAR slices per dataset into ``folder`` with guidance ``args.cfg`` (its
+    ``summary.json`` carries the transformer's ``parameters``); samples already there under another
+    guidance are drawn again."""
+    summary = _summary(folder)
+    if "parameters" in summary and summary.get("cfg") == args.cfg:
         logger.info("MedVAR samples already in %s", folder)
         return folder
-    generate(model, None, args.num, folder, seed=args.seed, device=args.device)
+    generate(model, None, args.num, folder, seed=args.seed, device=args.device, cfg=args.cfg)
     return folder
 
 
@@ -355,11 +357,17 @@ def parse_args() -> argparse.Namespace:
         help="train MedVAR and the DDPM at the same time, one process each (each on --threads threads, "
         "default half the cores): each budget is then wall-clock minutes of each on its share of the machine",
     )
+    parser.add_argument(
+        "--cfg", type=float, help="MedVAR's classifier-free guidance (default: configs/inference.yaml's cfg)"
+    )
     parser.add_argument("--ddpm-sampler", choices=["ddpm", "ddim"], default="ddpm", help="DDPM sampler (default ddpm)")
     parser.add_argument("--ddpm-cfg", type=float, default=2.0, help="DDPM classifier-free guidance (default 2)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.cfg is None:
+        args.cfg = float(config_component("inference", "cfg"))
+    return args
 
 
 def main() -> int:
