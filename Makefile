@@ -19,8 +19,8 @@ TOKENIZER_STEPS ?= 2700
 TRANSFORMER_STEPS ?= 250
 SAMPLES ?= 16
 # MedVAR's classifier-free guidance in the demo and compare: 1 for the tiny preset after minutes of training (`medvar
-# ablate`, 3 seeds, 7 datasets: mean structure FD 193/119 at 5/15 min of training against 210/166 with the paper's
-# 4, docs/evaluation.md); `medvar generate` without --cfg keeps configs/inference.yaml's 4 (paper Table 4, d16)
+# ablate`, 3 seeds, 7 datasets: mean structure FD 193/119/127 at 5/15/30 min of training against 210/166/200 with
+# the paper's 4, docs/evaluation.md); `medvar generate` without --cfg keeps configs/inference.yaml's 4 (paper Table 4, d16)
 CFG ?= 1
 # compare: MedVAR and the DDPM baseline trained through these cumulative wall-clock budgets (minutes),
 # sampled and scored at each: the quality-vs-training-time curve (docs/evaluation.md)
