@@ -385,6 +385,13 @@ def write_summary(folder: str | os.PathLike, summary: dict) -> Path:
     return path
 
 
+def read_summary(folder: str | os.PathLike) -> dict:
+    """``folder/summary.json`` ({} when absent: generation was killed before it finished, or the
+    folder holds real slices)."""
+    path = Path(folder) / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 # --------------------------------------------------------------------------------------------
 # generated folders: reading
 # --------------------------------------------------------------------------------------------
@@ -448,6 +455,4 @@ def read_generated_folder(path: str | os.PathLike, label: str | None = None) -> 
     datasets = tuple(sorted(p.name.removesuffix(".nii.gz") for p in path.glob("*.nii.gz")))
     if not datasets:
         raise ValueError(f"{path}: no NAME.nii.gz stacks (the output of `medvar generate`)")
-    summary_file = path / SUMMARY_FILE
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    return GeneratedFolder(label or path.resolve().name, path, summary, datasets)
+    return GeneratedFolder(label or path.resolve().name, path, read_summary(path), datasets)

@@ -58,7 +58,7 @@ import torch
 from medvar_bundle.bundle_config import config_component, run_config
 from medvar_bundle.files import atomic_write_bytes, atomic_write_json
 from medvar_bundle.inference import generate
-from medvar_bundle.io import save_sample_grid, write_slice_stack
+from medvar_bundle.io import SUMMARY_FILE, read_summary, save_sample_grid, write_slice_stack
 from medvar_bundle.model_file import BASELINE_FILE, MODEL_FILE, load_baseline
 from medvar_bundle.sampling.ddpm import sample
 
@@ -129,17 +129,11 @@ def train_to_budgets(args: argparse.Namespace, out: Path) -> dict[float, dict[st
     return points
 
 
-def _summary(folder: Path) -> dict:
-    """A sample folder's ``summary.json`` ({} when absent)."""
-    path = folder / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def sample_medvar(model: Path, folder: Path, args: argparse.Namespace) -> Path:
     """``args.num`` MedVAR slices per dataset into ``folder`` with guidance ``args.cfg`` (its
     ``summary.json`` carries the transformer's ``parameters``); samples already there under another
     guidance are drawn again."""
-    summary = _summary(folder)
+    summary = read_summary(folder)
     if "parameters" in summary and summary.get("cfg") == args.cfg:
         logger.info("MedVAR samples already in %s", folder)
         return folder
@@ -150,15 +144,17 @@ def sample_medvar(model: Path, folder: Path, args: argparse.Namespace) -> Path:
 def first_slices(source: Path, num: int, folder: Path, registry: dict) -> Path:
     """The first ``num`` slices of every stack of the sample folder ``source``, written into
     ``folder`` (with ``source``'s summary): MedVAR at the DDPM's sample count, so that Fréchet
-    distances, which grow as a set shrinks, are also compared at equal numbers of slices."""
+    distances, which grow as a set shrinks, are also compared at equal numbers of slices. Cut again
+    when ``source`` was sampled anew."""
     from medvar_bundle.io import read_generated
 
-    if (folder / "summary.json").is_file():
+    kept = read_summary(folder)
+    if kept and kept == read_summary(source):  # cut from these very samples already
         return folder
     for stack in sorted(source.glob("*.nii.gz")):
         name = stack.name.removesuffix(".nii.gz")
         write_slice_stack(read_generated(stack, registry[name])[:num], registry[name], folder / stack.name)
-    atomic_write_bytes(folder / "summary.json", (source / "summary.json").read_bytes())
+    atomic_write_bytes(folder / SUMMARY_FILE, (source / SUMMARY_FILE).read_bytes())
     return folder
 
 
@@ -193,7 +189,7 @@ def sample_ddpm(baseline_file: Path, steps: int, num: int, folder: Path, args: a
         }
         summary["datasets"][name] = {"id": baseline.datasets[name]["id"], "seconds": seconds / len(names),
                                      "seconds_per_image": seconds / len(ids), "files": files}  # fmt: skip
-    atomic_write_json(folder / "summary.json", summary)
+    atomic_write_json(folder / SUMMARY_FILE, summary)
     logger.info("DDPM %d steps: %d slices in %.0f s -> %s", steps, len(ids), seconds, folder)
     return summary
 
@@ -207,7 +203,7 @@ def sample_ddpm_all(baseline: Path, samples: Path, args: argparse.Namespace) -> 
     order = sorted(args.ddpm_steps)
     for steps in order[-1:] + order[:-1]:
         folder = samples / f"ddpm-{steps}"
-        done = _summary(folder)
+        done = read_summary(folder)
         if "parameters" in done:
             logger.info("DDPM %d-step samples already in %s", steps, folder)
             folders.append(folder)
@@ -230,13 +226,15 @@ def sample_ddpm_all(baseline: Path, samples: Path, args: argparse.Namespace) -> 
 
 def evaluate(store: str, folders: list[Path], labels: list[str], out: Path, device: str) -> dict:
     """Score every sample folder against the store (the evaluation package is imported only here);
-    a report already in ``out`` that scored the same folders under the same labels is reused."""
+    a report already in ``out`` that scored the same folders under the same labels, after their
+    samples were last written, is reused."""
     from medvar_bundle.evaluation import evaluate_generation
 
     done = out / "report.json"
     if done.is_file():
         report = json.loads(done.read_text())
-        if report.get("methods") == {label: str(folder) for label, folder in zip(labels, folders)}:
+        newer = all(done.stat().st_mtime >= (f / SUMMARY_FILE).stat().st_mtime for f in folders)
+        if newer and report.get("methods") == {label: str(folder) for label, folder in zip(labels, folders)}:
             logger.info("evaluation already in %s", out)
             return report
     return evaluate_generation(store, [str(f) for f in folders], str(out), labels=labels, device=device)

@@ -54,6 +54,13 @@ def test_first_slices_keeps_the_first_num_slices_of_every_stack(compare, tmp_pat
     for name, stack in stacks.items():
         np.testing.assert_array_equal(read_generated(out / f"{name}.nii.gz", REGISTRY[name]), stack[:2])
     assert json.loads((out / "summary.json").read_text())["parameters"] == 7
+    resampled = {name: stack[::-1].copy() for name, stack in stacks.items()}  # the source drawn again (another cfg)
+    for name, stack in resampled.items():
+        write_slice_stack(stack, REGISTRY[name], source / f"{name}.nii.gz")
+    (source / "summary.json").write_text(json.dumps({"parameters": 7, "cfg": 1.0, "datasets": {}}))
+    compare.first_slices(source, 2, out, REGISTRY)
+    for name, stack in resampled.items():
+        np.testing.assert_array_equal(read_generated(out / f"{name}.nii.gz", REGISTRY[name]), stack[:2])
 
 
 def test_grid_shows_the_ddpm_chain_with_the_most_steps(compare, tmp_path):

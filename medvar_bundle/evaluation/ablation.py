@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import json
 import logging
 import os
 import re
@@ -18,7 +17,7 @@ import numpy as np
 
 from medvar_bundle.files import atomic_write_bytes, atomic_write_json
 from medvar_bundle.inference import GenerationRequests, generate
-from medvar_bundle.io import SUMMARY_FILE, check_writable
+from medvar_bundle.io import check_writable, read_summary
 from medvar_bundle.model_file import load_model
 from medvar_bundle.sampling.medvar import SamplingOptions
 
@@ -136,10 +135,7 @@ def _generated(
 ) -> bool:
     """Whether ``folder`` already holds these slices of ``model`` (its ``summary.json`` says so): a
     killed ablation resumes without sampling again what it had finished."""
-    path = folder / SUMMARY_FILE
-    if not path.is_file():
-        return False
-    summary = json.loads(path.read_text())
+    summary = read_summary(folder)
     wanted = {
         "model": str(model), "num": num, "seed": seed, "cfg": option.cfg, "top_k": option.top_k, "top_p": option.top_p,
     }  # fmt: skip
