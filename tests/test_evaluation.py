@@ -257,3 +257,30 @@ def test_precision_needs_only_the_training_sets_radii_and_recall_only_the_genera
     enough = SliceSet(train.slices, train.features)
     assert len(enough.slices) > PRECISION_RECALL_K
     assert score(train, heldout, enough)["structure_recall"] == 1.0
+
+
+def test_tradeoff_plot_names_every_method_once_in_one_colour_across_panels(tmp_path, monkeypatch):
+    """Eleven methods close together (make compare's DDPM step counts): a legend names each
+    method, not labels on overlapping bubbles, and a method has the same colour in every panel."""
+    import matplotlib.pyplot as plt
+
+    from medvar_bundle.evaluation import report as report_module
+
+    methods = [f"method {i}" for i in range(11)]
+    rows = {
+        label: {"overall": {"seconds_per_image": 1 + i / 10, "parameters": 10**6, "structure_fd": 100.0 + i,
+                            "histogram": 5.0 + i}}
+        for i, label in enumerate(methods)
+    }  # fmt: skip
+    rows[FLOOR] = {"overall": {"structure_fd": 50.0, "histogram": None}}
+    figures = []
+    monkeypatch.setattr(report_module, "save_figure", lambda fig, path: figures.append(fig) or Path(path))
+    report_module.plot_tradeoff({"rows": rows}, tmp_path / "tradeoff.png")
+    (fig,) = figures
+    *panels, legend_axis = fig.axes
+    assert [panel.get_ylabel() for panel in panels] == ["Struct. FD", "Hist. W1"]
+    assert [t.get_text() for t in legend_axis.get_legend().get_texts()] == [*methods, "real floor"]
+    assert all(not panel.texts for panel in panels)
+    colours = [[tuple(c.get_facecolor()[0][:3]) for c in panel.collections] for panel in panels]
+    assert colours[0] == colours[1] and len(set(colours[0])) == len(methods)
+    plt.close(fig)

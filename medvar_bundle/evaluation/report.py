@@ -21,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from medvar_bundle.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from medvar_bundle.visualize import save_figure, save_grid  # noqa: E402
@@ -144,7 +145,9 @@ def report_csv(report: dict) -> str:
 
 def plot_tradeoff(report: dict, path: str | os.PathLike) -> Path | None:
     """Fig. 7 style: each overall metric against seconds per image (log x), one bubble per method
-    with area ∝ parameters (a fixed size where unknown), the real floor as a dashed line.
+    with area ∝ parameters (a fixed size where unknown), the real floor as a dashed line. Each
+    method keeps one colour in every panel; a legend beside the panels names them (labels written
+    on the bubbles overlap where methods sit close).
 
     Returns:
         The PNG, or None when no method has both a time and a metric value.
@@ -156,31 +159,38 @@ def plot_tradeoff(report: dict, path: str | os.PathLike) -> Path | None:
         return None
     known = [rows[label][OVERALL]["parameters"] for label in methods if rows[label][OVERALL]["parameters"]]
     largest = max(known, default=1)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+    palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    colours = {label: palette(i % palette.N) for i, label in enumerate(methods)}
+    fig, axes = plt.subplots(
+        1, len(metrics) + 1, figsize=(4.2 * len(metrics) + 3.4, 3.6), squeeze=False,
+        gridspec_kw={"width_ratios": [1] * len(metrics) + [0.8]},
+    )  # fmt: skip
+    handles = [
+        Line2D([], [], marker="o", linestyle="", markersize=8, markerfacecolor=colours[label], markeredgecolor="k",
+               alpha=0.6, label=label)
+        for label in methods
+    ]  # fmt: skip
     for ax, metric in zip(axes[0], metrics):
         for label in methods:
             row = rows[label][OVERALL]
             if row.get(metric) is None:
                 continue
             area = 1200 * row["parameters"] / largest if row["parameters"] else 80
-            ax.scatter(row["seconds_per_image"], row[metric], s=max(area, 20), alpha=0.5, edgecolors="k")
-            ax.annotate(
-                label,
-                (row["seconds_per_image"], row[metric]),
-                xytext=(0, 9),
-                textcoords="offset points",
-                fontsize=7,
-                ha="center",
+            ax.scatter(
+                row["seconds_per_image"], row[metric], s=max(area, 20), color=colours[label], alpha=0.5, edgecolors="k"
             )
         floor = rows[FLOOR][OVERALL].get(metric)
         if floor is not None:
-            ax.axhline(floor, color="grey", linestyle="--", linewidth=1, label="real floor")
-            ax.legend(fontsize=7, loc="best")
+            ax.axhline(floor, color="grey", linestyle="--", linewidth=1)
         ax.set_xscale("log")
         ax.margins(x=0.3, y=0.2)
         ax.set_xlabel("seconds per image")
         ax.set_ylabel(COLUMNS[metric])
         ax.grid(True, which="both", alpha=0.3)
+    if any(rows[FLOOR][OVERALL].get(metric) is not None for metric in metrics):
+        handles.append(Line2D([], [], color="grey", linestyle="--", linewidth=1, label="real floor"))
+    axes[0, -1].axis("off")
+    axes[0, -1].legend(handles=handles, loc="center left", fontsize=7, frameon=False)
     fig.suptitle("Quality vs inference time (bubble area ∝ parameters)", fontsize=10)
     return save_figure(fig, path)
 
