@@ -164,6 +164,26 @@ def test_ms_ssim_diversity_scores_each_distinct_pair_once():
     assert singles <= {1.0, round(far, 4)}
 
 
+def test_ms_ssim_diversity_is_torchmetrics_value_on_either_convolution_backend():
+    """The diversity filters with PyTorch's own convolution instead of oneDNN's (faster for the
+    one-channel window): the value is torchmetrics' MS-SSIM computed the default way, averaged
+    over the three pairs of three textured slices, and the backend setting is left as it was."""
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+
+    rng = np.random.default_rng(3)
+    smooth = gaussian_filter(rng.normal(size=(3, 192, 192)), sigma=(0, 3, 3))
+    slices = np.clip(128 + 400 * smooth, 0, 255).astype(np.uint8)
+    unit = torch.from_numpy(slices).float().div(255).unsqueeze(1)
+    first, second = [0, 0, 1], [1, 2, 2]
+    expected = multiscale_structural_similarity_index_measure(
+        unit[first], unit[second], data_range=1.0, reduction="none"
+    ).mean()
+    enabled = torch.backends.mkldnn.enabled
+    assert 0.05 < float(expected) < 0.95
+    assert ms_ssim_diversity(slices) == pytest.approx(float(expected), abs=1e-5)
+    assert torch.backends.mkldnn.enabled == enabled
+
+
 def test_histogram_distance_is_the_wasserstein_1_distance_in_levels():
     """Known W1 distances in 8-bit levels: flat sets of levels 30 and 200 are 170 apart; a set
     brightened by 10 levels (no clipping) is 10 away; a flat set of level 20 (3 slices) and one slice

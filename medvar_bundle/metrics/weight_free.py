@@ -56,15 +56,19 @@ def ms_ssim_diversity(images: ArrayLike, pairs: int = 1000, seed: int = 0, batch
     if len(first) > pairs:
         chosen = np.sort(np.random.default_rng(seed).choice(len(first), pairs, replace=False))
         first, second = first[chosen], second[chosen]
-    scores = [
-        multiscale_structural_similarity_index_measure(
-            _unit_batch(x[first[s : s + batch_size]]),
-            _unit_batch(x[second[s : s + batch_size]]),
-            data_range=1.0,
-            reduction="none",
-        )
-        for s in range(0, len(first), batch_size)
-    ]
+    # torchmetrics filters each one-channel map with the 11×11 window by conv2d; on CPU oneDNN's
+    # kernel for that shape was 2.4× slower than PyTorch's own (one thread; 1.6× on two), with
+    # scores equal within 3e-5 (docs/evaluation.md, "Where the time goes")
+    with torch.backends.mkldnn.flags(enabled=False):
+        scores = [
+            multiscale_structural_similarity_index_measure(
+                _unit_batch(x[first[s : s + batch_size]]),
+                _unit_batch(x[second[s : s + batch_size]]),
+                data_range=1.0,
+                reduction="none",
+            )
+            for s in range(0, len(first), batch_size)
+        ]
     return float(torch.cat(scores).mean())
 
 
