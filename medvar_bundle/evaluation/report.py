@@ -146,8 +146,8 @@ def report_csv(report: dict) -> str:
 def plot_tradeoff(report: dict, path: str | os.PathLike) -> Path | None:
     """Fig. 7 style: each overall metric against seconds per image (log x), one bubble per method
     with area ∝ parameters (a fixed size where unknown), the real floor as a dashed line. Each
-    method keeps one colour in every panel; a legend beside the panels names them (labels written
-    on the bubbles overlap where methods sit close).
+    method keeps one colour in every panel (20 colours, repeated beyond); a legend beside the
+    panels names them (labels written on the bubbles overlap where methods sit close).
 
     Returns:
         The PNG, or None when no method has both a time and a metric value.
