@@ -58,7 +58,7 @@ import torch
 from medvar_bundle.bundle_config import config_component, run_config
 from medvar_bundle.files import atomic_write_bytes, atomic_write_json
 from medvar_bundle.inference import generate
-from medvar_bundle.io import SUMMARY_FILE, read_summary, save_sample_grid, write_slice_stack
+from medvar_bundle.io import SUMMARY_FILE, read_summary, save_sample_grid, write_slice_stack, write_summary
 from medvar_bundle.model_file import BASELINE_FILE, MODEL_FILE, load_baseline
 from medvar_bundle.sampling.ddpm import sample
 
@@ -148,13 +148,13 @@ def first_slices(source: Path, num: int, folder: Path, registry: dict) -> Path:
     when ``source`` was sampled anew."""
     from medvar_bundle.io import read_generated
 
-    kept = read_summary(folder)
-    if kept and kept == read_summary(source):  # cut from these very samples already
+    summary = read_summary(source)
+    if summary and read_summary(folder) == summary:  # cut from these very samples already
         return folder
     for stack in sorted(source.glob("*.nii.gz")):
         name = stack.name.removesuffix(".nii.gz")
         write_slice_stack(read_generated(stack, registry[name])[:num], registry[name], folder / stack.name)
-    atomic_write_bytes(folder / SUMMARY_FILE, (source / SUMMARY_FILE).read_bytes())
+    write_summary(folder, summary)
     return folder
 
 
@@ -189,7 +189,7 @@ def sample_ddpm(baseline_file: Path, steps: int, num: int, folder: Path, args: a
         }
         summary["datasets"][name] = {"id": baseline.datasets[name]["id"], "seconds": seconds / len(names),
                                      "seconds_per_image": seconds / len(ids), "files": files}  # fmt: skip
-    atomic_write_json(folder / SUMMARY_FILE, summary)
+    write_summary(folder, summary)
     logger.info("DDPM %d steps: %d slices in %.0f s -> %s", steps, len(ids), seconds, folder)
     return summary
 
