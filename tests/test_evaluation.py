@@ -259,6 +259,25 @@ def test_precision_needs_only_the_training_sets_radii_and_recall_only_the_genera
     assert score(train, heldout, enough)["structure_recall"] == 1.0
 
 
+def test_the_training_sets_power_spectrum_is_computed_once_for_every_method(monkeypatch):
+    """A dataset's training set is scored against every method (10 in make compare): its spectrum
+    is computed once, and each method's distance is what the metric gives on the slices."""
+    from medvar_bundle.evaluation import scores
+    from medvar_bundle.metrics import power_spectrum_distance, radial_power_spectrum
+
+    calls = []
+    monkeypatch.setattr(scores, "radial_power_spectrum", lambda x: calls.append(len(x)) or radial_power_spectrum(x))
+    rng = np.random.default_rng(0)
+    train = scores.SliceSet(rng.integers(0, 256, (6, 32, 32), dtype=np.uint8))
+    heldout = scores.SliceSet(rng.integers(0, 256, (3, 32, 32), dtype=np.uint8))
+    methods = [scores.SliceSet(rng.integers(0, 64 * k, (2 + k, 32, 32), dtype=np.uint8)) for k in (1, 2, 4)]
+    rows = [scores.score(train, heldout, fake) for fake in methods]
+    assert calls == [6, 3, 4, 6]  # the training set once, then each method's own slices
+    for row, fake in zip(rows, methods):
+        assert row["power_spectrum"] == pytest.approx(power_spectrum_distance(train.slices, fake.slices), rel=1e-12)
+    assert rows[0]["power_spectrum"] != rows[1]["power_spectrum"]
+
+
 def test_tradeoff_plot_names_every_method_once_in_one_colour_across_panels(tmp_path, monkeypatch):
     """Eleven methods close together (make compare's DDPM step counts): a legend names each
     method, not labels on overlapping bubbles, and a method has the same colour in every panel."""

@@ -30,6 +30,7 @@ from .weight_free import (
     ms_ssim_diversity,
     power_spectrum_distance,
     radial_power_spectrum,
+    spectrum_distance,
 )
 
 __all__ = [
@@ -55,5 +56,6 @@ __all__ = [
     "power_spectrum_distance",
     "radial_power_spectrum",
     "real_vs_real_floor",
+    "spectrum_distance",
     "store_slices",
 ]
