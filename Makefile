@@ -7,14 +7,16 @@ DEMO ?= runs/demo
 WORKERS ?= 2
 # tokenizer: 1500 autoencoder warm-up steps on 128² crops, 1000 quantized steps on 128² crops (each with
 # the crop's scale schedule), then 200 quantized steps on whole slices, codes learnt by online k-means
-# (docs/tokenizer.md, "Levers")
-# TOKENIZER_WARMUP=6000 TOKENIZER_CROP_STEPS=4000 TOKENIZER_STEPS=10800: four times the steps (a 29-minute tokenizer
-# and a 37-minute demo in a fresh clone, against 9 and 18); it gave 26.78 dB held out instead of 26.0, every
-# group with more than one held-out slice at 26.17 dB or more, over the 26 dB floor (docs/tokenizer.md,
-# "Four times the steps")
-TOKENIZER_WARMUP ?= 1500
-TOKENIZER_CROP_STEPS ?= 1000
-TOKENIZER_STEPS ?= 2700
+# (docs/tokenizer.md, "Levers"). TOKENIZER_TIMES=N multiplies the three step counts: 3 gave 26.69 dB held out
+# instead of 26.0 and every group with more than one held-out slice over the 26 dB floor (MR leg 26.01) in a
+# 19-minute tokenizer against about 8; 4 gave 26.78 dB (MR leg 26.17) in a 37-minute demo in a fresh clone,
+# against 18 (docs/tokenizer.md, "Four times the steps")
+TOKENIZER_TIMES ?= 1
+tokenizer_steps = $(if $(shell echo '$(TOKENIZER_TIMES)' | grep -xE '[1-9][0-9]*'),$(shell expr $(1) \* $(TOKENIZER_TIMES)),$\
+	$(error TOKENIZER_TIMES must be a positive whole number, got '$(TOKENIZER_TIMES)'))
+TOKENIZER_WARMUP ?= $(call tokenizer_steps,1500)
+TOKENIZER_CROP_STEPS ?= $(call tokenizer_steps,1000)
+TOKENIZER_STEPS ?= $(call tokenizer_steps,2700)
 # transformer: tiny preset, batch 8, peak LR 3e-3 (--lr is per 256 images: 0.096 x 8/256)
 TRANSFORMER_STEPS ?= 250
 SAMPLES ?= 16

@@ -1,0 +1,47 @@
+"""The Makefile's demo knobs, read with ``make -n`` (commands printed, nothing run)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dry_run(*variables: str) -> subprocess.CompletedProcess:
+    """``make -n demo VARIABLES``, without the calling make's flags or a knob set in the environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS", "TOKENIZER_"))}
+    return subprocess.run(["make", "-n", "-C", str(ROOT), "demo", *variables], capture_output=True, text=True, env=env)
+
+
+def tokenizer_steps(output: str) -> dict[str, int]:
+    """The step flags of the printed ``medvar train-tokenizer`` command."""
+    command = " ".join(output.split("train-tokenizer", 1)[1].split("evaluate-tokenizer", 1)[0].split())
+    flags = re.findall(r"--(max-steps|ae-warmup|quantized-crop-steps) (\d+)", command)
+    return {flag: int(value) for flag, value in flags}
+
+
+@pytest.mark.parametrize("times", [1, 3])
+def test_tokenizer_times_multiplies_the_three_step_counts(times):
+    done = dry_run(f"TOKENIZER_TIMES={times}")
+    assert done.returncode == 0, done.stderr
+    assert tokenizer_steps(done.stdout) == {
+        "max-steps": 2700 * times, "ae-warmup": 1500 * times, "quantized-crop-steps": 1000 * times,
+    }  # fmt: skip
+
+
+def test_a_step_count_given_by_name_wins_over_the_multiplier():
+    done = dry_run("TOKENIZER_TIMES=3", "TOKENIZER_STEPS=9000")
+    assert tokenizer_steps(done.stdout) == {"max-steps": 9000, "ae-warmup": 4500, "quantized-crop-steps": 3000}
+
+
+@pytest.mark.parametrize("times", ["2.5", "0", "x"])
+def test_a_multiplier_that_is_not_a_positive_whole_number_stops_with_one_line(times):
+    done = dry_run(f"TOKENIZER_TIMES={times}")
+    assert done.returncode != 0
+    assert f"TOKENIZER_TIMES must be a positive whole number, got '{times}'" in done.stderr
+    assert "train-tokenizer" not in done.stdout
