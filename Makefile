@@ -31,6 +31,8 @@ COMPARE_NUM ?= 32
 DDPM_STEPS ?= 10 20 30 50 100
 DDPM_NUM ?= 2
 DDPM_MINUTES ?= 40
+# seed of both trainings and of their samples: a second run with another seed gives the curve's run-to-run spread
+COMPARE_SEED ?= 0
 
 .PHONY: install demo test bench compare bundle clean-demo
 
@@ -76,7 +78,7 @@ compare: install
 	test -f $(DEMO)/store/structure.pt || $(BIN)/medvar train-structure --store $(DEMO)/store --quiet
 	$(BIN)/python scripts/compare.py --store $(DEMO)/store --tokenizer $(DEMO)/tokenizer/tokenizer.pt --out $(DEMO)/compare --cfg $(CFG) \
 		--minutes $(COMPARE_MINUTES) --num $(COMPARE_NUM) --ddpm-steps $(DDPM_STEPS) --ddpm-num $(DDPM_NUM) \
-		--ddpm-minutes $(DDPM_MINUTES) --parallel
+		--ddpm-minutes $(DDPM_MINUTES) --seed $(COMPARE_SEED) --parallel
 
 # the model-zoo zip (configs, models, docs, LICENSE, large_files.yml, package code); MODELS=DIR adds its weights
 bundle: install
