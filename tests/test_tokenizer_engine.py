@@ -55,6 +55,21 @@ def test_training_writes_tokenizer_checkpoints_metrics_and_pictures(trained):
     assert any((out / "tensorboard").iterdir())
 
 
+def test_the_reconstruction_picture_shows_every_dataset_from_mid_volume_not_edge_slices():
+    from types import SimpleNamespace
+
+    from medvar_bundle.engines.tokenizer import picture_slices
+
+    # dataset 0: slices 0-4 at positions 0, 1/4, 1/2, 3/4, 1; dataset 1: 5-7 at 0, 1/2, 1; dataset 2: slice 8 alone
+    store = SimpleNamespace(
+        dataset_ids=np.array([0] * 5 + [1] * 3 + [2]), positions=np.array([0, 0.25, 0.5, 0.75, 1, 0, 0.5, 1, 0])
+    )
+    assert picture_slices(store, 3).tolist() == [2, 6, 8]  # one each, the middle of the volume
+    assert picture_slices(store, 2).tolist() == [2, 6]  # the first datasets get the slices
+    # two each for datasets 0 and 1, at 1/3 and 2/3; dataset 1's nearest slice is the same for both
+    assert picture_slices(store, 5).tolist() == [1, 3, 6, 8]
+
+
 def _weights(path):
     return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
 

@@ -162,16 +162,36 @@ def evaluate_tokenizer(
     return result
 
 
+def picture_slices(store: SliceStore, n: int) -> np.ndarray:
+    """Indices of at most ``n`` slices that show every dataset of ``store``: ``n`` shared out over
+    the datasets in id order (the first ones get one more when it does not divide), and each
+    dataset's ``k`` slices the ones nearest positions ``1/(k+1) … k/(k+1)`` along its volumes' body
+    axis (:attr:`SliceStore.positions`): the middle of a volume for one slice, never an edge slice
+    with little in it. Fewer when a dataset has fewer slices than its share."""
+    ids = np.unique(store.dataset_ids)
+    picks: list[int] = []
+    for rank, dataset in enumerate(ids):
+        members = np.flatnonzero(store.dataset_ids == dataset)
+        k = n // len(ids) + (rank < n % len(ids))
+        targets = np.arange(1, k + 1) / (k + 1)
+        nearest = members[np.abs(store.positions[members][None, :] - targets[:, None]).argmin(axis=1)]
+        picks += list(dict.fromkeys(nearest.tolist()))  # in target order, each slice once
+    return np.asarray(picks[:n], dtype=np.int64)
+
+
 def save_validation_pictures(
     model: MultiScaleVQVAE, store: SliceStore, counts: np.ndarray, out_dir: Path, device, bf16: bool, n: int = 8
 ) -> None:
-    """``reconstructions.png`` (originals above reconstructions) and ``codebook_usage.png``."""
-    pick = np.linspace(0, len(store) - 1, num=min(n, len(store))).astype(int)
+    """``reconstructions.png`` (originals above reconstructions of :func:`picture_slices`, their
+    datasets named in the title) and ``codebook_usage.png``."""
+    pick = picture_slices(store, n)
     batch = torch.stack([store[int(i)]["image"] for i in pick])
     x = model_input(batch, device)
     with torch.no_grad(), autocast(device, bf16):
         recon = model.decode(model.encode(x))
-    save_reconstructions(batch.numpy(), to_uint8(recon)[:, 0].cpu().numpy(), out_dir / "reconstructions.png")
+    names = {entry["id"]: name for name, entry in store.datasets.items()}
+    title = "columns: " + ", ".join(names[int(store.dataset_ids[i])] for i in pick)
+    save_reconstructions(batch.numpy(), to_uint8(recon)[:, 0].cpu().numpy(), out_dir / "reconstructions.png", title)
     save_usage_heatmap(
         counts, out_dir / "codebook_usage.png", [f"scale {k + 1} ({p}²)" for k, p in enumerate(model.patch_nums)]
     )
