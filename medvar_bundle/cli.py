@@ -749,7 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--grid",
         nargs="+",
         metavar="KEY=V1,V2",
-        help="settings as cfg=0,4 top_k=0,900 top_p=1,0.95 (top_k 0 = all codes; left-out options stay plain)",
+        help="settings as cfg=0,4 top_k=0,900 top_p=1,0.95 temperature=1,0.8 (top_k 0 = all codes; left-out options "
+        "stay plain)",
     )
     p.add_argument(
         "--seed",

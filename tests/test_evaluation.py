@@ -149,12 +149,13 @@ def test_locally_saved_extractor_weights_give_fid_kid_and_cmmd(synthetic_store, 
 def test_paper_ablation_rows_are_cumulative():
     rows = ablation_settings()
     assert [label for label, _ in rows] == ["Baseline", "+ top-p", "+ top-k", "+ CFG"]
-    assert rows[0][1] == {"cfg": 0.0, "top_k": 0, "top_p": 1.0} and rows[-1][1] == {
+    assert rows[0][1] == {"cfg": 0.0, "top_k": 0, "top_p": 1.0, "temperature": 1.0} and rows[-1][1] == {
         "cfg": 4.0,
         "top_k": 900,
         "top_p": 0.95,
+        "temperature": 1.0,
     }
-    with pytest.raises(ValueError, match="options must be cfg, top_k, top_p"):
+    with pytest.raises(ValueError, match="options must be cfg, top_k, top_p, temperature"):
         ablation_settings({"beam": [1, 2]})
 
 
@@ -210,6 +211,29 @@ def test_ablation_over_every_dataset_and_seeds_averages_pairs_and_resumes(
     assert ablate(model_path, synthetic_store, None, 4, out, **options)["rows"] == result["rows"]
     with pytest.raises(AssertionError, match="sampled again"):
         ablate(model_path, synthetic_store, None, 4, out, **{**options, "seeds": [7]})
+
+
+def test_ablation_temperature_reaches_the_sampler(model_path, synthetic_store, tmp_path, offline_hub):
+    """Each temperature of the grid is what its folders were sampled with; near 0 sampling is greedy,
+    so two seeds draw nearly the same slices, far closer than at temperature 1."""
+    from medvar_bundle.evaluation import ablate
+    from medvar_bundle.io import read_summary
+
+    out = tmp_path / "ablation"
+    options = dict(grid={"temperature": [1.0, 1e-4]}, seeds=[3, 5], allow_download=False, batch_size=4, bf16=False)
+    result = ablate(model_path, synthetic_store, ["set0"], 4, out, progress=False, **options)
+    assert [(r["description"], r["temperature"]) for r in result["rows"]] == [
+        ("Baseline", 1.0), ("temperature=0.0001", 1e-4),
+    ]  # fmt: skip
+    table = (out / "ablation.md").read_text()
+    assert "| Temp. |" in table and "| 0.0001 |" in table
+    registry = SliceStore(synthetic_store).datasets
+    differing = {}
+    for folder, temperature in (("00_Baseline", 1.0), ("01_temperature=0.0001", 1e-4)):
+        assert [read_summary(out / folder / f"seed{s}")["temperature"] for s in (3, 5)] == [temperature] * 2
+        a, b = (read_generated(out / folder / f"seed{s}" / "set0.nii.gz", registry["set0"]) for s in (3, 5))
+        differing[temperature] = np.mean(a != b)
+    assert differing[1e-4] < differing[1.0] / 2
 
 
 def test_bundle_config_runs_the_same_function(synthetic_store, heldout_folder, tmp_path, offline_hub):

@@ -26,8 +26,8 @@ from .scores import load_evaluator
 
 logger = logging.getLogger(__name__)
 
-PLAIN = {"cfg": 0.0, "top_k": 0, "top_p": 1.0}
-"""The reference setting: no guidance, no top-k (``top_k = 0`` keeps all V codes), no top-p."""
+PLAIN = {"cfg": 0.0, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
+"""The reference setting: no guidance, no top-k (``top_k = 0`` keeps all V codes), no top-p, softmax temperature 1."""
 
 PAPER_ROWS = (
     ("Baseline", {}),
@@ -60,7 +60,7 @@ def ablation_settings(grid: dict[str, Sequence[float]] | None = None) -> list[tu
     """The ``(description, setting)`` rows, the plain setting first.
 
     Args:
-        grid: sampling option (``cfg``, ``top_k``, ``top_p``) → values; every combination is a row
+        grid: sampling option (``cfg``, ``top_k``, ``top_p``, ``temperature``) → values; every combination is a row
             and options it leaves out stay plain. None: the paper's cumulative rows
             (Baseline, + top-p 0.95, + top-k 900, + CFG 4).
     """
@@ -97,10 +97,11 @@ def plus_minus(mean: float | None, sd: float | None, signed: bool = False) -> st
 def ablation_tables(result: dict) -> tuple[str, str]:
     """``ablation.md`` and ``ablation.csv`` of an :func:`ablate` result."""
     metric, rows, names, seeds = result["metric"], result["rows"], result["datasets"], result["seeds"]
-    header = ["Description", "Params", "CFG", "Top-p", "Top-k", COLUMNS[metric], "Δ", "s/image"]
+    header = ["Description", "Params", "CFG", "Top-p", "Top-k", "Temp.", COLUMNS[metric], "Δ", "s/image"]
     cells = [
         [row["description"], format_cell("parameters", result["parameters"]), _off("cfg", row["cfg"]),
-         _off("top_p", row["top_p"]), _off("top_k", row["top_k"]), plus_minus(row["value"], row["sd"]),
+         _off("top_p", row["top_p"]), _off("top_k", row["top_k"]), _off("temperature", row["temperature"]),
+         plus_minus(row["value"], row["sd"]),
          plus_minus(row["delta"], row["delta_sd"], signed=True),
          format_cell("seconds_per_image", row["seconds_per_image"])]
         for row in rows
@@ -123,7 +124,19 @@ def ablation_tables(result: dict) -> tuple[str, str]:
         sections += [f"## {COLUMNS[metric]} per dataset", markdown_table(["Description", *names], per_dataset)]
     markdown = "\n\n".join(sections) + "\n"
     buffer = io.StringIO()
-    fields = ["description", "cfg", "top_p", "top_k", "value", "sd", "delta", "delta_sd", "seconds_per_image", "folder"]
+    fields = [
+        "description",
+        "cfg",
+        "top_p",
+        "top_k",
+        "temperature",
+        "value",
+        "sd",
+        "delta",
+        "delta_sd",
+        "seconds_per_image",
+        "folder",
+    ]
     writer = csv.DictWriter(buffer, fields + names, lineterminator="\n")
     writer.writeheader()
     writer.writerows({**{k: row[k] for k in fields}, **row["per_dataset"]} for row in rows)
@@ -138,6 +151,7 @@ def _generated(
     summary = read_summary(folder)
     wanted = {
         "model": str(model), "num": num, "seed": seed, "cfg": option.cfg, "top_k": option.top_k, "top_p": option.top_p,
+        "temperature": option.temperature,
     }  # fmt: skip
     return all(summary.get(k) == v for k, v in wanted.items()) and set(names) <= set(summary.get("datasets", {}))
 
@@ -186,7 +200,7 @@ def ablate(
 
     Returns:
         The content of ``ablation.json``: ``metric``, ``parameters`` (the transformer's),
-        ``datasets``, ``seeds`` and ``rows`` (description, cfg, top_k, top_p, folder; ``value`` and
+        ``datasets``, ``seeds`` and ``rows`` (description, cfg, top_k, top_p, temperature, folder; ``value`` and
         ``sd``: mean and standard deviation over seeds; ``delta`` and ``delta_sd`` likewise;
         ``per_seed`` and ``per_dataset`` values; ``seconds_per_image``).
     """
@@ -196,7 +210,10 @@ def ablate(
     registry = loaded.datasets
     names = list(datasets) if datasets else sorted(registry, key=lambda n: registry[n]["id"])
     GenerationRequests(loaded, names, num, batch_size, seeds[0])  # a bad request fails before any work
-    options = [SamplingOptions(s["cfg"], s["top_k"] or loaded.transformer.vocab_size, s["top_p"]) for _, s in settings]
+    options = [
+        SamplingOptions(s["cfg"], s["top_k"] or loaded.transformer.vocab_size, s["top_p"], s["temperature"])
+        for _, s in settings
+    ]
     parameters = sum(p.numel() for p in loaded.transformer.parameters())
     del loaded
     evaluator = load_evaluator(
@@ -222,8 +239,9 @@ def ablate(
                 logger.info("%s already sampled in %s", labels[-1], runs[-1])
                 continue
             generate(
-                model, names, num, runs[-1], cfg=option.cfg, top_k=option.top_k, top_p=option.top_p, seed=seed,
-                batch_size=batch_size, device=device, bf16=bf16, progress=progress,
+                model, names, num, runs[-1], cfg=option.cfg, top_k=option.top_k, top_p=option.top_p,
+                temperature=option.temperature, seed=seed, batch_size=batch_size, device=device, bf16=bf16,
+                progress=progress,
             )  # fmt: skip
     report = evaluator.evaluate(runs, out / "evaluation", labels, names)
     metric = evaluator.q_metric
