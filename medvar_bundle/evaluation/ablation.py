@@ -124,19 +124,7 @@ def ablation_tables(result: dict) -> tuple[str, str]:
         sections += [f"## {COLUMNS[metric]} per dataset", markdown_table(["Description", *names], per_dataset)]
     markdown = "\n\n".join(sections) + "\n"
     buffer = io.StringIO()
-    fields = [
-        "description",
-        "cfg",
-        "top_p",
-        "top_k",
-        "temperature",
-        "value",
-        "sd",
-        "delta",
-        "delta_sd",
-        "seconds_per_image",
-        "folder",
-    ]
+    fields = ["description", *PLAIN, "value", "sd", "delta", "delta_sd", "seconds_per_image", "folder"]
     writer = csv.DictWriter(buffer, fields + names, lineterminator="\n")
     writer.writeheader()
     writer.writerows({**{k: row[k] for k in fields}, **row["per_dataset"]} for row in rows)
