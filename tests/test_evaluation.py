@@ -283,6 +283,16 @@ def test_precision_needs_only_the_training_sets_radii_and_recall_only_the_genera
     assert score(train, heldout, enough)["structure_recall"] == 1.0
 
 
+def test_the_sample_grid_shows_held_out_slices_spread_over_the_body_axis():
+    """Until 0.8.1 the grid's real row was the first 8 held-out slices: the bottom of one volume,
+    for the MNI template 8 near-empty slices below the brain."""
+    from medvar_bundle.evaluation.scores import grid_picks
+
+    assert grid_picks(80).tolist() == [5, 15, 25, 35, 45, 55, 65, 75]
+    assert grid_picks(3).tolist() == [0, 1, 2] and grid_picks(1).tolist() == [0]
+    assert grid_picks(100, 4).tolist() == [12, 37, 62, 87]
+
+
 def test_the_training_sets_power_spectrum_is_computed_once_for_every_method(monkeypatch):
     """A dataset's training set is scored against every method (10 in make compare): its spectrum
     is computed once, and each method's distance is what the metric gives on the slices."""

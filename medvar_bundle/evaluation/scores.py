@@ -67,6 +67,16 @@ AVERAGED = (
 """Columns whose overall value is the mean over datasets."""
 
 GRID_SLICES = 8
+"""Slices of each set in the ``samples_NAME.png`` grids."""
+
+
+def grid_picks(num_slices: int, count: int = GRID_SLICES) -> np.ndarray:
+    """Indices of ``count`` held-out slices for a sample grid, at the centres of ``count`` equal
+    runs of the set (which is in store order, volume by volume from the lowest slice): spread over
+    the body axis, never the near-empty first and last slices of a volume."""
+    count = min(count, num_slices)
+    return ((np.arange(count) + 0.5) * num_slices / count).astype(np.int64)
+
 
 PRECISION_RECALL_K = 3
 """k of the k-NN precision / recall (Kynkäänniemi et al., 2019)."""
@@ -311,7 +321,7 @@ class Evaluator:
         self, name: str, folders: Sequence[GeneratedFolder]
     ) -> tuple[dict[str, dict | None], list[tuple[str, np.ndarray]]]:
         """One dataset: the row of each folder (None without a stack of it) and of the floor, and
-        the sample-grid rows ``(title, uint8 (n, S, S))``, held-out real slices first."""
+        the sample-grid rows ``(title, uint8 (n, S, S))``, held-out real slices (:func:`grid_picks`) first."""
         train, heldout = (
             self.slice_set(store_slices(self.real, split, name, self.max_slices, self.seed))
             for split in ("training", self.heldout_split)
@@ -320,7 +330,7 @@ class Evaluator:
             "evaluate %s: %d training, %d %s slices", name, len(train.slices), len(heldout.slices), self.heldout_split
         )
         rows: dict[str, dict | None] = {}
-        samples = [(f"real ({self.heldout_split})", heldout.slices[:GRID_SLICES])]
+        samples = [(f"real ({self.heldout_split})", heldout.slices[grid_picks(len(heldout.slices))])]
         for folder in folders:
             rows[folder.label] = None
             if name in folder.datasets:
