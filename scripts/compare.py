@@ -130,14 +130,16 @@ def train_to_budgets(args: argparse.Namespace, out: Path) -> dict[float, dict[st
 
 
 def sample_medvar(model: Path, folder: Path, args: argparse.Namespace) -> Path:
-    """``args.num`` MedVAR slices per dataset into ``folder`` with guidance ``args.cfg`` (its
-    ``summary.json`` carries the transformer's ``parameters``); samples already there under another
-    guidance are drawn again."""
+    """``args.num`` MedVAR slices per dataset into ``folder`` with guidance ``args.cfg`` and softmax
+    temperature ``args.temperature`` (its ``summary.json`` carries the transformer's ``parameters``);
+    samples already there under another guidance or temperature are drawn again."""
     summary = read_summary(folder)
-    if "parameters" in summary and summary.get("cfg") == args.cfg:
+    if "parameters" in summary and (summary.get("cfg"), summary.get("temperature")) == (args.cfg, args.temperature):
         logger.info("MedVAR samples already in %s", folder)
         return folder
-    generate(model, None, args.num, folder, seed=args.seed, device=args.device, cfg=args.cfg)
+    generate(
+        model, None, args.num, folder, seed=args.seed, device=args.device, cfg=args.cfg, temperature=args.temperature
+    )
     return folder
 
 
@@ -358,13 +360,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--cfg", type=float, help="MedVAR's classifier-free guidance (default: configs/inference.yaml's cfg)"
     )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        help="MedVAR's softmax temperature (default: configs/inference.yaml's temperature)",
+    )
     parser.add_argument("--ddpm-sampler", choices=["ddpm", "ddim"], default="ddpm", help="DDPM sampler (default ddpm)")
     parser.add_argument("--ddpm-cfg", type=float, default=2.0, help="DDPM classifier-free guidance (default 2)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.cfg is None:
-        args.cfg = float(config_component("inference", "cfg"))
+    for option in ("cfg", "temperature"):
+        if getattr(args, option) is None:
+            setattr(args, option, float(config_component("inference", option)))
     return args
 
 
