@@ -24,6 +24,11 @@ SAMPLES ?= 16
 # ablate`, 3 seeds, 7 datasets: mean structure FD 193/119/127 at 5/15/30 min of training against 210/166/200 with
 # the paper's 4, docs/evaluation.md); `medvar generate` without --cfg keeps configs/inference.yaml's 4 (paper Table 4, d16)
 CFG ?= 1
+# MedVAR's softmax temperature in the demo and compare: 0.6 for the tiny preset after minutes of training (`medvar
+# ablate`, 2 seeds, the 5/15/30-minute models of a compare run: mean structure FD 132.5/99.9/74.4 against
+# 194.8/112.3/94.0 at 1, at the price of diversity: MS-SSIM +0.06 to +0.12; docs/evaluation.md); `medvar generate`
+# without --temperature keeps configs/inference.yaml's 1 (VAR)
+TEMPERATURE ?= 0.6
 # compare: MedVAR and the DDPM baseline trained through these cumulative wall-clock budgets (minutes),
 # sampled and scored at each: the quality-vs-training-time curve (docs/evaluation.md)
 COMPARE_MINUTES ?= 5 15 30
@@ -57,7 +62,8 @@ demo: install
 	$(BIN)/medvar tokenize --tokenizer $(DEMO)/tokenizer/tokenizer.pt --store $(DEMO)/store --force
 	$(BIN)/medvar train --store $(DEMO)/store --tokenizer $(DEMO)/tokenizer/tokenizer.pt --out $(DEMO)/transformer \
 		--preset tiny --max-steps $(TRANSFORMER_STEPS) --batch-size 8 --lr 0.096 --warmup 20 --val-every 125 --checkpoint-every 50
-	$(BIN)/medvar generate --model $(DEMO)/transformer/model.pt --num $(SAMPLES) --out $(DEMO)/samples --progression --cfg $(CFG)
+	$(BIN)/medvar generate --model $(DEMO)/transformer/model.pt --num $(SAMPLES) --out $(DEMO)/samples --progression --cfg $(CFG) \
+		--temperature $(TEMPERATURE)
 	@echo "demo: store $(DEMO)/store (preview $(DEMO)/store_preview.png);"
 	@echo "      tokenizer $(DEMO)/tokenizer/tokenizer.pt"
 	@echo "      held-out tokenizer metrics $(DEMO)/tokenizer/heldout_metrics.json, pictures in $(DEMO)/tokenizer/validation/"
@@ -77,6 +83,7 @@ bench: install
 compare: install
 	test -f $(DEMO)/store/structure.pt || $(BIN)/medvar train-structure --store $(DEMO)/store --quiet
 	$(BIN)/python scripts/compare.py --store $(DEMO)/store --tokenizer $(DEMO)/tokenizer/tokenizer.pt --out $(DEMO)/compare --cfg $(CFG) \
+		--temperature $(TEMPERATURE) \
 		--minutes $(COMPARE_MINUTES) --num $(COMPARE_NUM) --ddpm-steps $(DDPM_STEPS) --ddpm-num $(DDPM_NUM) \
 		--ddpm-minutes $(DDPM_MINUTES) --seed $(COMPARE_SEED) --parallel
 

@@ -12,10 +12,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def dry_run(*variables: str) -> subprocess.CompletedProcess:
-    """``make -n demo VARIABLES``, without the calling make's flags or a knob set in the environment."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS", "TOKENIZER_"))}
-    return subprocess.run(["make", "-n", "-C", str(ROOT), "demo", *variables], capture_output=True, text=True, env=env)
+def dry_run(*variables: str, target: str = "demo") -> subprocess.CompletedProcess:
+    """``make -n TARGET VARIABLES``, without the calling make's flags or a knob set in the environment."""
+    knobs = ("MAKE", "MFLAGS", "TOKENIZER_", "CFG", "TEMPERATURE")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(knobs)}
+    return subprocess.run(["make", "-n", "-C", str(ROOT), target, *variables], capture_output=True, text=True, env=env)
 
 
 def tokenizer_steps(output: str) -> dict[str, int]:
@@ -45,3 +46,11 @@ def test_a_multiplier_that_is_not_a_positive_whole_number_stops_with_one_line(ti
     assert done.returncode != 0
     assert f"TOKENIZER_TIMES must be a positive whole number, got '{times}'" in done.stderr
     assert "train-tokenizer" not in done.stdout
+
+
+@pytest.mark.parametrize("target", ["demo", "compare"])
+def test_sampling_knobs_reach_medvar_sampling_in_demo_and_compare(target):
+    done = dry_run("CFG=2", "TEMPERATURE=0.7", target=target)
+    command = " ".join(done.stdout.replace("\\\n", " ").split())
+    sampler = "medvar generate" if target == "demo" else "compare.py"
+    assert re.search(rf"{re.escape(sampler)} [^;\n]*--cfg 2 --temperature 0.7", command), command
