@@ -188,12 +188,12 @@ class GeneratedStacks:
 
     def write(self, name: str, seed: int, seconds: float) -> None:
         stack = np.concatenate(self.images)
-        cfg = self.summary.get("cfg")
+        options = ", ".join(f"{key} {self.summary[key]:g}" for key in ("cfg", "temperature") if key in self.summary)
         files = {
             "nifti": str(write_slice_stack(stack, self.registry[name], self.out / f"{name}.nii.gz",
                                            self.resample_original)),
             "grid": str(save_sample_grid(stack[:64], self.out / f"{name}.png",
-                                         title=f"{name}: MedVAR samples (cfg {cfg}, seed {seed})")),
+                                         title=f"{name}: MedVAR samples ({options}, seed {seed})")),
         }  # fmt: skip
         if self.stages:
             files["progression"] = str(
