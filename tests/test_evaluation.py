@@ -284,7 +284,7 @@ def test_precision_needs_only_the_training_sets_radii_and_recall_only_the_genera
 
 
 def test_the_sample_grid_shows_held_out_slices_spread_over_the_body_axis():
-    """Until 0.8.1 the grid's real row was the first 8 held-out slices: the bottom of one volume,
+    """Before 0.8.2 the grid's real row was the first 8 held-out slices: the bottom of one volume,
     for the MNI template 8 near-empty slices below the brain."""
     from medvar_bundle.evaluation.scores import grid_picks
 
