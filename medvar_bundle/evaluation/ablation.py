@@ -11,6 +11,7 @@ import logging
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,8 @@ from .scores import load_evaluator
 logger = logging.getLogger(__name__)
 
 PLAIN = {"cfg": 0.0, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
-"""The reference setting: no guidance, no top-k (``top_k = 0`` keeps all V codes), no top-p, softmax temperature 1."""
+"""The reference setting, one value per field of :class:`SamplingOptions`: no guidance, no top-k (``top_k = 0``
+keeps all V codes), no top-p, softmax temperature 1."""
 
 PAPER_ROWS = (
     ("Baseline", {}),
@@ -137,10 +139,7 @@ def _generated(
     """Whether ``folder`` already holds these slices of ``model`` (its ``summary.json`` says so): a
     killed ablation resumes without sampling again what it had finished."""
     summary = read_summary(folder)
-    wanted = {
-        "model": str(model), "num": num, "seed": seed, "cfg": option.cfg, "top_k": option.top_k, "top_p": option.top_p,
-        "temperature": option.temperature,
-    }  # fmt: skip
+    wanted = {"model": str(model), "num": num, "seed": seed, **asdict(option)}
     return all(summary.get(k) == v for k, v in wanted.items()) and set(names) <= set(summary.get("datasets", {}))
 
 
@@ -198,10 +197,7 @@ def ablate(
     registry = loaded.datasets
     names = list(datasets) if datasets else sorted(registry, key=lambda n: registry[n]["id"])
     GenerationRequests(loaded, names, num, batch_size, seeds[0])  # a bad request fails before any work
-    options = [
-        SamplingOptions(s["cfg"], s["top_k"] or loaded.transformer.vocab_size, s["top_p"], s["temperature"])
-        for _, s in settings
-    ]
+    options = [SamplingOptions(**{**s, "top_k": s["top_k"] or loaded.transformer.vocab_size}) for _, s in settings]
     parameters = sum(p.numel() for p in loaded.transformer.parameters())
     del loaded
     evaluator = load_evaluator(
@@ -227,9 +223,8 @@ def ablate(
                 logger.info("%s already sampled in %s", labels[-1], runs[-1])
                 continue
             generate(
-                model, names, num, runs[-1], cfg=option.cfg, top_k=option.top_k, top_p=option.top_p,
-                temperature=option.temperature, seed=seed, batch_size=batch_size, device=device, bf16=bf16,
-                progress=progress,
+                model, names, num, runs[-1], **asdict(option), seed=seed, batch_size=batch_size, device=device,
+                bf16=bf16, progress=progress,
             )  # fmt: skip
     report = evaluator.evaluate(runs, out / "evaluation", labels, names)
     metric = evaluator.q_metric
