@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
+from monai.transforms import RandomizableTransform
 from numpy.typing import ArrayLike
 from torch import Tensor, nn
 
@@ -38,6 +39,7 @@ from medvar_bundle.data.store import SliceStore
 from medvar_bundle.files import atomic_torch_save, atomic_write_json, read_format_file
 from medvar_bundle.weights import MissingWeightsError
 
+from .damage import scramble_phase
 from .slices import as_slices
 
 STRUCTURE_FILE = "structure.pt"
@@ -57,7 +59,8 @@ class StructureNet(nn.Module):
     read. Features: the spatial means of the stem and every stage but the last, then the embedding.
 
     Args:
-        num_datasets: classes of the dataset head.
+        num_datasets: classes of the dataset head: the store's datasets, plus one when training
+            shows it texture-matched surrogates as a class of their own (:class:`RandTextureSurrogated`).
         channels: channels of the stem and of each stage.
         embed_dim: width of the embedding.
         input_size: side the slices are resized to.
@@ -131,7 +134,8 @@ class StructureNet(nn.Module):
 
 class StructureLoss(nn.Module):
     """Cross-entropy of the dataset plus ``position_weight`` × the squared error of the relative
-    position: ``((logits (B, K), position (B,)), (dataset_id (B,), position (B,))) → scalar``."""
+    position: ``((logits (B, K), position (B,)), (dataset_id (B,), position (B,))) → scalar``.
+    A NaN position (a texture-matched surrogate has none) is left out of the squared error."""
 
     def __init__(self, position_weight: float = 5.0) -> None:
         super().__init__()
@@ -139,9 +143,42 @@ class StructureLoss(nn.Module):
 
     def forward(self, output: tuple[Tensor, Tensor], target: tuple[Tensor, Tensor]) -> Tensor:
         (logits, position), (dataset_id, true_position) = output, target
-        return F.cross_entropy(logits.float(), dataset_id) + self.position_weight * F.mse_loss(
-            position.float(), true_position.float()
+        known = ~torch.isnan(true_position)
+        squared_error = (position.float() - true_position.float().nan_to_num()).square()
+        return F.cross_entropy(logits.float(), dataset_id) + self.position_weight * (
+            squared_error[known].sum() / known.sum().clamp(min=1)
         )
+
+
+class RandTextureSurrogated(RandomizableTransform):
+    """With probability ``prob``, replace an item's slice by a texture-matched surrogate of itself
+    (:func:`~medvar_bundle.metrics.damage.scramble_phase` at fraction 1: the slice's intensities
+    and power spectrum, its anatomy gone) labelled ``surrogate_id`` with a NaN position.
+
+    Telling a dataset from its texture alone needs no anatomy, so a network trained only to name
+    the dataset learns grain and gives grainy noise blobs the features of real slices. With the
+    surrogates as a class of their own, the dataset can only be named from the layout.
+    Items: ``{"image": float (1, S, S) in [0, 1], "dataset_id": int, "position": float}``.
+
+    Args:
+        surrogate_id: the surrogates' class (the number of datasets: one past the last id).
+        prob: the share of items replaced.
+    """
+
+    def __init__(self, surrogate_id: int, prob: float = 0.2) -> None:
+        RandomizableTransform.__init__(self, prob)
+        self.surrogate_id = surrogate_id
+
+    def __call__(self, data: dict) -> dict:
+        self.randomize(None)
+        if not self._do_transform:
+            return data
+        out, image = dict(data), data["image"].clone()
+        slices = (image[:1].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        surrogate = scramble_phase(slices, 1.0, seed=int(self.R.randint(2**31)))
+        image[:1] = torch.from_numpy(surrogate).to(image) / 255.0
+        out.update(image=image, dataset_id=self.surrogate_id, position=float("nan"))
+        return out
 
 
 class StructureSlices(torch.utils.data.Dataset):
