@@ -3,8 +3,9 @@
 A metric that ranks what a radiologist ranks scores real held-out slices best and each kind of
 damage worse as it grows: blur (lost fine detail), noise (false texture), shuffled patches
 (right texture, wrong anatomy) and scrambled Fourier phase (right intensities and grain, less and
-less anatomy: at full scramble the blobs of an undertrained diffusion model). All functions take uint8 slices ``(N, S, S)`` and return new
-uint8 slices of the same shape; ``severity`` is the kind's own unit.
+less anatomy: at full scramble the blobs of an undertrained diffusion model). All functions take
+uint8 slices ``(N, S, S)`` and return new uint8 slices of the same shape; ``severity`` is the
+kind's own unit.
 """
 
 from __future__ import annotations
