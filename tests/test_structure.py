@@ -26,7 +26,8 @@ from medvar_bundle.metrics import (
     load_structure_net,
     store_slices,
 )
-from medvar_bundle.metrics.damage import DAMAGES, blur, noise, shuffle_patches
+from medvar_bundle.metrics.damage import DAMAGES, blur, noise, scramble_phase, shuffle_patches
+from medvar_bundle.metrics.structure import RandTextureSurrogated, StructureLoss
 from medvar_bundle.weights import MissingWeightsError
 
 # --------------------------------------------------------------------------------------------
@@ -89,7 +90,50 @@ def test_blur_and_noise_known_answers():
     assert blur(stripes, 2.0)[:, 8:-8, 8:-8].std() < 1.0  # and removes the finest detail
     noisy = noise(flat, 20.0, seed=3).astype(float)
     assert abs(noisy.mean() - 90) < 0.5 and abs(noisy.std() - 20) < 0.5
-    assert [severity for _, (_, severity) in DAMAGES.items()] == [(1.0, 2.0, 4.0), (8.0, 20.0, 50.0), (0.25, 0.5, 1.0)]
+    assert [severity for _, (_, severity) in DAMAGES.items()] == [
+        (1.0, 2.0, 4.0), (8.0, 20.0, 50.0), (0.25, 0.5, 1.0), (0.25, 0.5, 1.0)
+    ]  # fmt: skip
+
+
+def square_on_stripes(size: int = 64) -> np.ndarray:
+    """One slice ``(1, S, S)``: vertical stripes of period 8 px (levels 50–150), a bright 16² square."""
+    x = 100 + 50 * np.sin(2 * np.pi * np.arange(size) / 8)[None, None, :].repeat(size, axis=1)
+    x[:, 8:24, 8:24] = 250
+    return np.rint(x).astype(np.uint8)
+
+
+def test_scrambled_phase_keeps_each_slices_levels_and_grain_and_loses_its_layout():
+    x = square_on_stripes()
+    assert np.array_equal(scramble_phase(x, 0.0, seed=1), x)
+    y = scramble_phase(x, 1.0, seed=1)
+    assert np.array_equal(np.sort(y, axis=None), np.sort(x, axis=None))  # the slice's own histogram
+    assert np.array_equal(scramble_phase(x, 1.0, seed=1), y) and not np.array_equal(scramble_phase(x, 1.0, seed=2), y)
+    # the grain stays: the strongest frequency beside the mean is still the stripes' (8 px across)
+    power = np.abs(np.fft.fft2(y[0].astype(float) - y.mean()))
+    assert np.unravel_index(power.argmax(), power.shape) in {(0, 8), (0, 56)}
+    # the layout goes: the square's 256 brightest pixels are scattered, few stay in its place
+    assert (y[0, 8:24, 8:24] == 250).mean() < 0.25
+
+
+def test_texture_surrogates_are_a_class_of_their_own_without_a_position():
+    image = torch.from_numpy(square_on_stripes()).float() / 255.0
+    item = {"image": image, "dataset_id": 2, "position": 0.4}
+    assert RandTextureSurrogated(surrogate_id=5, prob=0.0)(item) is item
+    out = RandTextureSurrogated(surrogate_id=5, prob=1.0)(item)
+    assert out["dataset_id"] == 5 and np.isnan(out["position"]) and item["dataset_id"] == 2  # the item is not changed
+    levels = (out["image"] * 255).round().to(torch.uint8).numpy()
+    assert out["image"].shape == image.shape and not np.array_equal(levels, square_on_stripes())
+    assert np.array_equal(np.sort(levels, axis=None), np.sort(square_on_stripes(), axis=None))
+
+
+def test_structure_loss_leaves_unknown_positions_out():
+    logits, position = torch.zeros(3, 4), torch.tensor([0.5, 0.0, 0.9])
+    target = torch.tensor([0, 1, 3]), torch.tensor([0.25, float("nan"), 0.4])
+    cross_entropy = float(np.log(4.0))  # uniform logits over 4 classes
+    loss = StructureLoss(position_weight=2.0)((logits, position), target)
+    assert loss.item() == pytest.approx(cross_entropy + 2.0 * (0.25**2 + 0.5**2) / 2)
+    no_position = StructureLoss()((logits, position), (target[0], torch.full((3,), float("nan"))))
+    assert no_position.item() == pytest.approx(cross_entropy)
 
 
 # --------------------------------------------------------------------------------------------

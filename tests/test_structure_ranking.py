@@ -4,8 +4,8 @@ Two datasets of synthetic "patients" whose anatomy changes along the body axis: 
 brain, ventricles that grow towards the middle slices) and abdomens (body wall, spine, liver,
 kidneys that appear in the middle slices), each patient with its own size, shape and texture. A
 structure network is trained on the training patients only; held-out patients must then score
-near the real floor, and every kind of damage worse as it grows, and held-out heads posing as
-abdomens (or the reverse) far outside the floor.
+near the real floor, every kind of damage worse as it grows, texture without anatomy worse than
+blurred anatomy, and held-out heads posing as abdomens (or the reverse) far outside the floor.
 """
 
 from __future__ import annotations
@@ -98,6 +98,19 @@ def test_held_out_patients_score_best_and_damage_worse_as_it_grows(anatomy, data
         fds = [fd for fd, _ in scores]
         assert floor < fds[0] < fds[1] < fds[2], f"{kind}: floor {floor:.1f}, damaged {fds}"
         assert scores[2][1] < floor_precision, f"{kind}: precision {scores[2][1]:.2f} vs {floor_precision:.2f}"
+
+
+@pytest.mark.parametrize("dataset", ["head", "abdomen"])
+def test_texture_without_anatomy_scores_worse_than_blurred_anatomy(anatomy, dataset):
+    """A radiologist reads a slice blurred by 2 px; the same slice's intensities and grain with its
+    Fourier phase scrambled (the blobs of an undertrained diffusion model) show no anatomy at all."""
+    store, net = anatomy
+    train, heldout = (store_slices(store, split, dataset) for split in ("training", "validation"))
+    (blur, _), (scramble, _) = DAMAGES["blur"], DAMAGES["scrambled phase"]
+    blurred, texture = (
+        structure_scores(net, train, damage(heldout, s, seed=1))[0] for damage, s in ((blur, 2.0), (scramble, 1.0))
+    )
+    assert texture > blurred, f"scrambled phase {texture:.1f}, blur σ 2 {blurred:.1f}"
 
 
 def test_real_slices_of_one_dataset_labelled_as_another_score_badly(anatomy):
