@@ -81,7 +81,9 @@ bench: install
 
 # the structure network the comparison scores with (STORE/structure.pt) is trained first when missing
 compare: install
-	test -f $(DEMO)/store/structure.pt || $(BIN)/medvar train-structure --store $(DEMO)/store --quiet
+	@# the structure network is trained when the store has none that loads (missing, or of an older version)
+	$(BIN)/python -c "from medvar_bundle.metrics import load_structure_net; load_structure_net(None, '$(DEMO)/store')" \
+		2>/dev/null || $(BIN)/medvar train-structure --store $(DEMO)/store --quiet
 	$(BIN)/python scripts/compare.py --store $(DEMO)/store --tokenizer $(DEMO)/tokenizer/tokenizer.pt --out $(DEMO)/compare --cfg $(CFG) \
 		--temperature $(TEMPERATURE) \
 		--minutes $(COMPARE_MINUTES) --num $(COMPARE_NUM) --ddpm-steps $(DDPM_STEPS) --ddpm-num $(DDPM_NUM) \

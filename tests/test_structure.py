@@ -181,6 +181,10 @@ def test_a_network_of_another_store_or_none_is_one_line(structure_store, tmp_pat
     with pytest.raises(ValueError, match="not a structure network file"):
         torch.save({"format": "something-else"}, tmp_path / "foreign.pt")
         load_structure_net(tmp_path / "foreign.pt", structure_store)
+    blob["format"] = "medvar-structure-1"  # trained by MedVAR < 0.8.3, without texture surrogates
+    torch.save(blob, tmp_path / "stale.pt")
+    with pytest.raises(MissingWeightsError, match="< 0.8.3, trained without texture surrogates.*train-structure"):
+        load_structure_net(tmp_path / "stale.pt", structure_store)
 
 
 def test_evaluate_reports_structure_metrics_and_uses_them_as_q(structure_store, tmp_path, offline_hub):

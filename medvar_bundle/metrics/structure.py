@@ -4,8 +4,9 @@ FID-style metrics need ImageNet/RadImageNet/CLIP weights that are never on an of
 and the weight-free metrics (histogram, power spectrum) cannot tell a brain from a blotch. This
 module holds a small CNN trained only on a store's *training* slices to tell each slice's dataset
 and its relative position along the body axis (``SliceStore.positions``: 0 the lowest kept slice
-of its volume, 1 the highest). To do that it has to see anatomy: which organs, in which layout,
-at which level of the body.
+of its volume, 1 the highest), and to set apart texture-matched surrogates of the slices (their
+intensities and grain, their anatomy scrambled: :class:`RandTextureSurrogated`). To do that it
+has to see anatomy: which organs, in which layout, at which level of the body.
 
 Its features ``(N, 128 + 128)`` are the spatial means of the stem's and the first three stages'
 activations (pixel-level detail, texture and edges at 2 to 16 pixels of the 256² slice) beside
@@ -36,7 +37,7 @@ from numpy.typing import ArrayLike
 from torch import Tensor, nn
 
 from medvar_bundle.data.store import SliceStore
-from medvar_bundle.files import atomic_torch_save, atomic_write_json, read_format_file
+from medvar_bundle.files import atomic_torch_save, atomic_write_json, load_weights, read_format_file
 from medvar_bundle.weights import MissingWeightsError
 
 from .damage import scramble_phase
@@ -45,7 +46,9 @@ from .slices import as_slices
 STRUCTURE_FILE = "structure.pt"
 """The frozen network's file name inside a store (``medvar evaluate`` looks for it there)."""
 
-FORMAT = "medvar-structure-1"
+FORMAT = "medvar-structure-2"
+STALE_FORMAT = "medvar-structure-1"
+"""Networks of MedVAR < 0.8.3, trained without texture surrogates: refused, to be trained again."""
 
 
 class StructureNet(nn.Module):
@@ -290,7 +293,7 @@ def load_structure_net(
             on a store with the same dataset names and ids.
 
     Raises:
-        MissingWeightsError: no file (one line saying how to train one).
+        MissingWeightsError: no file, or one of an older version (one line saying how to train one).
         ValueError: a file of another kind, or trained on other datasets.
     """
     file = Path(path) if path else Path(store) / STRUCTURE_FILE
@@ -300,7 +303,16 @@ def load_structure_net(
         raise MissingWeightsError(
             f"no {STRUCTURE_FILE} in {store}: train one with `medvar train-structure --store {store}`"
         )
-    blob = read_format_file(file, "structure network", FORMAT)
+    try:
+        blob = read_format_file(file, "structure network", FORMAT)
+    except ValueError:
+        old = load_weights(file, "structure network")
+        if isinstance(old, dict) and old.get("format") == STALE_FORMAT:
+            raise MissingWeightsError(
+                f"{file}: a structure network of MedVAR < 0.8.3, trained without texture surrogates (its structure "
+                f"FD rewards grainy noise); train it again with `medvar train-structure --store {store}`"
+            ) from None
+        raise
     ids = {name: entry["id"] for name, entry in SliceStore(store).datasets.items()}
     trained = {name: entry["id"] for name, entry in blob["datasets"].items()}
     if ids != trained:
