@@ -170,7 +170,10 @@ def test_ms_ssim_diversity_is_torchmetrics_value_on_either_convolution_backend()
     over the three pairs of three textured slices, and the backend setting is left as it was. Its
     fp32 sums cancel less exactly on flat slices: two uniform slices of levels 153 and 102 (0.6
     and 0.4) score the luminance term (2·0.6·0.4 + C1) / (0.6² + 0.4² + C1) to the weight 0.1333
-    within 1e-4."""
+    within 1e-3. The error is the variances' fp32 rounding (121 taps of about 0.36 each, eps 6e-8,
+    against C2 = 9e-4) and the kernel's summation order differs between CPUs: 7e-5 on one Xeon,
+    2.8e-4 on another. A wrong exponent or term would be off by far more (the luminance itself is
+    0.92)."""
     from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
 
     rng = np.random.default_rng(3)
@@ -188,7 +191,7 @@ def test_ms_ssim_diversity_is_torchmetrics_value_on_either_convolution_backend()
     flat = np.stack([np.full((192, 192), 153, np.uint8), np.full((192, 192), 102, np.uint8)])
     c1 = 0.01**2
     luminance = (2 * 0.6 * 0.4 + c1) / (0.6**2 + 0.4**2 + c1)
-    assert ms_ssim_diversity(flat) == pytest.approx(luminance**0.1333, abs=1e-4)
+    assert ms_ssim_diversity(flat) == pytest.approx(luminance**0.1333, abs=1e-3)
 
 
 def test_histogram_distance_is_the_wasserstein_1_distance_in_levels():

@@ -59,7 +59,8 @@ def ms_ssim_diversity(images: ArrayLike, pairs: int = 1000, seed: int = 0, batch
     # torchmetrics filters each one-channel map with the 11×11 window by conv2d, a shape for which
     # oneDNN's CPU kernel is slow: PyTorch's own took 0.39 instead of 0.93 s for 32 pairs on one
     # thread (0.39 against 0.63 on two), scores of real slices within 3e-5, of flat slices within
-    # 7e-5 of the exact value (docs/evaluation.md, "Where the time goes"); CUDA is unaffected
+    # 7e-5 to 2.8e-4 (by CPU) of the exact value (docs/evaluation.md, "Where the time goes"); CUDA
+    # is unaffected
     with torch.backends.mkldnn.flags(enabled=False):
         scores = [
             multiscale_structural_similarity_index_measure(
