@@ -62,13 +62,15 @@ def scramble_phase(slices: np.ndarray, fraction: float, seed: int = 0) -> np.nda
     what goes is where things are. ``fraction`` 1 randomises the phase completely: textured blobs
     with no anatomy. The random phase is that of white noise's transform, so the result is real.
     """
-    x = as_slices(slices).astype(np.float64)
-    rng = np.random.default_rng(seed)
-    random_phase = np.angle(np.fft.fft2(rng.standard_normal(x.shape)))
-    spectrum = np.fft.fft2(x)
-    surrogate = np.fft.ifft2(spectrum * np.exp(1j * fraction * random_phase)).real
-    flat, ranks = x.reshape(len(x), -1), surrogate.reshape(len(x), -1).argsort(axis=1).argsort(axis=1)
-    return _to_uint8(np.take_along_axis(np.sort(flat, axis=1), ranks, axis=1).reshape(x.shape))
+    levels = as_slices(slices)
+    n = len(levels)
+    random_phase = np.angle(np.fft.fft2(np.random.default_rng(seed).standard_normal(levels.shape)))
+    surrogate = np.fft.ifft2(np.fft.fft2(levels.astype(np.float64)) * np.exp(1j * fraction * random_phase)).real
+    # the surrogate's k-th lowest pixel takes the slice's k-th lowest level
+    out = np.empty((n, levels[0].size), np.uint8)
+    order = surrogate.reshape(n, -1).argsort(axis=1)
+    np.put_along_axis(out, order, np.sort(levels.reshape(n, -1), axis=1), axis=1)
+    return out.reshape(levels.shape)
 
 
 DAMAGES = {
