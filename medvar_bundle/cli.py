@@ -433,8 +433,11 @@ SAMPLING_OPTIONS = (
     ConfigOption("--cfg", "cfg", "classifier-free guidance at the last scale, >= 0", type=float),
     ConfigOption("--top-k", "top_k", "keep the k most likely codes, >= 1", type=int),
     ConfigOption("--top-p", "top_p", "nucleus mass in (0, 1]", type=float),
-    ConfigOption("--temperature", "temperature", "softmax temperature, > 0", type=float),
-)
+    ConfigOption("--temperature", "temperature", "softmax temperature, > 0 (with --final-temperature: at the first "
+                 "scale)", type=float),
+    ConfigOption("--final-temperature", "final_temperature", "softmax temperature at the last scale, > 0, reached "
+                 "linearly from --temperature over the scales (unset: --temperature at every scale)", type=float),
+)  # fmt: skip
 GENERATE_OPTIONS = (
     ConfigOption("--model", "model_file", "model.pt written by `medvar train`", required=True),
     ConfigOption("--dataset", "datasets", "dataset name(s) of the model's registry (null: all)", nargs="+"),
@@ -749,8 +752,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--grid",
         nargs="+",
         metavar="KEY=V1,V2",
-        help="settings as cfg=0,4 top_k=0,900 top_p=1,0.95 temperature=1,0.8 (top_k 0 = all codes; left-out options "
-        "stay plain)",
+        help="settings as cfg=0,4 top_k=0,900 top_p=1,0.95 temperature=1,0.8 final_temperature=none,0.1 (top_k 0 = "
+        "all codes; final_temperature none = the temperature at every scale; left-out options stay plain)",
     )
     p.add_argument(
         "--seed",

@@ -188,7 +188,11 @@ class GeneratedStacks:
 
     def write(self, name: str, seed: int, seconds: float) -> None:
         stack = np.concatenate(self.images)
-        options = ", ".join(f"{key} {self.summary[key]:g}" for key in ("cfg", "temperature") if key in self.summary)
+        options = ", ".join(
+            f"{key.replace('_', ' ')} {self.summary[key]:g}"
+            for key in ("cfg", "temperature", "final_temperature")
+            if self.summary.get(key) is not None
+        )
         files = {
             "nifti": str(write_slice_stack(stack, self.registry[name], self.out / f"{name}.nii.gz",
                                            self.resample_original)),
@@ -213,7 +217,7 @@ def generate(
 ) -> dict:
     """Run ``configs/inference.yaml``: ``num`` slices per dataset of the model file ``model`` into ``out_dir``.
 
-    ``overrides`` are other ids of the config (``cfg``, ``top_k``, ``top_p``, ``temperature``,
+    ``overrides`` are other ids of the config (``cfg``, ``top_k``, ``top_p``, ``temperature``, ``final_temperature``,
     ``seed``, ``batch_size``, ``device``, ``bf16``, ``resample_original``, ``progression``,
     ``progress``), whose defaults live in the config. Returns the summary written to
     ``summary.json`` (see :class:`GeneratedStacks`).

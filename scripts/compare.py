@@ -66,6 +66,8 @@ logger = logging.getLogger("compare")
 
 VAL_MAX_IMAGES = 64
 """Slices of the end-of-training validation (DDPM's noise MSE over 256² slices is slow on CPU)."""
+SAMPLING = ("cfg", "temperature", "final_temperature")
+"""MedVAR's sampling options the comparison sets (configs/inference.yaml's ids; its defaults where not given)."""
 
 
 def _parameters(module: torch.nn.Module) -> int:
@@ -131,15 +133,14 @@ def train_to_budgets(args: argparse.Namespace, out: Path) -> dict[float, dict[st
 
 def sample_medvar(model: Path, folder: Path, args: argparse.Namespace) -> Path:
     """``args.num`` MedVAR slices per dataset into ``folder`` with guidance ``args.cfg`` and softmax
-    temperature ``args.temperature`` (its ``summary.json`` carries the transformer's ``parameters``);
-    samples already there under another guidance or temperature are drawn again."""
+    temperatures ``args.temperature`` to ``args.final_temperature`` (its ``summary.json`` carries the
+    transformer's ``parameters``); samples already there under other sampling options are drawn again."""
     summary = read_summary(folder)
-    if "parameters" in summary and (summary.get("cfg"), summary.get("temperature")) == (args.cfg, args.temperature):
+    options = {key: getattr(args, key) for key in SAMPLING}
+    if "parameters" in summary and all(summary.get(key) == value for key, value in options.items()):
         logger.info("MedVAR samples already in %s", folder)
         return folder
-    generate(
-        model, None, args.num, folder, seed=args.seed, device=args.device, cfg=args.cfg, temperature=args.temperature
-    )
+    generate(model, None, args.num, folder, seed=args.seed, device=args.device, **options)
     return folder
 
 
@@ -363,16 +364,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--temperature",
         type=float,
-        help="MedVAR's softmax temperature (default: configs/inference.yaml's temperature)",
+        help="MedVAR's softmax temperature, at the first scale with --final-temperature (default: "
+        "configs/inference.yaml's temperature)",
+    )
+    parser.add_argument(
+        "--final-temperature",
+        type=float,
+        help="MedVAR's softmax temperature at the last scale, reached linearly from --temperature (default: "
+        "configs/inference.yaml's final_temperature)",
     )
     parser.add_argument("--ddpm-sampler", choices=["ddpm", "ddim"], default="ddpm", help="DDPM sampler (default ddpm)")
     parser.add_argument("--ddpm-cfg", type=float, default=2.0, help="DDPM classifier-free guidance (default 2)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    for option in ("cfg", "temperature"):
+    for option in SAMPLING:
         if getattr(args, option) is None:
-            setattr(args, option, float(config_component("inference", option)))
+            default = config_component("inference", option)
+            setattr(args, option, None if default is None else float(default))
     return args
 
 

@@ -29,25 +29,27 @@ def compare():
 def test_help():
     out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--ddpm-num" in out.stdout and "medvar-first" in out.stdout and "--cfg" in out.stdout
-    assert "--temperature" in out.stdout
+    assert "--temperature" in out.stdout and "--final-temperature" in out.stdout
 
 
-def test_medvar_samples_are_kept_only_under_the_same_guidance_and_temperature(
+def test_medvar_samples_are_kept_only_under_the_same_guidance_and_temperatures(
     compare, model_path, tmp_path, monkeypatch
 ):
-    args = argparse.Namespace(num=2, seed=0, device="cpu", cfg=4.0, temperature=0.8)
+    args = argparse.Namespace(num=2, seed=0, device="cpu", cfg=4.0, temperature=0.8, final_temperature=0.2)
     folder = compare.sample_medvar(model_path, tmp_path / "medvar", args)
     summary = json.loads((folder / "summary.json").read_text())
-    assert (summary["cfg"], summary["temperature"]) == (4.0, 0.8)
+    assert (summary["cfg"], summary["temperature"], summary["final_temperature"]) == (4.0, 0.8, 0.2)
     drawn = []
     monkeypatch.setattr(
-        compare, "generate", lambda *args, **kwargs: drawn.append((kwargs["cfg"], kwargs["temperature"]))
+        compare,
+        "generate",
+        lambda *args, **kwargs: drawn.append((kwargs["cfg"], kwargs["temperature"], kwargs["final_temperature"])),
     )
     compare.sample_medvar(model_path, folder, args)
     assert drawn == []
-    compare.sample_medvar(model_path, folder, argparse.Namespace(**{**vars(args), "cfg": 1.0}))
-    compare.sample_medvar(model_path, folder, argparse.Namespace(**{**vars(args), "temperature": 1.0}))
-    assert drawn == [(1.0, 0.8), (4.0, 1.0)]
+    for change in ({"cfg": 1.0}, {"temperature": 1.0}, {"final_temperature": None}):
+        compare.sample_medvar(model_path, folder, argparse.Namespace(**{**vars(args), **change}))
+    assert drawn == [(1.0, 0.8, 0.2), (4.0, 1.0, 0.2), (4.0, 0.8, None)]
 
 
 def test_first_slices_keeps_the_first_num_slices_of_every_stack(compare, tmp_path):

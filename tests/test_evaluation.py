@@ -149,14 +149,21 @@ def test_locally_saved_extractor_weights_give_fid_kid_and_cmmd(synthetic_store, 
 def test_paper_ablation_rows_are_cumulative():
     rows = ablation_settings()
     assert [label for label, _ in rows] == ["Baseline", "+ top-p", "+ top-k", "+ CFG"]
-    assert rows[0][1] == {"cfg": 0.0, "top_k": 0, "top_p": 1.0, "temperature": 1.0} and rows[-1][1] == {
-        "cfg": 4.0,
-        "top_k": 900,
-        "top_p": 0.95,
-        "temperature": 1.0,
-    }
+    plain = {"cfg": 0.0, "top_k": 0, "top_p": 1.0, "temperature": 1.0, "final_temperature": None}
+    assert rows[0][1] == plain and rows[-1][1] == plain | {"cfg": 4.0, "top_k": 900, "top_p": 0.95}
     with pytest.raises(ValueError, match="options must be cfg, top_k, top_p, temperature"):
         ablation_settings({"beam": [1, 2]})
+
+
+def test_a_grid_of_final_temperatures_keeps_none_as_the_constant_temperature():
+    from medvar_bundle.evaluation.ablation import parse_grid
+
+    grid = parse_grid(["final_temperature=none,0.1", "top_k=0,900"])
+    assert grid == {"final_temperature": [None, 0.1], "top_k": [0, 900]}
+    labels = [label for label, _ in ablation_settings(grid)]
+    assert labels == ["Baseline", "top_k=900", "final_temperature=0.1", "top_k=900, final_temperature=0.1"]
+    with pytest.raises(ValueError, match="with float values"):
+        parse_grid(["temperature=none"])
 
 
 def test_ablation_on_a_two_setting_grid(model_path, synthetic_store, tmp_path, offline_hub):

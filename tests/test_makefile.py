@@ -50,7 +50,10 @@ def test_a_multiplier_that_is_not_a_positive_whole_number_stops_with_one_line(ti
 
 @pytest.mark.parametrize("target", ["demo", "compare"])
 def test_sampling_knobs_reach_medvar_sampling_in_demo_and_compare(target):
-    done = dry_run("CFG=2", "TEMPERATURE=0.7", target=target)
+    done = dry_run("CFG=2", "TEMPERATURE=0.7", "FINAL_TEMPERATURE=0.3", target=target)
     command = " ".join(done.stdout.replace("\\\n", " ").split())
     sampler = "medvar generate" if target == "demo" else "compare.py"
-    assert re.search(rf"{re.escape(sampler)} [^;\n]*--cfg 2 --temperature 0.7", command), command
+    knobs = "--cfg 2 --temperature 0.7 --final-temperature 0.3"
+    assert re.search(rf"{re.escape(sampler)} [^;\n]*{knobs}", command), command
+    constant = " ".join(dry_run("FINAL_TEMPERATURE=", target=target).stdout.split())
+    assert "--temperature 0.6" in constant and "--final-temperature" not in constant

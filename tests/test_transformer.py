@@ -143,6 +143,38 @@ def test_top_k_one_is_greedy_and_deterministic(models):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def test_temperature_ramps_linearly_to_the_final_one_known_answer():
+    ramp = SamplingOptions(temperature=0.6, final_temperature=0.1)
+    assert [ramp.temperature_at(k, 6) for k in range(6)] == pytest.approx([0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
+    assert ramp.temperature_at(0, 1) == 0.6  # one scale: the first temperature
+    assert [SamplingOptions(temperature=0.6).temperature_at(k, 6) for k in (0, 5)] == [0.6, 0.6]
+
+
+def test_the_sampler_draws_each_scale_at_its_ramped_temperature(models, monkeypatch):
+    """Each scale's codes are drawn at the temperature of the ramp; a final temperature equal to the
+    first is the constant temperature, token for token."""
+    import medvar_bundle.sampling.medvar as sampler
+
+    tokenizer, transformer = models
+    ids = torch.tensor([0, 1])
+    seen = []
+    draw = sampler.sample_top_k_top_p
+
+    def spy(logits, top_k, top_p, generator, temperature=1.0):
+        seen.append(temperature)
+        return draw(logits, top_k, top_p, generator, temperature)
+
+    monkeypatch.setattr(sampler, "sample_top_k_top_p", spy)
+    ramp = SamplingOptions(cfg=1, top_k=100, top_p=0.95, temperature=1.0, final_temperature=0.4)
+    generate_tokens(transformer, tokenizer, ids, ramp, torch.Generator().manual_seed(3), bf16=False)
+    assert seen == pytest.approx([1.0, 0.8, 0.6, 0.4])  # four scales
+    constant = SamplingOptions(cfg=1, top_k=100, top_p=0.95, temperature=0.7)
+    same = SamplingOptions(cfg=1, top_k=100, top_p=0.95, temperature=0.7, final_temperature=0.7)
+    a, _ = generate_tokens(transformer, tokenizer, ids, constant, torch.Generator().manual_seed(3), bf16=False)
+    b, _ = generate_tokens(transformer, tokenizer, ids, same, torch.Generator().manual_seed(3), bf16=False)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 def test_top_k_top_p_truncation_known_answer():
     # probabilities 0.5, 0.3, 0.15, 0.05: top-p 0.7 keeps the first two; top-k 1 keeps the first
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().view(1, 1, 4).expand(1, 4000, 4)
@@ -175,6 +207,7 @@ def test_same_seed_same_images_and_progression(models):
         (dict(top_p=0.0), "top-p must be in (0, 1]"),
         (dict(top_p=1.5), "top-p must be in (0, 1]"),
         (dict(temperature=0), "temperature must be > 0"),
+        (dict(final_temperature=0), "final temperature must be > 0"),
     ],
 )
 def test_bad_sampling_options(kwargs, message):

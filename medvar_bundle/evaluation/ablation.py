@@ -27,9 +27,9 @@ from .scores import load_evaluator
 
 logger = logging.getLogger(__name__)
 
-PLAIN = {"cfg": 0.0, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
+PLAIN = {"cfg": 0.0, "top_k": 0, "top_p": 1.0, "temperature": 1.0, "final_temperature": None}
 """The reference setting, one value per field of :class:`SamplingOptions`: no guidance, no top-k (``top_k = 0``
-keeps all V codes), no top-p, softmax temperature 1."""
+keeps all V codes), no top-p, softmax temperature 1 at every scale."""
 
 PAPER_ROWS = (
     ("Baseline", {}),
@@ -41,13 +41,15 @@ PAPER_ROWS = (
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[float]]:
-    """``["cfg=0,4", "top_k=0,900"]`` → ``{"cfg": [0.0, 4.0], "top_k": [0, 900]}`` (top_k int, others float)."""
+    """``["cfg=0,4", "top_k=0,900"]`` → ``{"cfg": [0.0, 4.0], "top_k": [0, 900]}`` (top_k int, others float;
+    ``final_temperature=none`` is the constant temperature)."""
     grid = {}
     for item in items:
         key, _, values = item.partition("=")
         cast = int if key == "top_k" else float
+        constant = key == "final_temperature"  # "none": the temperature stays constant over the scales
         try:
-            grid[key] = [cast(v) for v in values.split(",")]
+            grid[key] = [None if constant and v.lower() == "none" else cast(v) for v in values.split(",")]
         except ValueError:
             raise ValueError(f"--grid {item!r}: expected KEY=V1,V2,... with {cast.__name__} values") from None
     return grid
@@ -62,7 +64,8 @@ def ablation_settings(grid: dict[str, Sequence[float]] | None = None) -> list[tu
     """The ``(description, setting)`` rows, the plain setting first.
 
     Args:
-        grid: sampling option (``cfg``, ``top_k``, ``top_p``, ``temperature``) → values; every combination is a row
+        grid: sampling option (``cfg``, ``top_k``, ``top_p``, ``temperature``, ``final_temperature``) → values; every
+            combination is a row
             and options it leaves out stay plain. None: the paper's cumulative rows
             (Baseline, + top-p 0.95, + top-k 900, + CFG 4).
     """
@@ -76,7 +79,7 @@ def ablation_settings(grid: dict[str, Sequence[float]] | None = None) -> list[tu
     return [(_describe(s), s) for s in settings]
 
 
-def _off(key: str, value: float) -> str:
+def _off(key: str, value: float | None) -> str:
     """A setting cell: ``×`` when the option is off (its plain value), as in Table 4."""
     return "×" if value == PLAIN[key] else f"{value:g}"
 
@@ -99,10 +102,11 @@ def plus_minus(mean: float | None, sd: float | None, signed: bool = False) -> st
 def ablation_tables(result: dict) -> tuple[str, str]:
     """``ablation.md`` and ``ablation.csv`` of an :func:`ablate` result."""
     metric, rows, names, seeds = result["metric"], result["rows"], result["datasets"], result["seeds"]
-    header = ["Description", "Params", "CFG", "Top-p", "Top-k", "Temp.", COLUMNS[metric], "Δ", "s/image"]
+    header = ["Description", "Params", "CFG", "Top-p", "Top-k", "Temp.", "Final temp.", COLUMNS[metric], "Δ", "s/image"]
     cells = [
         [row["description"], format_cell("parameters", result["parameters"]), _off("cfg", row["cfg"]),
          _off("top_p", row["top_p"]), _off("top_k", row["top_k"]), _off("temperature", row["temperature"]),
+         _off("final_temperature", row["final_temperature"]),
          plus_minus(row["value"], row["sd"]),
          plus_minus(row["delta"], row["delta_sd"], signed=True),
          format_cell("seconds_per_image", row["seconds_per_image"])]
@@ -187,8 +191,8 @@ def ablate(
 
     Returns:
         The content of ``ablation.json``: ``metric``, ``parameters`` (the transformer's),
-        ``datasets``, ``seeds`` and ``rows`` (description, cfg, top_k, top_p, temperature, folder; ``value`` and
-        ``sd``: mean and standard deviation over seeds; ``delta`` and ``delta_sd`` likewise;
+        ``datasets``, ``seeds`` and ``rows`` (description, cfg, top_k, top_p, temperature, final_temperature,
+        folder; ``value`` and ``sd``: mean and standard deviation over seeds; ``delta`` and ``delta_sd`` likewise;
         ``per_seed`` and ``per_dataset`` values; ``seconds_per_image``).
     """
     settings = ablation_settings(grid)

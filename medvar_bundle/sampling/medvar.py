@@ -2,7 +2,8 @@
 
 Scale ``k`` (0-based, K scales) is sampled from logits ``(1+t_k)·cond − t_k·uncond`` with
 ``t_k = cfg·k/(K−1)`` — no guidance at the first scale, full guidance at the last — where the
-conditional and unconditional (null dataset id) halves run as one batch. With the KV cache each
+conditional and unconditional (null dataset id) halves run as one batch, and at a softmax
+temperature that may ramp the same way (:attr:`SamplingOptions.final_temperature`). With the KV cache each
 pass runs over only the new scale's ``n_k²`` tokens; without it (``use_cache=False``, for checks
 and benchmarks) every pass recomputes all tokens so far under the block-causal mask. Both give the
 same tokens for the same seed.
@@ -36,13 +37,19 @@ class SamplingOptions:
         cfg: classifier-free guidance strength at the last scale (≥ 0; 0 = purely conditional).
         top_k: keep only the k most likely codes (≥ 1; ≥ V keeps all).
         top_p: then keep the smallest set of codes whose probability reaches top_p (0 < p ≤ 1).
-        temperature: logits are divided by it before truncation (> 0).
+        temperature: logits are divided by it before truncation (> 0); with ``final_temperature``,
+            the temperature of the first scale.
+        final_temperature: the temperature of the last scale (> 0), reached linearly from
+            ``temperature`` over the scales like the guidance ramp (None: ``temperature`` at every
+            scale). A low one draws the finest scales' detail near the transformer's most likely
+            codes while the coarse layout keeps its diversity.
     """
 
     cfg: float = 4.0
     top_k: int = 900
     top_p: float = 0.95
     temperature: float = 1.0
+    final_temperature: float | None = None
 
     def __post_init__(self) -> None:
         if not self.cfg >= 0:
@@ -53,6 +60,14 @@ class SamplingOptions:
             raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.final_temperature is not None and not self.final_temperature > 0:
+            raise ValueError(f"final temperature must be > 0, got {self.final_temperature}")
+
+    def temperature_at(self, k: int, num_scales: int) -> float:
+        """The softmax temperature of scale ``k`` (0-based) of ``num_scales``."""
+        if self.final_temperature is None:
+            return self.temperature
+        return self.temperature + (self.final_temperature - self.temperature) * k / max(num_scales - 1, 1)
 
 
 Generators = torch.Generator | Sequence[torch.Generator]
@@ -142,7 +157,8 @@ def generate_tokens(
             start += n * n
             t = options.cfg * k / max(K - 1, 1)
             logits = guided_logits(logits[:B], logits[B:], t) if guided else logits
-            idx = sample_top_k_top_p(logits, options.top_k, options.top_p, generator, options.temperature).view(B, n, n)
+            temperature = options.temperature_at(k, K)
+            idx = sample_top_k_top_p(logits, options.top_k, options.top_p, generator, temperature).view(B, n, n)
             if sample_mask is not None:
                 idx = torch.where(sample_mask[k], idx, known[k])
             indices.append(idx)
