@@ -217,9 +217,9 @@ def generate(
 ) -> dict:
     """Run ``configs/inference.yaml``: ``num`` slices per dataset of the model file ``model`` into ``out_dir``.
 
-    ``overrides`` are other ids of the config (``cfg``, ``top_k``, ``top_p``, ``temperature``, ``final_temperature``,
-    ``seed``, ``batch_size``, ``device``, ``bf16``, ``resample_original``, ``progression``,
-    ``progress``), whose defaults live in the config. Returns the summary written to
+    ``overrides`` are other ids of the config (``cfg``, ``top_k``, ``top_p``, ``temperature``,
+    ``final_temperature``, ``seed``, ``batch_size``, ``device``, ``bf16``, ``resample_original``,
+    ``progression``, ``progress``), whose defaults live in the config. Returns the summary written to
     ``summary.json`` (see :class:`GeneratedStacks`).
     """
     if "device" in overrides:

@@ -311,8 +311,8 @@ def inpaint(
     with the model file ``model`` into ``out_dir``.
 
     ``overrides`` are other ids of the configs (``outpaint``, ``edit_dataset``, ``cfg``, ``top_k``,
-    ``top_p``, ``temperature``, ``final_temperature``, ``seed``, ``batch_size``, ``feather``, ``dilation``, ``device``,
-    ``bf16``, ``progress``), whose defaults live in the YAML. Returns the summary written to
+    ``top_p``, ``temperature``, ``final_temperature``, ``seed``, ``batch_size``, ``feather``,
+    ``dilation``, ``device``, ``bf16``, ``progress``), whose defaults live in the YAML. Returns the summary written to
     ``inpaint.json`` (see :class:`VolumeInpainter`).
     """
     if "device" in overrides:

@@ -64,10 +64,9 @@ def ablation_settings(grid: dict[str, Sequence[float]] | None = None) -> list[tu
     """The ``(description, setting)`` rows, the plain setting first.
 
     Args:
-        grid: sampling option (``cfg``, ``top_k``, ``top_p``, ``temperature``, ``final_temperature``) → values; every
-            combination is a row
-            and options it leaves out stay plain. None: the paper's cumulative rows
-            (Baseline, + top-p 0.95, + top-k 900, + CFG 4).
+        grid: sampling option (``cfg``, ``top_k``, ``top_p``, ``temperature``, ``final_temperature``) → values;
+            every combination is a row and options it leaves out stay plain. None: the paper's
+            cumulative rows (Baseline, + top-p 0.95, + top-k 900, + CFG 4).
     """
     if grid is None:
         return [(label, PLAIN | changes) for label, changes in PAPER_ROWS]

@@ -3,10 +3,10 @@
 Scale ``k`` (0-based, K scales) is sampled from logits ``(1+t_k)·cond − t_k·uncond`` with
 ``t_k = cfg·k/(K−1)`` — no guidance at the first scale, full guidance at the last — where the
 conditional and unconditional (null dataset id) halves run as one batch, and at a softmax
-temperature that may ramp the same way (:attr:`SamplingOptions.final_temperature`). With the KV cache each
-pass runs over only the new scale's ``n_k²`` tokens; without it (``use_cache=False``, for checks
-and benchmarks) every pass recomputes all tokens so far under the block-causal mask. Both give the
-same tokens for the same seed.
+temperature that may ramp the same way (:attr:`SamplingOptions.final_temperature`). With the KV
+cache each pass runs over only the new scale's ``n_k²`` tokens; without it (``use_cache=False``,
+for checks and benchmarks) every pass recomputes all tokens so far under the block-causal mask.
+Both give the same tokens for the same seed.
 
 Randomness comes only from the ``torch.Generator`` passed in: one for the whole batch (a seed then
 fixes the images of that batch composition), or one per image (each image then depends only on
