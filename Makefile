@@ -31,8 +31,9 @@ CFG ?= 1
 TEMPERATURE ?= 0.6
 # ...falling linearly over the scales to FINAL_TEMPERATURE at the last one (empty: TEMPERATURE at every scale): the
 # finest scales' codes are drawn near the transformer's most likely ones, the layout keeps its diversity (`medvar
-# ablate`, 2 seeds, 7 datasets: mean structure FD of the demo's 250-step model 120.1 -> 98.8, of a 750-step one
-# 105.7 -> 102.6; docs/evaluation.md); `medvar generate` without --final-temperature keeps it constant
+# ablate`, 2 seeds, 7 datasets: mean structure FD of the demo's model 163.1 -> 149.9, with TOKENIZER_TIMES=3 120.1 ->
+# 98.8, of a 750-step one 105.7 -> 102.6; docs/evaluation.md); `medvar generate` without --final-temperature keeps it
+# constant
 FINAL_TEMPERATURE ?= 0.2
 final_temperature = $(if $(FINAL_TEMPERATURE),--final-temperature $(FINAL_TEMPERATURE))
 # compare: MedVAR and the DDPM baseline trained through these cumulative wall-clock budgets (minutes),
