@@ -42,14 +42,14 @@ PAPER_ROWS = (
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[float]]:
     """``["cfg=0,4", "top_k=0,900"]`` → ``{"cfg": [0.0, 4.0], "top_k": [0, 900]}`` (top_k int, others float;
-    ``final_temperature=none`` is the constant temperature)."""
+    ``none`` for an option whose plain value is None: ``final_temperature=none`` is the constant temperature)."""
     grid = {}
     for item in items:
         key, _, values = item.partition("=")
         cast = int if key == "top_k" else float
-        constant = key == "final_temperature"  # "none": the temperature stays constant over the scales
+        nullable = key in PLAIN and PLAIN[key] is None
         try:
-            grid[key] = [None if constant and v.lower() == "none" else cast(v) for v in values.split(",")]
+            grid[key] = [None if nullable and v.lower() == "none" else cast(v) for v in values.split(",")]
         except ValueError:
             raise ValueError(f"--grid {item!r}: expected KEY=V1,V2,... with {cast.__name__} values") from None
     return grid

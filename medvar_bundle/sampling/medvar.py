@@ -63,11 +63,20 @@ class SamplingOptions:
         if self.final_temperature is not None and not self.final_temperature > 0:
             raise ValueError(f"final temperature must be > 0, got {self.final_temperature}")
 
+    def guidance_at(self, k: int, num_scales: int) -> float:
+        """The guidance ``t_k`` of scale ``k`` (0-based) of ``num_scales``: 0 at the first, ``cfg`` at the last."""
+        return self.cfg * _ramp(k, num_scales)
+
     def temperature_at(self, k: int, num_scales: int) -> float:
         """The softmax temperature of scale ``k`` (0-based) of ``num_scales``."""
         if self.final_temperature is None:
             return self.temperature
-        return self.temperature + (self.final_temperature - self.temperature) * k / max(num_scales - 1, 1)
+        return self.temperature + (self.final_temperature - self.temperature) * _ramp(k, num_scales)
+
+
+def _ramp(k: int, num_scales: int) -> float:
+    """How far scale ``k`` lies from the first scale (0) to the last (1)."""
+    return k / max(num_scales - 1, 1)
 
 
 Generators = torch.Generator | Sequence[torch.Generator]
@@ -155,8 +164,7 @@ def generate_tokens(
             else:
                 logits = transformer.forward_prefix(torch.cat(chunks, dim=1), cond)[:, start:]
             start += n * n
-            t = options.cfg * k / max(K - 1, 1)
-            logits = guided_logits(logits[:B], logits[B:], t) if guided else logits
+            logits = guided_logits(logits[:B], logits[B:], options.guidance_at(k, K)) if guided else logits
             temperature = options.temperature_at(k, K)
             idx = sample_top_k_top_p(logits, options.top_k, options.top_p, generator, temperature).view(B, n, n)
             if sample_mask is not None:
