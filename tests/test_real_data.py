@@ -78,6 +78,7 @@ def test_real_volumes_stored_as_uint8_256_with_original_spacing(demo):
     # nibabel's 4D fMRI run enters brain_epi's training split as its first volume: 24 axial slices
     fmri = next(v for s in shards for v in s["volumes"] if v["image"].endswith("nibabel_fmri.nii.gz"))
     assert fmri["matrix"] == [128, 96, 24] and fmri["spacing"] == pytest.approx([2.0, 2.0, 2.2], rel=1e-4)
+    assert fmri["slice_indices"] == list(range(24))
 
 
 @pytest.mark.slow  # the real demo corpus: ~30 s to build and prepare

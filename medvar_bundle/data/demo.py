@@ -264,8 +264,9 @@ def _pelvis_patient(npz: Path, out: Path) -> None:
 
 
 def _first_volume(series: Path, out: Path) -> None:
-    """The first volume of a 4D NIfTI series (nibabel's ``example4d``: an fMRI EPI run of two
-    volumes, 128 × 96 × 24 at 2 × 2 × 2.2 mm, 2 % apart) as a 3D NIfTI on the same grid."""
+    """The first volume of a 4D NIfTI series as a 3D NIfTI on the same grid (nibabel's
+    ``example4d``: an fMRI EPI run of two volumes, 128 × 96 × 24 at 2 × 2 × 2.2 mm, whose voxels
+    differ between the volumes by 2 % of the mean intensity on average)."""
     img = nib.load(series)
     tmp = out.with_name(out.name.replace(".nii.gz", ".part.nii.gz"))
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj[..., 0]), img.affine, img.header), tmp)
