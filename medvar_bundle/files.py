@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gzip
 import hashlib
 import io
 import json
@@ -121,6 +122,18 @@ def atomic_torch_save(path: str | os.PathLike, obj) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def write_nifti(img, path: str | os.PathLike) -> Path:
+    """Write a NIfTI image (``nibabel.Nifti1Image``) to ``path`` (gzip-compressed when it ends in
+    ``.gz``) atomically: a temporary file in the same folder, then a rename, so no reader sees half
+    a volume."""
+    path = Path(path)
+    payload = img.to_bytes()
+    if path.name.endswith(".gz"):
+        payload = gzip.compress(payload, compresslevel=6, mtime=0)
+    atomic_write_bytes(path, payload)
+    return path
 
 
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> dict:

@@ -18,7 +18,6 @@ were percentile-normalised, which cannot be inverted, so they stay uint8.
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
@@ -37,7 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from .data.transforms import DEFAULT_CT_WINDOW, NormalizeByModalityd, QuantizeUint8d  # noqa: E402
-from .files import atomic_write_bytes, atomic_write_json  # noqa: E402
+from .files import atomic_write_json, write_nifti  # noqa: E402
 from .visualize import radiological, save_figure, save_grid  # noqa: E402
 
 __all__ = [
@@ -268,17 +267,6 @@ def write_slice_stack(
     hdr["descrip"] = SYNTHETIC_DESCRIP.format(modality=modality).encode()[:79]
 
     return write_nifti(img, path)
-
-
-def write_nifti(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
-    """Write a NIfTI image to ``path`` (gzip-compressed when it ends in ``.gz``) atomically: a
-    temporary file in the same folder, then a rename, so no reader sees half a volume."""
-    path = Path(path)
-    payload = img.to_bytes()
-    if path.name.endswith(".gz"):
-        payload = gzip.compress(payload, compresslevel=6, mtime=0)
-    atomic_write_bytes(path, payload)
-    return path
 
 
 # --------------------------------------------------------------------------------------------

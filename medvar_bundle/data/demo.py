@@ -30,7 +30,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ..files import atomic_write_json
+from ..files import atomic_write_json, write_nifti
 
 CORPORA = ("brain", "body")
 
@@ -242,9 +242,7 @@ def _tissue_label(gm_path: Path, wm_path: Path, out: Path) -> None:
     label = np.zeros(g.shape, np.uint8)
     label[(g / scale > 0.5) & (g >= w)] = 1
     label[(w / scale > 0.5) & (w > g)] = 2
-    tmp = out.with_name(out.name.replace(".nii.gz", ".part.nii.gz"))
-    nib.save(nib.Nifti1Image(label, gm.affine), tmp)
-    os.replace(tmp, out)
+    write_nifti(nib.Nifti1Image(label, gm.affine), out)
 
 
 def _pelvis_patient(npz: Path, out: Path) -> None:
@@ -258,9 +256,7 @@ def _pelvis_patient(npz: Path, out: Path) -> None:
     ct = np.load(npz)["input_array"][0]
     hu = np.rint(ct.transpose(2, 1, 0) * 1000.0).astype(np.int16)
     sx, sy, sz = PELVIS_NPZ_SPACING
-    tmp = out.with_name(out.name.replace(".nii.gz", ".part.nii.gz"))
-    nib.save(nib.Nifti1Image(hu, np.diag([-sx, -sy, sz, 1.0])), tmp)
-    os.replace(tmp, out)
+    write_nifti(nib.Nifti1Image(hu, np.diag([-sx, -sy, sz, 1.0])), out)
 
 
 def _first_volume(series: Path, out: Path) -> None:
@@ -268,9 +264,7 @@ def _first_volume(series: Path, out: Path) -> None:
     ``example4d``: an fMRI EPI run of two volumes, 128 × 96 × 24 at 2 × 2 × 2.2 mm, whose voxels
     differ between the volumes by 2 % of the mean intensity on average)."""
     img = nib.load(series)
-    tmp = out.with_name(out.name.replace(".nii.gz", ".part.nii.gz"))
-    nib.save(nib.Nifti1Image(np.asarray(img.dataobj[..., 0]), img.affine, img.header), tmp)
-    os.replace(tmp, out)
+    write_nifti(nib.Nifti1Image(np.asarray(img.dataobj[..., 0]), img.affine, img.header), out)
 
 
 def default_wheel_dir() -> Path:
