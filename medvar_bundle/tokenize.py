@@ -47,22 +47,17 @@ def tokenize_store(
     with WriterLock(root, "tokenize"):  # one tokenize per store; readers never wait
         digest = file_digest(tokenizer_path)
         meta_file = root / TOKENS_META
-        done = {}
-        if meta_file.exists():
-            old = json.loads(meta_file.read_text())
-            done = old.get("shards", {})
-            if old["tokenizer_sha256"] != digest:
-                done = {}
-                if not force:
-                    raise ValueError(
-                        f"{root}: already tokenized by another tokenizer ({old['tokenizer']}); use --force to replace"
-                    )
-                for p in (root / SHARD_DIR).glob("*.tokens.npy"):
-                    p.unlink()
-        model = load_tokenizer(tokenizer_path, device)
+        old = json.loads(meta_file.read_text()) if meta_file.exists() else {"tokenizer_sha256": digest}
+        replaced = old["tokenizer_sha256"] != digest
+        if replaced and not force:
+            raise ValueError(
+                f"{root}: already tokenized by another tokenizer ({old['tokenizer']}); use --force to replace"
+            )
+        model = load_tokenizer(tokenizer_path, device)  # a bad file stops here, before any token is deleted
         vocab = model.config["vocab_size"]
         if vocab > np.iinfo(np.uint16).max + 1:
             raise ValueError(f"vocabulary of {vocab} codes does not fit uint16 token shards")
+        done = {} if replaced else old.get("shards", {})
         meta = {
             "tokenizer": str(Path(tokenizer_path).resolve()),
             "tokenizer_sha256": digest,
@@ -71,7 +66,10 @@ def tokenize_store(
             "tokens_per_image": model.num_tokens,
             "shards": done,
         }
-        atomic_write_json(meta_file, meta)
+        atomic_write_json(meta_file, meta)  # first, so no record points at a token file deleted below
+        if replaced:
+            for p in (root / SHARD_DIR).glob("*.tokens.npy"):
+                p.unlink()
         manifests = [m for m in read_shard_manifests(root) if m["num_slices"]]
         written = skipped = 0
         bar = tqdm(total=sum(m["num_slices"] for m in manifests), disable=not progress, desc="tokenize", unit="slice")

@@ -352,6 +352,7 @@ def test_rerun_skips_committed_volumes(corpus, tmp_path, capsys):
     assert len(report) == 3
     assert {e["status"] for e in report} == {"skipped"}
     assert {e["error"] for e in report} == {"already in store"}
+    assert {Path(e["image"]).stem.split(".")[0]: e["slices"] for e in report} == EXPECTED_SLICES  # what the store holds
 
     after_images, _, after_ids = store_arrays(out)
     assert len(after_ids) == sum(EXPECTED_SLICES.values())
@@ -759,3 +760,67 @@ def test_several_stores_read_as_one_relabel_every_slice_with_the_merged_id(tmp_p
     for i, (single, name) in enumerate(zip(singles, own_name)):
         assert torch.equal(merged[i]["image"], single["image"])
         assert merged[i]["dataset_id"] == merged.datasets[name]["id"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. the store keeps what its volumes were prepared with
+# ----------------------------------------------------------------------------------------------
+
+
+def test_config_ct_window_is_the_one_recorded_for_read_back(tmp_path):
+    """`ct_window` of configs/prepare.yaml windows CT items without their own; the records and
+    datasets.json must carry that window (not a built-in 40/400), or generated CT of the dataset is
+    read back to the wrong HU."""
+    from medvar_bundle.bundle_config import run_config
+    from medvar_bundle.io import to_intensity
+
+    image = save_nifti(tmp_path / "ct.nii.gz", ct_phantom(hu=500.0))
+    datalist = write_datalist(tmp_path / "datalist.json", [{"image": image, "dataset": "bone", "modality": "CT"}])
+    out = tmp_path / "store"
+    run_config(
+        "prepare", None, {"datalist": datalist, "output_dir": str(out), "size": SIZE, "ct_window": [500.0, 2000.0],
+                           "progress": False},
+    )  # fmt: skip
+    entry = read_json(out / "datasets.json")["bone"]
+    assert entry["ct_window"] == [500.0, 2000.0]
+    assert [v["ct_window"] for m in read_shard_manifests(out) for v in m["volumes"]] == [[500.0, 2000.0]]
+    images, _, _ = store_arrays(out)
+    body = images[0][SIZE // 2, SIZE // 2]
+    assert body == window_value(500.0, 500.0, 2000.0)
+    assert abs(float(to_intensity(np.array([body], np.uint8), entry)[0]) - 500.0) < 2000 / 255
+
+
+def test_one_dataset_with_two_ct_windows_is_refused(tmp_path):
+    a = save_nifti(tmp_path / "a.nii.gz", ct_phantom())
+    b = save_nifti(tmp_path / "b.nii.gz", ct_phantom())
+    items = [make_item(a, "ct", "CT", ct_window=(40, 400)), make_item(b, "ct", "CT", ct_window=(40, 80))]
+    with pytest.raises(ValueError, match="one dataset needs one window"):
+        prepare_store(items, tmp_path / "store", size=SIZE, progress=False)
+
+
+@pytest.mark.parametrize("change", ["split", "dataset", "label"])
+def test_rerun_refuses_a_stored_volume_under_another_split_dataset_or_label(corpus, tmp_path, change):
+    """A re-run skips stored volumes: a volume moved to the held-out split must not stay in training."""
+    out = tmp_path / "store"
+    prepare_store(corpus["items"], out, size=SIZE, progress=False)
+    before = store_arrays(out)[0]
+    moved = [dict(item) for item in corpus["items"]]
+    new = {"split": "validation", "dataset": "ct_other", "label": str(corpus["root"] / "labels" / "other.nii.gz")}
+    moved[1][change] = new[change]
+    with pytest.raises(ValueError, match=f"stored with {change} .*prepare into a new store"):
+        prepare_store(moved, out, size=SIZE, progress=False)
+    assert np.array_equal(store_arrays(out)[0], before)
+
+
+def test_a_bad_token_file_does_not_make_prepare_delete_image_shards(corpus, tmp_path, capsys):
+    """Token files are tokenize's: prepare re-does a shard only for its images or labels (had it
+    removed the shard here, a store whose source volumes have moved would have lost its slices)."""
+    out = tmp_path / "store"
+    prepare_store(corpus["items"], out, size=SIZE, progress=False)
+    before = store_arrays(out)[0]
+    (tag,) = [m["shard"] for m in read_shard_manifests(out)]
+    (out / "tokens.json").write_text(json.dumps({"shards": {tag: {"size": 8, "sha256": "0" * 64}}}))
+    prepare_store(corpus["items"], out, size=SIZE, progress=False)
+    assert "re-doing" not in capsys.readouterr().err
+    assert [m["shard"] for m in read_shard_manifests(out)] == [tag]
+    assert np.array_equal(store_arrays(out)[0], before)

@@ -148,6 +148,21 @@ def test_tokenize_refuses_tokens_of_another_tokenizer(trained, tmp_path, capsys)
     assert main(["tokenize", "--tokenizer", str(other), "--store", str(store), "--quiet", "--force"]) == 0
 
 
+def test_tokenize_force_with_a_bad_tokenizer_file_keeps_the_old_tokens(trained, tmp_path, capsys):
+    """--force deletes the old token files only once the new tokenizer has loaded: a bad file must
+    leave tokens.json and its token files as they were (and `medvar verify` clean)."""
+    _, path = trained
+    store = build_synthetic_store(tmp_path, volumes=2, seed=5)
+    tokenize_store(path, store, progress=False)
+    before = (store / "tokens.json").read_text()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a tokenizer")
+    assert main(["tokenize", "--tokenizer", str(bad), "--store", str(store), "--quiet", "--force"]) == 2
+    assert "bad.pt" in capsys.readouterr().err
+    assert (store / "tokens.json").read_text() == before
+    assert main(["verify", "--store", str(store)]) == 0
+
+
 def test_bundle_training_config_runs_the_same_trainer(synthetic_store, tmp_path):
     out = subprocess.run(
         [

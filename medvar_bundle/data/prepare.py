@@ -13,7 +13,7 @@ import os
 import re
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from .readers import VolumeFileError
 from .store import (
     SHARD_DIR,
     ShardWriter,
-    done_volume_keys,
+    done_volumes,
     remove_shard,
     verify_store,
     volume_key,
@@ -165,6 +165,25 @@ def _merge_reports(out: Path, world_size: int) -> list[dict]:
     return entries
 
 
+def _window(item: dict, default: Sequence[float]) -> list[float] | None:
+    """The (level, width) in HU a CT item is windowed with (its own, else ``default``); None for MR."""
+    if item.get("modality") != "CT":
+        return None
+    return [float(x) for x in (item.get("ct_window") or default)]
+
+
+def _check_unchanged(item: dict, stored: dict, out: Path) -> None:
+    """Refuse an item whose image the store holds under another split, dataset or label: a re-run
+    skips stored volumes, so a held-out volume would silently stay in training (or the reverse)."""
+    now = {"split": item.get("split", "training"), "dataset": item.get("dataset"), "label": item.get("label")}
+    for key, value in now.items():
+        if stored.get(key) != value:
+            raise ValueError(
+                f"{out}: {item['image']} is stored with {key} {stored.get(key)!r}, the datalist now says {value!r}; "
+                "a stored volume keeps its split, dataset and label: prepare into a new store"
+            )
+
+
 def prepare_store(
     items: list[dict],
     out: str | os.PathLike,
@@ -176,6 +195,7 @@ def prepare_store(
     shard_size: int = 2048,
     progress: bool = True,
     verify: bool = False,
+    default_window: Sequence[float] = DEFAULT_CT_WINDOW,
 ) -> PrepareResult:
     """Prepare ``items`` (see :mod:`~medvar_bundle.data.sources`) into the store at ``out``.
 
@@ -189,14 +209,20 @@ def prepare_store(
             default to torchrun's ``RANK``/``WORLD_SIZE``, else 0 and 1.
         shard_size: slices per shard.
         verify: before resuming, compare every committed shard file's sha256 with its manifest
-            (sizes are always compared); a shard that fails is removed with one line on stderr, and
-            its volumes are prepared again.
+            (sizes are always compared); a shard whose images or labels fail is removed with one
+            line on stderr, and its volumes are prepared again (token files are ``tokenize``'s).
+        default_window: (level, width) in HU of CT items without their own ``ct_window``: the
+            transform's window, recorded in the volumes' records and ``datasets.json`` so that
+            generated CT is read back to HU with it.
 
     Returns:
         The run's report (this rank's volumes) and the store's dataset registry.
 
     Raises:
         FolderLockedError: another ``prepare`` of the same rank is writing into ``out``.
+        ValueError: one dataset's CT items declare different windows, or an item's volume is stored
+            already under another split, dataset or label (a stored volume keeps them: prepare
+            into a new store instead).
     """
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
@@ -206,26 +232,33 @@ def prepare_store(
         transform = config_component("prepare", "preprocessing", {"size": size})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    declared = {}
+    declared: dict[str, dict] = {}
     for i in items:
         if i.get("dataset") and i.get("modality") in MODALITIES:
-            window = (i.get("ct_window") or list(DEFAULT_CT_WINDOW)) if i["modality"] == "CT" else None
-            declared.setdefault(
+            window = _window(i, default_window)
+            first = declared.setdefault(
                 str(i["dataset"]), {"modality": i["modality"], "anatomy": i.get("anatomy"), "ct_window": window}
             )
+            if first["ct_window"] != window:
+                raise ValueError(
+                    f"dataset {i['dataset']}: CT windows {first['ct_window']} and {window} (at {i.get('image')}); "
+                    "one dataset needs one window, its generated CT is read back to HU with it"
+                )
     with WriterLock(out, f"prepare-r{rank:03d}"):  # one writer per rank's shards; readers never wait
         mine = items[rank::world_size]
         remove_dead_writes(out, rank)
         for bad in verify_store(out, checksum=verify):
-            if bad["shard"].startswith(f"r{rank:03d}-"):  # each rank re-does its own shards
+            # each rank re-does its own shards; a bad token file is tokenize's to encode again
+            if bad["shard"].startswith(f"r{rank:03d}-") and bad["kind"] != "tokens":
                 tqdm.write(f"medvar prepare: re-doing shard {bad['shard']}: {bad['problem']}", file=sys.stderr)
                 remove_shard(out, bad["shard"])
-        done = done_volume_keys(out)
+        stored = done_volumes(out)
         result = PrepareResult()
         todo = []
         for item in mine:
-            if volume_key(item.get("image") or "", item.get("label")) in done:
-                result.report.append(_entry(item, "skipped", error="already in store"))
+            if item.get("image") in stored:
+                _check_unchanged(item, stored[item["image"]], out)
+                result.report.append(_entry(item, "skipped", stored[item["image"]]["num_slices"], "already in store"))
             else:
                 todo.append(item)
 
@@ -251,7 +284,6 @@ def prepare_store(
                 result.report.append(_entry(item, "failed", error=res["error"]))
                 continue
             slices = 0 if res["images"] is None else int(res["images"].shape[0])
-            window = (item.get("ct_window") or list(DEFAULT_CT_WINDOW)) if item.get("modality") == "CT" else None
             record = {
                 "key": volume_key(item["image"], item.get("label")),
                 "image": item["image"],
@@ -260,7 +292,7 @@ def prepare_store(
                 "modality": item["modality"],
                 "anatomy": item.get("anatomy") or "",
                 "split": item.get("split", "training"),
-                "ct_window": window,
+                "ct_window": _window(item, default_window),
                 "spacing": (res.get("geometry") or {}).get("spacing", []),
                 "matrix": (res.get("geometry") or {}).get("matrix", []),
                 "slice_indices": res.get("slice_indices") or [],

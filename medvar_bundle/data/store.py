@@ -121,7 +121,8 @@ def read_shard_manifests(root: str | os.PathLike) -> list[dict]:
 
 def verify_store(root: str | os.PathLike, checksum: bool = True) -> list[dict]:
     """Check every committed shard's array files against their manifest (and token files against
-    ``tokens.json``). Returns one ``{"shard", "file", "problem"}`` per bad file (empty: all good).
+    ``tokens.json``). Returns one ``{"shard", "kind", "file", "problem"}`` per bad file (empty: all
+    good); ``kind`` is ``images``, ``labels`` or ``tokens``.
 
     Args:
         checksum: also compare sha256 digests (reads every file); False compares sizes only.
@@ -139,7 +140,7 @@ def verify_store(root: str | os.PathLike, checksum: bool = True) -> list[dict]:
             path = root / SHARD_DIR / f"{m['shard']}.{kind}.npy"
             problem = check_file(path, record, checksum)
             if problem is not None:
-                bad.append({"shard": m["shard"], "file": str(path), "problem": problem})
+                bad.append({"shard": m["shard"], "kind": kind, "file": str(path), "problem": problem})
     return bad
 
 
@@ -151,9 +152,9 @@ def remove_shard(root: str | os.PathLike, tag: str) -> None:
         (shard_dir / f"{tag}.{kind}.npy").unlink(missing_ok=True)
 
 
-def done_volume_keys(root: str | os.PathLike) -> set[str]:
-    """Keys of the volumes already committed to the store (those a re-run skips)."""
-    return {v["key"] for m in read_shard_manifests(root) for v in m["volumes"]}
+def done_volumes(root: str | os.PathLike) -> dict[str, dict]:
+    """The records of the volumes already committed to the store (those a re-run skips), by image path."""
+    return {v["image"]: v for m in read_shard_manifests(root) for v in m["volumes"]}
 
 
 def median_list(values: Sequence[Sequence[float]]) -> list[float]:
