@@ -33,9 +33,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from .data.transforms import DEFAULT_CT_WINDOW, NormalizeByModalityd, QuantizeUint8d  # noqa: E402
+from .data.transforms import DEFAULT_CT_WINDOW, NormalizeByModalityd, QuantizeUint8d, resize_in_plane  # noqa: E402
 from .files import atomic_write_json, write_nifti  # noqa: E402
 from .visualize import radiological, save_figure, save_grid  # noqa: E402
 
@@ -185,23 +184,6 @@ def _check_stack(images_u8) -> np.ndarray:
     return images
 
 
-def _resize_in_plane(values: np.ndarray, shape_xy: tuple[int, int]) -> np.ndarray:
-    """Resize float ``(N, S, S)`` slices to ``(N, X, Y)`` over the same field of view.
-
-    Pixel-centre aligned (``align_corners=False``), like ``prepare``'s resizing: area averaging
-    (an exact box filter) when no axis grows, otherwise bilinear, anti-aliased along any axis that
-    shrinks. Both keep a constant image constant up to the border.
-    """
-    if tuple(values.shape[1:]) == tuple(shape_xy):
-        return values
-    x = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))[:, None]  # (N, 1, S, S)
-    if all(o <= i for o, i in zip(shape_xy, values.shape[1:])):
-        out = F.interpolate(x, size=shape_xy, mode="area")
-    else:
-        out = F.interpolate(x, size=shape_xy, mode="bilinear", align_corners=False, antialias=True)
-    return out[:, 0].double().numpy()
-
-
 def write_slice_stack(
     images_u8: np.ndarray, entry: dict, path: str | os.PathLike, resample_original: bool = False
 ) -> Path:
@@ -238,7 +220,7 @@ def write_slice_stack(
     if resample_original:
         orig_spacing, orig_matrix = _entry_geometry(entry)
         shape_xy = (int(round(orig_matrix[0])), int(round(orig_matrix[1])))
-        values = _resize_in_plane(values, shape_xy)
+        values = resize_in_plane(torch.from_numpy(images.astype(np.float32)), shape_xy).double().numpy()
         # same field of view (S * spacing) over the new matrix
         spacing = np.array([spacing[0] * size / shape_xy[0], spacing[1] * size / shape_xy[1], spacing[2]])
     slope, inter = 1.0, 0.0

@@ -12,11 +12,11 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import (
     MapTransform,
-    Resized,
     ScaleIntensityRange,
     Transform,
 )
@@ -314,25 +314,43 @@ class SelectAxialSlicesd(MapTransform):
         return d
 
 
-class ResizeSlicesd(MapTransform):
-    """Resize ``(1, X, Y, Z)`` images in-plane to ``size × size``, leaving z untouched.
+def resize_in_plane(slices: torch.Tensor, shape_xy: Sequence[int]) -> torch.Tensor:
+    """Resize float slices ``(N, X, Y)`` to ``(N, *shape_xy)`` over the same field of view.
 
-    Area averaging when both in-plane axes shrink (exact box filter, no aliasing), otherwise
-    bilinear (MONAI ``trilinear`` with an unchanged z axis samples z exactly) after a Gaussian
-    anti-aliasing filter along each axis that shrinks (σ = (factor − 1) / 2 pixels, none along an
-    axis that grows), so a 768 × 200 slice does not alias along x.
+    Pixel-centre aligned (``align_corners=False``). Area averaging when no axis grows (a box filter
+    for whole-number factors, e.g. 512 → 256; adaptive average pooling otherwise); else bilinear
+    after a Gaussian anti-aliasing filter along each axis that shrinks (σ = (factor − 1) / 2
+    pixels, none along an axis that grows), so a 768 × 200 slice does not alias along x. The filter
+    reflects at the borders (MONAI's ``Resized`` pads with zeros and dims the outer rows), so a
+    constant slice stays constant to its edges.
     """
+    shape_xy = tuple(int(n) for n in shape_xy)
+    if tuple(slices.shape[1:]) == shape_xy:
+        return slices
+    if all(o <= i for o, i in zip(shape_xy, slices.shape[1:])):
+        return F.interpolate(slices.float()[:, None], size=shape_xy, mode="area")[:, 0]
+    x = slices.float().numpy()
+    for axis, (o, i) in enumerate(zip(shape_xy, slices.shape[1:]), start=1):
+        if o < i:
+            x = ndimage.gaussian_filter1d(x, sigma=(i / o - 1) / 2, axis=axis, mode="reflect")
+    return F.interpolate(torch.from_numpy(x)[:, None], size=shape_xy, mode="bilinear", align_corners=False)[:, 0]
+
+
+class ResizeSlicesd(MapTransform):
+    """Resize ``(1, X, Y, Z)`` images in-plane to ``size × size``, leaving z untouched
+    (:func:`resize_in_plane` on each axial slice)."""
 
     def __init__(self, keys: KeysCollection = "image", size: int = SLICE_SIZE) -> None:
         super().__init__(keys)
         self.size = size
-        self.area = Resized(keys, spatial_size=(size, size, -1), mode="area")
-        self.bilinear = Resized(keys, spatial_size=(size, size, -1), mode="trilinear", anti_aliasing=True)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
-        shrink = all(min(d[k].shape[1:3]) >= self.size for k in self.key_iterator(d))
-        return (self.area if shrink else self.bilinear)(d)
+        for key in self.key_iterator(d):
+            volume = torch.as_tensor(np.asarray(d[key]) if not isinstance(d[key], torch.Tensor) else d[key])
+            slices = resize_in_plane(volume[0].permute(2, 0, 1), (self.size, self.size))  # (Z, size, size)
+            d[key] = slices.permute(1, 2, 0)[None].contiguous()
+        return d
 
 
 class QuantizeUint8d(MapTransform):
