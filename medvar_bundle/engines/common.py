@@ -69,11 +69,17 @@ def reseed(seed: int, step: int, rank: int) -> None:
     torch.manual_seed(derived_seed(seed, step, rank))
 
 
-def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
-    """The ``checkpoint_<step>.pt`` with the highest step in ``folder``, or None."""
+def checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """The ``checkpoint_<step>.pt`` files of ``folder``, oldest step first."""
     found = []
     for p in Path(folder).glob("*checkpoint_*.pt"):
         m = CHECKPOINT_PATTERN.search(p.name)
         if m:
             found.append((int(m.group(1)), p))
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The ``checkpoint_<step>.pt`` with the highest step in ``folder``, or None."""
+    found = checkpoints(folder)
+    return found[-1] if found else None

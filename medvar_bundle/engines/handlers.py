@@ -23,18 +23,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import ValidationHandler
 
-from ..files import WriterLock, atomic_torch_save, load_weights
-from .common import latest_checkpoint
+from ..files import WriterLock, atomic_torch_save, atomic_write_bytes, load_weights
+from .common import checkpoints, latest_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +55,22 @@ def _release_and_raise(engine: Engine, error: BaseException, lock: WriterLock) -
 class AtomicSaver(BaseSaveHandler):
     """Ignite's save handler for :class:`~ignite.handlers.Checkpoint` writing through the bundle's one
     write point (:func:`~medvar_bundle.files.atomic_torch_save`): atomic, and a full disk or I/O
-    error names the checkpoint file, so the command stops with one line."""
+    error names the checkpoint file, so the command stops with one line.
 
-    def __init__(self, dirname: str | os.PathLike) -> None:
+    With ``n_saved``, each save also deletes the folder's ``checkpoint_<step>.pt`` files older than
+    the newest ``n_saved``: Ignite's ``Checkpoint`` only removes the files of its own process, so
+    without it every resumed run would leave its predecessor's checkpoints behind.
+    """
+
+    def __init__(self, dirname: str | os.PathLike, n_saved: int | None = None) -> None:
         self.dirname = Path(dirname)
+        self.n_saved = n_saved
 
     def __call__(self, checkpoint, filename: str, metadata: dict | None = None) -> None:
         atomic_torch_save(self.dirname / filename, checkpoint)
+        if self.n_saved is not None:
+            for old in checkpoints(self.dirname)[: -self.n_saved]:
+                old.unlink(missing_ok=True)
 
     def remove(self, filename: str) -> None:
         (self.dirname / filename).unlink(missing_ok=True)
@@ -111,7 +122,7 @@ class ResumableCheckpoint:
         engine.add_event_handler(Events.EXCEPTION_RAISED, _release_and_raise, lock)
         saver = Checkpoint(
             objects,
-            AtomicSaver(self.save_dir),
+            AtomicSaver(self.save_dir, self.n_saved),
             n_saved=self.n_saved,
             global_step_transform=lambda e, _: e.state.iteration,
         )
@@ -200,6 +211,10 @@ def _json_able(value) -> bool:
     return True
 
 
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.is_file() else []
+
+
 class MetricsLog:
     """One validation record: a ``metrics.jsonl`` row, TensorBoard scalars ``val/<name>`` and a log line.
 
@@ -214,9 +229,9 @@ class MetricsLog:
         self.message = message
 
     def __call__(self, row: dict, metrics: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        # a resumed run validates again the steps after its checkpoint: their old rows give way
+        kept = [line for line in _lines(self.path) if json.loads(line)["step"] < row["step"]]
+        atomic_write_bytes(self.path, "".join(f"{line}\n" for line in [*kept, json.dumps(row)]).encode())
         if self.writer is not None:
             for key in self.scalars:
                 self.writer.add_scalar(f"val/{key}", row[key], row["step"])
@@ -228,8 +243,9 @@ class StepValidation(ValidationHandler):
     """MONAI's :class:`~monai.handlers.ValidationHandler` at the trainer's steps, with records.
 
     Runs ``validator`` every ``interval`` steps after ``start_after`` and once more when training
-    ends on a step that was not validated (unless ``output_file`` exists and the last step is a
-    validation step: a finished run resumed). After each run every callable of ``records`` gets
+    ends on a step that was not validated (unless ``output_file`` records that very step: a
+    finished run resumed; a run killed between its last checkpoint and the file's write validates
+    again). After each run every callable of ``records`` gets
     ``(row, metrics)``: the trainer-step row of :func:`validation_row` and the evaluator's
     ``state.metrics`` merged with its ``state.metric_details``. Only the main process validates.
     """
@@ -267,5 +283,14 @@ class StepValidation(ValidationHandler):
         step = engine.state.iteration
         if self.last_step == step:
             return
-        if step % self.interval or self.output_file is None or not self.output_file.exists():
+        if self.output_file is None or saved_step(self.output_file) != step:
             self(engine)
+
+
+def saved_step(path: Path) -> int | None:
+    """The ``step`` a model file records (memory-mapped: its weights are not read), or None when the
+    file is missing or unreadable."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError):
+        return None

@@ -1,0 +1,87 @@
+"""The training handlers across a kill and a resume: the final model file, old checkpoints, metric rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from torch.utils.data import DataLoader
+
+from medvar_bundle.data.resumable import ResumableSampler, SeededSamples
+from medvar_bundle.engines.common import checkpoints
+from medvar_bundle.engines.handlers import MetricsLog, ResumableCheckpoint, StepValidation, StopAtStep
+from medvar_bundle.files import atomic_torch_save
+
+MAX_STEPS = 8
+
+
+class Killed(Exception):
+    """Stands for the process dying at that point."""
+
+
+def run(out, kill_at_validation: int | None = None, n_saved: int = 2, save_interval: int = 2, interval: int = 4):
+    """A tiny trainer with the bundle's handlers, 4 steps an epoch: validation every ``interval``
+    steps writes ``out/model.pt`` (``{"step"}``), as the training configs' records do. Returns the
+    steps validated."""
+    net = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    data = SeededSamples(list(range(8)))
+    loader = DataLoader(data, batch_size=2, sampler=ResumableSampler(data, num_replicas=1, rank=0, seed=0))
+
+    def step(engine, batch):
+        opt.zero_grad()
+        net(torch.ones(1, 1)).sum().backward()
+        opt.step()
+        return {"loss": 0.0}
+
+    evaluator = SupervisedEvaluator(
+        device="cpu", val_data_loader=DataLoader([0], batch_size=1), network=net, iteration_update=lambda e, b: {}
+    )
+    validated = []
+
+    def record(row, metrics):
+        if row["step"] == kill_at_validation:
+            raise Killed
+        atomic_torch_save(out / "model.pt", {"step": row["step"]})
+        validated.append(row["step"])
+
+    handlers = [
+        ResumableCheckpoint(out / "checkpoints", {"network": net, "optimizer": opt}, save_interval, MAX_STEPS, n_saved),
+        StopAtStep(MAX_STEPS),
+        StepValidation(evaluator, interval=interval, records=[record], output_file=out / "model.pt"),
+    ]
+    trainer = SupervisedTrainer(
+        device="cpu", max_epochs=2, train_data_loader=loader, network=net, optimizer=opt, loss_function=None,
+        iteration_update=step, train_handlers=handlers, decollate=False,
+    )  # fmt: skip
+    trainer.run()
+    return validated
+
+
+def test_a_run_killed_during_its_last_validation_validates_again_when_resumed(tmp_path):
+    """The checkpoint of the last step is written before its validation: a kill in between left the
+    model file of the step before for good (the resumed run stopped at once and skipped validation)."""
+    with pytest.raises(Killed):
+        run(tmp_path, kill_at_validation=MAX_STEPS)
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["step"] == 4
+    assert run(tmp_path) == [MAX_STEPS]
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["step"] == MAX_STEPS
+    assert run(tmp_path) == []  # a finished run resumed: nothing to do
+
+
+def test_a_resumed_run_keeps_only_n_saved_checkpoints(tmp_path):
+    with pytest.raises(Killed):
+        run(tmp_path, kill_at_validation=4, n_saved=2, save_interval=1)
+    assert [p.name for p in checkpoints(tmp_path / "checkpoints")] == ["checkpoint_3.pt", "checkpoint_4.pt"]
+    run(tmp_path, n_saved=2, save_interval=1)
+    assert [p.name for p in checkpoints(tmp_path / "checkpoints")] == ["checkpoint_7.pt", "checkpoint_8.pt"]
+
+
+def test_metrics_log_replaces_the_rows_of_steps_a_resumed_run_validates_again(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step, loss in [(2, 0.5), (4, 0.4), (6, 0.3), (4, 0.35), (6, 0.25)]:  # resumed from the checkpoint of step 2
+        log({"step": step, "loss": loss}, {})
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 2, "loss": 0.5}, {"step": 4, "loss": 0.35}, {"step": 6, "loss": 0.25}]
