@@ -44,6 +44,7 @@ DDPM_STEPS ?= 10 20 30 50 100
 DDPM_NUM ?= 2
 DDPM_MINUTES ?= 40
 # seed of both trainings and of their samples: a second run with another seed gives the curve's run-to-run spread
+# (its own folder, $(DEMO)/compare_seedN; seed 0 writes $(DEMO)/compare)
 COMPARE_SEED ?= 0
 
 .PHONY: install demo test bench compare bundle clean-demo
@@ -91,7 +92,7 @@ compare: install
 	@# the structure network is trained when the store has none that loads (missing, or of an older version)
 	$(BIN)/python -c "from medvar_bundle.metrics import load_structure_net; load_structure_net(None, '$(DEMO)/store')" \
 		2>/dev/null || $(BIN)/medvar train-structure --store $(DEMO)/store --quiet
-	$(BIN)/python scripts/compare.py --store $(DEMO)/store --tokenizer $(DEMO)/tokenizer/tokenizer.pt --out $(DEMO)/compare --cfg $(CFG) \
+	$(BIN)/python scripts/compare.py --store $(DEMO)/store --tokenizer $(DEMO)/tokenizer/tokenizer.pt --out $(DEMO)/compare$(if $(filter-out 0,$(COMPARE_SEED)),_seed$(COMPARE_SEED)) --cfg $(CFG) \
 		--temperature $(TEMPERATURE) $(final_temperature) \
 		--minutes $(COMPARE_MINUTES) --num $(COMPARE_NUM) --ddpm-steps $(DDPM_STEPS) --ddpm-num $(DDPM_NUM) \
 		--ddpm-minutes $(DDPM_MINUTES) --seed $(COMPARE_SEED) --parallel

@@ -2,7 +2,9 @@
 and how both improve with training time.
 
 Needs the store prepared and tokenized, its structure network trained and the tokenizer trained
-(``make demo``). Every stage is skipped when its output exists, so a re-run resumes:
+(``make demo``). Every stage is skipped when its output exists with the same options, so a re-run
+resumes; ``OUT/run.json`` fixes the options both trainings depend on (seed, step cap, the DDPM's
+learning rate), and a re-run with others is refused: give it another ``--out``.
 
 1. For each budget of ``--minutes`` (cumulative minutes of wall-clock training, e.g. 5 15 60):
    ``OUT/medvar/`` trains the next-scale transformer (tiny preset, the demo's batch 8, lr 0.096
@@ -68,6 +70,9 @@ VAL_MAX_IMAGES = 64
 """Slices of the end-of-training validation (DDPM's noise MSE over 256² slices is slow on CPU)."""
 SAMPLING = ("cfg", "temperature", "final_temperature")
 """MedVAR's sampling options the comparison sets (configs/inference.yaml's ids; its defaults where not given)."""
+TRAINING = ("seed", "max_steps", "ddpm_lr")
+"""The options both trainings depend on: fixed for an output folder (``OUT/run.json``)."""
+RUN_FILE = "run.json"
 
 
 def _parameters(module: torch.nn.Module) -> int:
@@ -86,6 +91,27 @@ def _train(config: str, overrides: dict, threads: int) -> float:
     start = time.perf_counter()
     run_config(config, "train", overrides)
     return time.perf_counter() - start
+
+
+def check_run(args: argparse.Namespace, out: Path) -> None:
+    """Record ``TRAINING``'s options in ``OUT/run.json``, or, when the folder holds a run already,
+    refuse other values with one line: a re-run resumes that run's models and samples.
+
+    Raises:
+        SystemExit: ``out`` holds a run made with other training options.
+    """
+    options = {key: getattr(args, key) for key in TRAINING}
+    record = out / RUN_FILE
+    if record.is_file():
+        old = json.loads(record.read_text())
+        for key, value in options.items():
+            if old.get(key) != value:
+                raise SystemExit(
+                    f"compare: {out} holds a run with --{key.replace('_', '-')} {old.get(key)}, not {value}: "
+                    "give another --out (or remove that folder)"
+                )
+    else:
+        atomic_write_json(record, options)
 
 
 def train_to_budgets(args: argparse.Namespace, out: Path) -> dict[float, dict[str, Path]]:
@@ -134,10 +160,12 @@ def train_to_budgets(args: argparse.Namespace, out: Path) -> dict[float, dict[st
 def sample_medvar(model: Path, folder: Path, args: argparse.Namespace) -> Path:
     """``args.num`` MedVAR slices per dataset into ``folder`` with guidance ``args.cfg`` and softmax
     temperatures ``args.temperature`` to ``args.final_temperature`` (its ``summary.json`` carries the
-    transformer's ``parameters``); samples already there under other sampling options are drawn again."""
+    transformer's ``parameters``); samples already there under other sampling options, another
+    number or seed are drawn again."""
     summary = read_summary(folder)
     options = {key: getattr(args, key) for key in SAMPLING}
-    if "parameters" in summary and all(summary.get(key) == value for key, value in options.items()):
+    wanted = {**options, "num": args.num, "seed": args.seed}
+    if "parameters" in summary and all(summary.get(key) == value for key, value in wanted.items()):
         logger.info("MedVAR samples already in %s", folder)
         return folder
     generate(model, None, args.num, folder, seed=args.seed, device=args.device, **options)
@@ -147,17 +175,18 @@ def sample_medvar(model: Path, folder: Path, args: argparse.Namespace) -> Path:
 def first_slices(source: Path, num: int, folder: Path, registry: dict) -> Path:
     """The first ``num`` slices of every stack of the sample folder ``source``, written into
     ``folder`` (with ``source``'s summary): MedVAR at the DDPM's sample count, so that Fréchet
-    distances, which grow as a set shrinks, are also compared at equal numbers of slices. Cut again
-    when ``source`` was sampled anew."""
+    distances, which grow as a set shrinks, are also compared at equal numbers of slices (its
+    summary gains ``"first": num``). Cut again when ``source`` was sampled anew or ``num`` changed."""
     from medvar_bundle.io import read_generated
 
     summary = read_summary(source)
-    if summary and read_summary(folder) == summary:  # cut from these very samples already
+    cut = {**summary, "first": num}
+    if summary and read_summary(folder) == cut:  # cut from these very samples already
         return folder
     for stack in sorted(source.glob("*.nii.gz")):
         name = stack.name.removesuffix(".nii.gz")
         write_slice_stack(read_generated(stack, registry[name])[:num], registry[name], folder / stack.name)
-    write_summary(folder, summary)
+    write_summary(folder, cut)
     return folder
 
 
@@ -177,6 +206,8 @@ def sample_ddpm(baseline_file: Path, steps: int, num: int, folder: Path, args: a
         torch.Generator(args.device).manual_seed(args.seed),
         args.ddpm_cfg,
     )
+    if images.is_cuda:
+        torch.cuda.synchronize()  # the chain's kernels run asynchronously: count their tail too
     seconds = time.perf_counter() - start
     stacks = np.split(images.cpu().numpy(), len(names))
     summary = {
@@ -201,13 +232,15 @@ def sample_ddpm_all(baseline: Path, samples: Path, args: argparse.Namespace) -> 
     """The DDPM folders of every step count within ``args.ddpm_minutes``: (written or existing
     folders, skipped step counts). The largest step count runs first (the one MedVAR is held
     against), then the others from the smallest up; a chain is skipped when the previous chain's
-    time per step (a folder's from an earlier run counts too) times its steps would overrun the limit."""
+    time per step (a folder's from an earlier run counts too) times its steps would overrun the limit.
+    A folder drawn with another number, seed, guidance or sampler is drawn again."""
     folders, skipped, per_step, spent = [], [], 0.0, 0.0
     order = sorted(args.ddpm_steps)
+    wanted = {"num": args.ddpm_num, "seed": args.seed, "cfg": args.ddpm_cfg, "sampler": args.ddpm_sampler}
     for steps in order[-1:] + order[:-1]:
         folder = samples / f"ddpm-{steps}"
         done = read_summary(folder)
-        if "parameters" in done:
+        if "parameters" in done and all(done.get(key) == value for key, value in wanted.items()):
             logger.info("DDPM %d-step samples already in %s", steps, folder)
             folders.append(folder)
             per_step = done["seconds"] / steps
@@ -391,6 +424,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    check_run(args, out)
     points = train_to_budgets(args, out)
     registry = json.loads((Path(args.store) / "datasets.json").read_text())
     folders, labels, skipped = [], [], []

@@ -1,6 +1,7 @@
 """Does a quality metric rank what a radiologist ranks? Score known sets against a store's training slices.
 
-Per dataset of the store (with at least --min-slices held-out slices), every set is scored against
+Per dataset of the store (with at least --min-slices held-out and more than 3 training slices; the
+others are named on stderr and skipped), every set is scored against
 the dataset's training split: the held-out slices (other patients: the real floor), their tokenizer
 reconstructions (with --tokenizer), the held-out slices blurred, noised and with shuffled 32²
 patches at three severities (medvar_bundle.metrics.damage), the held-out slices of every other
@@ -23,13 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medvar_bundle.data.store import SliceStore
+from medvar_bundle.data.store import SPLITS, SliceStore
 from medvar_bundle.evaluation.report import markdown_table
+from medvar_bundle.evaluation.scores import PRECISION_RECALL_K
 from medvar_bundle.io import read_generated
 from medvar_bundle.metrics import (
     frechet_distance_from_features,
     histogram_distance,
-    knn_precision_recall,
+    knn_precision,
     load_structure_net,
     power_spectrum_distance,
     store_slices,
@@ -38,6 +40,10 @@ from medvar_bundle.metrics.damage import DAMAGES
 from medvar_bundle.model_file import load_tokenizer
 from medvar_bundle.networks.msvqvae import Reconstruction
 from medvar_bundle.runtime import to_model_range, to_uint8
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
 
 
 @torch.no_grad()
@@ -66,8 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"structure_ranking: {err}", file=sys.stderr)
         return 2
-    heldout = {n: store_slices(args.store, "validation", n) for n in registry if n}
-    names = [n for n in registry if len(heldout[n]) >= args.min_slices]
+    count = {n: {split: len(SliceStore(args.store, split=split, datasets=[n])) for split in SPLITS} for n in registry}
+    enough = {n: c["validation"] >= args.min_slices and c["training"] > PRECISION_RECALL_K for n, c in count.items()}
+    names = [n for n in registry if enough[n]]
+    for name in sorted(registry.keys() - names):
+        c = count[name]
+        print(
+            f"structure_ranking: {name} skipped: {c['training']} training and {c['validation']} held-out slices "
+            f"(--min-slices {args.min_slices}, more than {PRECISION_RECALL_K} training)",
+            file=sys.stderr,
+        )
+    heldout = {n: store_slices(args.store, "validation", n) for n in names}
     results = {}
     for name in names:
         train = store_slices(args.store, "training", name)
@@ -86,11 +101,15 @@ def main(argv: list[str] | None = None) -> int:
         rows = {}
         for label, slices in sets:
             features = net.extract(slices)
-            precision, recall = knn_precision_recall(reference, features)
+            several = len(features) >= 2  # a covariance needs two slices, recall k + 1 (score()'s rules)
             rows[label] = {
-                "structure_fd": frechet_distance_from_features(reference, features),
-                "structure_precision": precision,
-                "structure_recall": recall,
+                "structure_fd": frechet_distance_from_features(reference, features) if several else None,
+                "structure_precision": knn_precision(reference, features, PRECISION_RECALL_K),
+                "structure_recall": (
+                    knn_precision(features, reference, PRECISION_RECALL_K)
+                    if len(features) > PRECISION_RECALL_K
+                    else None
+                ),
                 "histogram": histogram_distance(train, slices),
                 "power_spectrum": power_spectrum_distance(train, slices),
                 "num_slices": len(slices),
@@ -103,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
                 [
                     [
                         label,
-                        f"{r['structure_fd']:.1f}",
+                        _cell(r["structure_fd"], ".1f"),
                         f"{r['structure_precision']:.2f}",
-                        f"{r['structure_recall']:.2f}",
+                        _cell(r["structure_recall"], ".2f"),
                         f"{r['histogram']:.2f}",
                         f"{r['power_spectrum']:.3f}",
                     ]

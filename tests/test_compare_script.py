@@ -47,9 +47,41 @@ def test_medvar_samples_are_kept_only_under_the_same_guidance_and_temperatures(
     )
     compare.sample_medvar(model_path, folder, args)
     assert drawn == []
-    for change in ({"cfg": 1.0}, {"temperature": 1.0}, {"final_temperature": None}):
+    for change in ({"cfg": 1.0}, {"temperature": 1.0}, {"final_temperature": None}, {"num": 3}, {"seed": 1}):
         compare.sample_medvar(model_path, folder, argparse.Namespace(**{**vars(args), **change}))
-    assert drawn == [(1.0, 0.8, 0.2), (4.0, 1.0, 0.2), (4.0, 0.8, None)]
+    assert drawn == [(1.0, 0.8, 0.2), (4.0, 1.0, 0.2), (4.0, 0.8, None), (4.0, 0.8, 0.2), (4.0, 0.8, 0.2)]
+
+
+def test_a_folder_keeps_the_training_options_of_its_run(compare, tmp_path):
+    """A re-run resumes the folder's models: another seed (or step cap, or DDPM rate) is refused
+    with one line instead of reporting the old seed's models as the new seed's."""
+    args = argparse.Namespace(seed=0, max_steps=100, ddpm_lr=1e-3)
+    compare.check_run(args, tmp_path)
+    compare.check_run(args, tmp_path)  # the same options resume
+    assert json.loads((tmp_path / "run.json").read_text()) == {"seed": 0, "max_steps": 100, "ddpm_lr": 1e-3}
+    with pytest.raises(SystemExit, match="holds a run with --seed 0, not 1: give another --out"):
+        compare.check_run(argparse.Namespace(**{**vars(args), "seed": 1}), tmp_path)
+
+
+def test_ddpm_samples_are_drawn_again_under_other_options(compare, tmp_path, monkeypatch):
+    samples = tmp_path / "samples"
+    drawn = []
+
+    def fake_sample(baseline, steps, num, folder, args):
+        drawn.append((steps, num, args.ddpm_cfg))
+        summary = {"parameters": 1, "seconds": 1.0, "num": num, "seed": args.seed, "cfg": args.ddpm_cfg,
+                   "sampler": args.ddpm_sampler}  # fmt: skip
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(compare, "sample_ddpm", fake_sample)
+    args = argparse.Namespace(ddpm_steps=[10], ddpm_num=2, seed=0, ddpm_cfg=2.0, ddpm_sampler="ddpm", ddpm_minutes=10)
+    compare.sample_ddpm_all(tmp_path / "ddpm.pt", samples, args)
+    compare.sample_ddpm_all(tmp_path / "ddpm.pt", samples, args)
+    for change in ({"ddpm_num": 4}, {"ddpm_cfg": 1.0}):
+        compare.sample_ddpm_all(tmp_path / "ddpm.pt", samples, argparse.Namespace(**{**vars(args), **change}))
+    assert drawn == [(10, 2, 2.0), (10, 4, 2.0), (10, 2, 1.0)]
 
 
 def test_first_slices_keeps_the_first_num_slices_of_every_stack(compare, tmp_path):
@@ -70,6 +102,9 @@ def test_first_slices_keeps_the_first_num_slices_of_every_stack(compare, tmp_pat
     compare.first_slices(source, 2, out, REGISTRY)
     for name, stack in resampled.items():
         np.testing.assert_array_equal(read_generated(out / f"{name}.nii.gz", REGISTRY[name]), stack[:2])
+    compare.first_slices(source, 3, out, REGISTRY)  # another --ddpm-num: cut again
+    for name, stack in resampled.items():
+        np.testing.assert_array_equal(read_generated(out / f"{name}.nii.gz", REGISTRY[name]), stack[:3])
 
 
 def test_grid_shows_the_ddpm_chain_with_the_most_steps(compare, tmp_path):

@@ -270,6 +270,23 @@ def test_a_single_held_out_or_generated_slice_gets_no_frechet_distance_instead_o
     assert row["ms_ssim"] is None and row["memorisation"] == 1 and row["histogram"] > 0
     two = score(train, other, other)
     assert two["structure_fd"] > 0 and 0 < two["ms_ssim"] < 1
+    # with CLIP weights the floor of a one-slice held-out split gets its CMMD (a V-statistic needs no pair)
+    clip = rng.normal(size=(8, 6))
+    with_clip = SliceSet(train.slices, {**train.features, "clip": clip})
+    single = SliceSet(one.slices, {**one.features, "clip": clip[:1]})
+    assert score(with_clip, single, single)["cmmd"] > 0
+    # a training split of one slice: no Fréchet distance either
+    row = score(SliceSet(train.slices[:1], {"structure": train.features["structure"][:1]}), other, other)
+    assert row["structure_fd"] is None and row["ms_ssim"] is not None
+
+
+def test_the_floors_null_ms_ssim_note_names_its_cause():
+    from medvar_bundle.evaluation.scores import ms_ssim_notes
+
+    notes = ms_ssim_notes({"head_ct": {"ms_ssim": None, "num_slices": 1}, "brain": {"ms_ssim": 0.5, "num_slices": 9}})
+    assert len(notes) == 1 and "head_ct" in notes[0] and "one held-out slice" in notes[0]
+    assert ms_ssim_notes({"a": {"ms_ssim": None, "num_slices": 9}})[0].startswith("MS-SSIM: null, it needs slices")
+    assert ms_ssim_notes({"a": {"ms_ssim": 0.5, "num_slices": 9}}) == []
 
 
 def test_precision_needs_only_the_training_sets_radii_and_recall_only_the_generated_sets():

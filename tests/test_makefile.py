@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def dry_run(*variables: str, target: str = "demo") -> subprocess.CompletedProcess:
     """``make -n TARGET VARIABLES``, without the calling make's flags or a knob set in the environment."""
-    knobs = ("MAKE", "MFLAGS", "TOKENIZER_", "CFG", "TEMPERATURE")
+    knobs = ("MAKE", "MFLAGS", "TOKENIZER_", "CFG", "TEMPERATURE", "COMPARE_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(knobs)}
     return subprocess.run(["make", "-n", "-C", str(ROOT), target, *variables], capture_output=True, text=True, env=env)
 
@@ -57,3 +57,11 @@ def test_sampling_knobs_reach_medvar_sampling_in_demo_and_compare(target):
     assert re.search(rf"{re.escape(sampler)} [^;\n]*{knobs}", command), command
     constant = " ".join(dry_run("FINAL_TEMPERATURE=", target=target).stdout.split())
     assert "--temperature 0.6" in constant and "--final-temperature" not in constant
+
+
+@pytest.mark.parametrize("seed, out", [("0", "runs/demo/compare "), ("1", "runs/demo/compare_seed1 ")])
+def test_each_compare_seed_writes_its_own_folder(seed, out):
+    """compare.py resumes what its folder holds: a second seed in the first seed's folder would
+    report the first seed's models."""
+    command = " ".join(dry_run(f"COMPARE_SEED={seed}", target="compare").stdout.replace("\\\n", " ").split())
+    assert f"--out {out}" in command and f"--seed {seed} " in command

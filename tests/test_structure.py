@@ -239,3 +239,35 @@ def test_cli_train_structure_help_and_bad_store(tmp_path, capsys):
     assert main(["train-structure", "--store", str(tmp_path / "nowhere"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a slice store" in err[0]
+
+
+def test_ranking_script_skips_a_dataset_without_held_out_slices_and_scores_two_samples(tmp_path, capsys):
+    """scripts/structure_ranking.py on a store where one dataset has no held-out volume (a hash split
+    of two volumes often gives none), with a sample folder of two slices (as `make compare` draws
+    from the DDPM): the dataset is skipped with one line, and two slices get a precision but no recall."""
+    import nibabel as nib
+    from conftest import load_script, phantom_volume
+
+    from medvar_bundle.data import prepare_store
+
+    rng = np.random.default_rng(7)
+    items = []
+    for i, (dataset, split) in enumerate([("set0", "training"), ("set0", "validation"), ("set1", "training")]):
+        path = tmp_path / f"vol{i}.nii.gz"
+        nib.save(nib.Nifti1Image(phantom_volume(rng), np.diag([1.0, 1.0, 3.0, 1.0])), path)
+        items.append({"image": str(path), "label": None, "dataset": dataset, "modality": "MR", "split": split})
+    store = tmp_path / "store"
+    prepare_store(items, store, size=64, progress=False)
+    run_config("train_structure", None, {"store": str(store), "max_steps": 4, "batch_size": 8, "progress": False})
+    samples = tmp_path / "samples"
+    heldout = np.stack([SliceStore(store, split="validation")[i]["image"].numpy() for i in range(2)])
+    write_slice_stack(heldout, SliceStore(store).datasets["set0"], samples / "set0.nii.gz")
+    out = tmp_path / "ranking.json"
+    ranking = load_script("structure_ranking")
+    assert ranking.main(["--store", str(store), "--samples", str(samples), "--min-slices", "1", "--out", str(out)]) == 0
+    assert "set1 skipped: 8 training and 0 held-out slices" in capsys.readouterr().err
+    rows = json.loads(out.read_text())
+    assert list(rows) == ["set0"]
+    two = rows["set0"]["MedVAR samples"]
+    assert two["num_slices"] == 2 and two["structure_recall"] is None and 0 <= two["structure_precision"] <= 1
+    assert two["structure_fd"] is not None and rows["set0"]["real held-out (floor)"]["structure_recall"] is not None

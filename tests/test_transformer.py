@@ -143,6 +143,18 @@ def test_top_k_one_is_greedy_and_deterministic(models):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def test_a_whole_float_top_k_from_a_config_override_samples(models):
+    """`--top_k 1.0` reaches SamplingOptions as a float: it must sample as top-k 1, not stop in topk()."""
+    tokenizer, transformer = models
+    ids = torch.tensor([0, 1])
+    options = SamplingOptions(cfg=1, top_k=1.0, top_p=1.0)
+    assert type(options.top_k) is int
+    a, _ = generate_tokens(transformer, tokenizer, ids, options, torch.Generator().manual_seed(1), bf16=False)
+    b, _ = generate_tokens(transformer, tokenizer, ids, SamplingOptions(cfg=1, top_k=1, top_p=1.0),
+                           torch.Generator().manual_seed(2), bf16=False)  # fmt: skip
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 def test_temperature_ramps_linearly_to_the_final_one_known_answer():
     ramp = SamplingOptions(temperature=0.6, final_temperature=0.1)
     assert [ramp.temperature_at(k, 6) for k in range(6)] == pytest.approx([0.6, 0.5, 0.4, 0.3, 0.2, 0.1])

@@ -128,7 +128,8 @@ def score(train: SliceSet, heldout: SliceSet, fake: SliceSet) -> dict:
     ref, gen = train.features, fake.features
     row: dict = {"num_slices": len(fake.slices), "fid": None, "kid": None, "kid_std": None}
     row["structure_fd"] = row["structure_precision"] = row["structure_recall"] = None
-    several = len(fake.slices) >= 2  # a Fréchet distance needs two slices for a covariance
+    pair = len(fake.slices) >= 2  # MS-SSIM compares pairs of the set's slices
+    several = pair and len(train.slices) >= 2  # a Fréchet distance needs two slices a side for a covariance
     if "structure" in ref:
         if several:
             row["structure_fd"] = frechet_distance_from_features(ref["structure"], gen["structure"])
@@ -148,9 +149,24 @@ def score(train: SliceSet, heldout: SliceSet, fake: SliceSet) -> dict:
     row["cmmd"] = cmmd(ref["clip"], gen["clip"]) if "clip" in ref else None
     row["histogram"] = histogram_distance(train.slices, fake.slices)
     row["power_spectrum"] = spectrum_distance(train.spectrum, fake.spectrum)
-    row["ms_ssim"] = ms_ssim_diversity(fake.slices) if several and fake.slices.shape[-1] >= MS_SSIM_MIN_SIDE else None
+    row["ms_ssim"] = ms_ssim_diversity(fake.slices) if pair and fake.slices.shape[-1] >= MS_SSIM_MIN_SIDE else None
     row["memorisation"] = memorisation_ratio(fake.slices, train.slices, heldout.slices)
     return row
+
+
+def ms_ssim_notes(floor: dict[str, dict]) -> list[str]:
+    """Why the floor row's MS-SSIM is null where it is (``floor``: dataset → its row): a dataset
+    with one held-out slice has no pair to compare; otherwise the slices are too small."""
+    missing = [name for name, row in floor.items() if row["ms_ssim"] is None]
+    single = [name for name in missing if floor[name]["num_slices"] < 2]
+    notes = []
+    if single:
+        notes.append(f"MS-SSIM of the floor: null in {', '.join(single)}, one held-out slice has no pair to compare")
+    if len(single) < len(missing):
+        notes.append(
+            f"MS-SSIM: null, it needs slices of at least {MS_SSIM_MIN_SIDE} pixels (5 scales, 11-pixel window)"
+        )
+    return notes
 
 
 def macro_average(rows: Sequence[dict | None]) -> dict:
@@ -287,10 +303,7 @@ class Evaluator:
             scored, samples[name] = self._score_dataset(name, folders)
             for label, row in scored.items():
                 rows[label][name] = row
-        if any(rows[FLOOR][name]["ms_ssim"] is None for name in names):
-            notes.append(
-                f"MS-SSIM: null, it needs slices of at least {MS_SSIM_MIN_SIDE} pixels (5 scales, 11-pixel window)"
-            )
+        notes += ms_ssim_notes(rows[FLOOR])
         parameters = {folder.label: folder.parameters for folder in folders} | {FLOOR: None}
         groups = anatomy_groups(self.registry, names)
         group_rows = {

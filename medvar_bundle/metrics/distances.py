@@ -162,8 +162,8 @@ def cmmd(emb_real: ArrayLike, emb_fake: ArrayLike, sigma: float = 10.0, scale: f
 
     As in the reference implementation (google-research/cmmd): embeddings are l2-normalised
     first, and the estimator is the biased (V-statistic, minimum-variance) one including the
-    diagonal, so identical sets give exactly 0. Embeddings that are already normalised are
-    unaffected.
+    diagonal, so identical sets give exactly 0 and a single embedding a side is enough.
+    Embeddings that are already normalised are unaffected.
 
     Args:
         emb_real, emb_fake: ``(N, D)`` and ``(M, D)`` CLIP image embeddings (D = 768 for
@@ -171,7 +171,7 @@ def cmmd(emb_real: ArrayLike, emb_fake: ArrayLike, sigma: float = 10.0, scale: f
         sigma: kernel bandwidth (10 in CMMD).
         scale: output multiplier (1000 in CMMD).
     """
-    x, y = _features(emb_real, "emb_real"), _features(emb_fake, "emb_fake")
+    x, y = _features(emb_real, "emb_real", min_rows=1), _features(emb_fake, "emb_fake", min_rows=1)
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
     y = y / np.linalg.norm(y, axis=1, keepdims=True)
     gamma = 1.0 / (2 * sigma**2)

@@ -6,7 +6,8 @@ conditional and unconditional (null dataset id) halves run as one batch, and at 
 temperature that may ramp the same way (:attr:`SamplingOptions.final_temperature`). With the KV
 cache each pass runs over only the new scale's ``n_k²`` tokens; without it (``use_cache=False``,
 for checks and benchmarks) every pass recomputes all tokens so far under the block-causal mask.
-Both give the same tokens for the same seed.
+Both give the same tokens for the same seed in fp32; under bf16 their logits round differently
+(differences of a few hundredths), so an occasional token differs.
 
 Randomness comes only from the ``torch.Generator`` passed in: one for the whole batch (a seed then
 fixes the images of that batch composition), or one per image (each image then depends only on
@@ -56,6 +57,7 @@ class SamplingOptions:
             raise ValueError(f"cfg must be >= 0, got {self.cfg}")
         if int(self.top_k) != self.top_k or self.top_k < 1:
             raise ValueError(f"top-k must be an integer >= 1, got {self.top_k}")
+        object.__setattr__(self, "top_k", int(self.top_k))  # 900.0 from a config override: topk needs an int
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
         if not self.temperature > 0:
