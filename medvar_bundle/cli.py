@@ -88,11 +88,17 @@ def _preview(args: argparse.Namespace) -> int:
     from .data import SliceStore
     from .visualize import store_preview
 
+    if Path(args.out).suffix.lower() != ".png":
+        raise UserError(f"--out {args.out}: the preview is a PNG file (name it *.png)")
     try:
         store = SliceStore(args.store, split=args.split)
     except FileNotFoundError as exc:
         raise UserError(str(exc)) from None
-    print(f"medvar preview: wrote {store_preview(store, args.out, args.per_dataset, args.seed)}")
+    try:
+        written = store_preview(store, args.out, args.per_dataset, args.seed)
+    except (FileExistsError, NotADirectoryError, FileNotFoundError, PermissionError) as exc:
+        raise UserError(f"cannot write {args.out}: {exc.strerror}") from None
+    print(f"medvar preview: wrote {written}")
     return 0
 
 
@@ -293,6 +299,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _device(text: str) -> str:
+    """A torch device name this machine has: ``cpu``, ``cuda`` or ``cuda:N``."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text}: only cpu and cuda devices are supported")
+    return text
+
+
 PREPARE_OPTIONS = (
     ConfigOption("--datalist", "datalist", "MONAI-style datalist JSON (training/validation/test lists)"),
     ConfigOption("--data-root", "data_root", "folder of MSD tasks, nnU-Net raw datasets, NIfTI/NRRD/MHA files or "
@@ -336,10 +357,10 @@ EVALUATE_OPTIONS = (
                  choices=["power_spectrum", "histogram"]),
     ConfigOption("--seed", "seed", "seed of the slice subsets", type=int),
     ConfigOption("--batch-size", "batch_size", "slices per extractor batch", type=_positive_int),
-    ConfigOption("--device", "device", "cpu or cuda[:N]"),
+    ConfigOption("--device", "device", "cpu or cuda[:N]", type=_device),
 )  # fmt: skip
 RUN_OPTIONS = (
-    ConfigOption("--device", "device", "cpu or cuda[:N]", to_config=device_expression),
+    ConfigOption("--device", "device", "cpu or cuda[:N]", type=_device, to_config=device_expression),
     ConfigOption("--fp32", "bf16", "no bf16 autocast", const=False),
     ConfigOption("--bf16", "bf16", "bf16 autocast even where the device only emulates bf16 (slow)", const=True),
     ConfigOption("--quiet", "progress", "no progress bar", const=False),
@@ -446,7 +467,7 @@ GENERATE_OPTIONS = (
     *SAMPLING_OPTIONS,
     ConfigOption("--seed", "seed", "each slice is drawn from its own generator, seeded by (seed, dataset, slice "
                  "number): the same whatever else is generated and whatever the batch size", type=int),
-    ConfigOption("--batch-size", "batch_size", "slices per batch", type=int),
+    ConfigOption("--batch-size", "batch_size", "slices per batch", type=_positive_int),
     ConfigOption("--resample-original", "resample_original", "resample in-plane to the dataset's median original "
                  "matrix", const=True),
     ConfigOption("--progression", "progression", "also write NAME_progression.png (coarse to fine)", const=True),
@@ -457,7 +478,8 @@ GENERATE_OPTIONS = (
 INPAINT_OPTIONS = (
     ConfigOption("--model", "model_file", "model.pt written by `medvar train`", required=True),
     ConfigOption("--image", "image", "the volume: NIfTI, NRRD/MHA or a DICOM series folder", required=True),
-    ConfigOption("--mask", "mask", "a volume on the image's grid; voxels > 0 are re-drawn", required=True),
+    ConfigOption("--mask", "mask", "a volume on the image's grid, values 0..255; voxels > 0 are re-drawn",
+                 required=True),
     ConfigOption("--dataset", "dataset", "the image's dataset in the model's registry", required=True),
     ConfigOption("--out", "output_dir", "output folder", required=True),
     ConfigOption("--outpaint", "outpaint", "re-draw everything outside the mask (in the axial slices it touches)",
@@ -465,7 +487,7 @@ INPAINT_OPTIONS = (
     ConfigOption("--edit-dataset", "edit_dataset", "re-draw the region as this dataset (editing)"),
     *SAMPLING_OPTIONS,
     ConfigOption("--seed", "seed", "seed of the sampling generator", type=int),
-    ConfigOption("--batch-size", "batch_size", "slices per batch", type=int),
+    ConfigOption("--batch-size", "batch_size", "slices per batch", type=_positive_int),
     ConfigOption("--feather", "feather", "blend width in pixels inside the region's border", type=int),
     ConfigOption("--dilation", "dilation", "grow the sampled region by this many finest tokens", type=int),
     *RUN_OPTIONS[:4],
@@ -494,8 +516,10 @@ def _bf16(args: argparse.Namespace) -> bool:
 
 def _runtime_options(p: argparse.ArgumentParser, batch_size: int) -> None:
     """Options shared by the commands that run a network."""
-    p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per batch (default {batch_size})")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=batch_size, help=f"images per batch (default {batch_size})"
+    )
+    p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument(
         "--fp32", action="store_true", help="no bf16 autocast (default: on where the device has native bf16)"
     )
@@ -529,7 +553,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         help="DDPM step counts (default 10 20 30 50 100)",
     )
     p.add_argument("--batch", type=_positive_int, default=1, help="images per batch (default 1)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast (the peak is then measured in fp32)")
     p.add_argument(
         "--ddpm-timed-steps", type=_positive_int, default=2, help="DDPM denoising steps actually timed (default 2)"
@@ -542,10 +566,6 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_bench(args: argparse.Namespace) -> int:
     """Handler of `medvar bench`: run :func:`~medvar_bundle.benchmark.run_benchmark` and print its table or JSON."""
-    import torch
-
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: CUDA is not available on this machine")
     result = benchmark.run_benchmark(
         [benchmark.PAIRS[name] for name in args.pairs],
         args.steps,
@@ -603,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--store", required=True, help="slice store folder")
     p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--per-dataset", type=int, default=8, help="slices per dataset (default 8)")
+    p.add_argument("--per-dataset", type=_positive_int, default=8, help="slices per dataset (default 8)")
     p.add_argument("--split", choices=["training", "validation", "test"], help="only this split")
     p.add_argument("--seed", type=int, default=0, help="random seed for the choice of slices")
     p.set_defaults(func=_preview)
@@ -664,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="tokenizer.pt")
     p.add_argument("--store", required=True, help="slice store folder")
     p.add_argument("--split", choices=["training", "validation", "test"], help="only this split (default: all slices)")
-    p.add_argument("--max-images", type=int, help="evaluate at most this many slices")
+    p.add_argument("--max-images", type=_positive_int, help="evaluate at most this many slices")
     p.add_argument(
         "--by-group", action="store_true", help="also the figures per anatomy x modality group (JSON key groups)"
     )

@@ -34,11 +34,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
-from monai.transforms import Compose, EnsureChannelFirst, Orientationd, Resize
+from monai.transforms import Compose, EnsureChannelFirst, Orientationd
 from scipy import ndimage
 from tqdm import tqdm
 
 from medvar_bundle.bundle_config import device_expression, run_config
+from medvar_bundle.data.prepare import root_cause
 from medvar_bundle.data.readers import VolumeFileError, load_volume
 from medvar_bundle.data.transforms import (
     LoadVolumed,
@@ -46,6 +47,7 @@ from medvar_bundle.data.transforms import (
     ValidateVolumed,
     VolumeError,
     check_volume_shape,
+    resize_in_plane,
 )
 from medvar_bundle.files import atomic_write_json
 from medvar_bundle.io import check_writable, write_nifti
@@ -188,7 +190,13 @@ class VolumeInpainter:
             raise InpaintError(f"{mask}: the mask is not on the image's grid (shape {grids})")
         if not np.allclose(msk.affine.numpy(), img.affine.numpy(), atol=1e-3):
             raise InpaintError(f"{mask}: the mask is not on the image's grid (its affine differs)")
-        region = msk.as_tensor() > 0
+        values = msk.as_tensor()
+        if values.min() < 0 or values.max() > 255:
+            raise InpaintError(
+                f"{mask}: mask values {float(values.min()):g}..{float(values.max()):g}: a mask holds 0 "
+                "(keep) and 1..255 (re-draw)"
+            )
+        region = values > 0
         if not region.any():
             what = "keep" if self.outpaint else "re-draw"
             raise InpaintError(f"{mask}: empty mask (no voxel > 0): nothing to {what}")
@@ -213,8 +221,11 @@ class VolumeInpainter:
         item = self.item(image, mask)
         try:
             slices = self.preprocessing(item)
-        except VolumeError as err:
-            raise InpaintError(_naming(image, err)) from None
+        except Exception as err:  # MONAI's Compose wraps a transform's error in its own RuntimeError
+            cause = root_cause(err)
+            if isinstance(cause, VolumeError):
+                raise InpaintError(_naming(image, cause)) from None
+            raise
         check_writable(out)
         oriented = self.orientation({"image": img, "label": region})
         ras, ras_region = oriented["image"], oriented["label"].as_tensor()[0].numpy()
@@ -259,7 +270,6 @@ class VolumeInpainter:
         generator = torch.Generator(self.device).manual_seed(self.seed)
         masks = F.interpolate(torch.from_numpy(region).permute(2, 0, 1)[:, None].float(), size=(S, S), mode="area")
         images = torch.from_numpy(np.ascontiguousarray(slices_u8.transpose(2, 0, 1)))
-        resize = Resize(spatial_size=region.shape[:2], mode="bilinear", anti_aliasing=True)
         out = np.empty(region.shape, dtype=np.float64)
         batches = range(0, len(images), self.batch_size)
         for first in tqdm(batches, desc="in-painting", unit="batch", disable=not self.progress):
@@ -268,16 +278,26 @@ class VolumeInpainter:
             drawn = self.inferer(to_model_range(batch).to(self.device), self.model.transformer,
                                  mask=(masks[first : first + self.batch_size, 0] > 0).to(self.device),
                                  dataset_id=ids, generator=generator)  # fmt: skip
-            for j, slice_u8 in enumerate(drawn.cpu()):
-                out[..., first + j] = resize(slice_u8[None].double() / 255.0)[0].numpy()
+            resized = resize_in_plane(drawn.cpu().float() / 255.0, region.shape[:2])  # (B, X, Y)
+            out[..., first : first + len(batch)] = resized.permute(1, 2, 0).double().numpy()
         return out
 
     def _save_volume(self, image: str, img: MetaTensor, volume: np.ndarray, path: Path) -> Path:
         """The result ``(X, Y, Z)`` in the input's axes and dtype as NIfTI, with the input's affine (and
-        header, for a NIfTI input)."""
-        header = nib.load(image).header.copy() if image.endswith((".nii", ".nii.gz")) else None
-        nii = nib.Nifti1Image(volume, img.affine.numpy(), header=header)
-        nii.header.set_data_dtype(volume.dtype)
+        header, for a NIfTI input). A scaled integer NIfTI (e.g. uint16 with ``scl_inter`` −1024)
+        is written as its stored integers and scaling: the voxels left alone come back exactly and
+        the re-drawn ones on its grid."""
+        header, slope, inter = None, 1.0, 0.0
+        if image.endswith((".nii", ".nii.gz")):
+            source = nib.load(image)
+            header, slope, inter = source.header.copy(), float(source.dataobj.slope), float(source.dataobj.inter)
+        disk = None if header is None else header.get_data_dtype()
+        if disk is not None and (slope, inter) != (1.0, 0.0) and np.issubdtype(disk, np.integer):
+            nii = nib.Nifti1Image(_cast_like((volume - inter) / slope, disk), img.affine.numpy(), header=header)
+            nii.header.set_slope_inter(slope, inter)
+        else:
+            nii = nib.Nifti1Image(volume, img.affine.numpy(), header=header)
+            nii.header.set_data_dtype(volume.dtype)
         nii.header["descrip"] = f"MedVAR {'out' if self.outpaint else 'in'}-painted {self.edit_dataset}".encode()[:79]
         return write_nifti(nii, path)
 

@@ -20,11 +20,11 @@ so the same inputs give the same bytes; the zip is written to a temporary file a
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
+
+from medvar_bundle.files import atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = "medvar_bundle"
@@ -60,11 +60,11 @@ def bundle_entries(root: Path = ROOT, models: Path | None = None) -> dict[str, P
 
 
 def write_zip(out: Path, entries: dict[str, Path]) -> None:
-    """Write ``entries`` (plus an entry for the ``models/`` folder) to ``out`` atomically."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as zf:
+    """Write ``entries`` (plus an entry for the ``models/`` folder) to ``out`` atomically, readable
+    as the umask allows (:func:`~medvar_bundle.files.atomic_write_bytes`)."""
+
+    def write(f) -> None:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as zf:
             folder = zipfile.ZipInfo(f"{BUNDLE}/models/", ZIP_TIME)
             folder.external_attr = (0o40755 << 16) | 0x10
             zf.writestr(folder, b"")
@@ -73,10 +73,8 @@ def write_zip(out: Path, entries: dict[str, Path]) -> None:
                 info.external_attr = 0o644 << 16
                 info.compress_type = zipfile.ZIP_DEFLATED
                 zf.writestr(info, entries[name].read_bytes())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write_bytes(out, write)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         help=f"folder whose {', '.join(MODEL_FILES)} go into models/ (default: none, models/ empty)",
     )
     args = parser.parse_args(argv)
+    if args.out.is_dir():
+        print(f"make_bundle: --out {args.out} is a folder; give the zip's file name", file=sys.stderr)
+        return 2
     try:
         entries = bundle_entries(models=args.models)
     except FileNotFoundError as e:

@@ -53,6 +53,19 @@ def test_zip_has_the_zoo_layout(tmp_path):
     assert package and all(n.endswith(".py") for n in package)
 
 
+def test_zip_is_readable_as_the_umask_allows_and_a_folder_out_is_one_line(tmp_path):
+    """The zip was once left with mkstemp's 0600: other users and CI could not read it."""
+    old = os.umask(0o022)
+    try:
+        assert _make("--out", str(tmp_path / "bundle.zip")).returncode == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "bundle.zip").stat().st_mode & 0o777 == 0o644
+    out = _make("--out", str(tmp_path))
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"make_bundle: --out {tmp_path} is a folder; give the zip's file name"
+
+
 def test_models_folder_goes_into_models(tmp_path):
     models = tmp_path / "run"
     models.mkdir()

@@ -104,3 +104,31 @@ def test_a_package_away_from_its_bundle_still_helps_and_says_why_it_cannot_run(t
     assert main(["train-tokenizer", "--store", "s", "--out", "o"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "MEDVAR_BUNDLE_ROOT" in lines[0] and "nowhere" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--model", "m.pt", "--out", "o", "--device", "gpu"], "not a device: 'gpu' (cpu, cuda or cuda:N)"),
+        (["bench", "--device", "tpu"], "not a device: 'tpu'"),
+        (["evaluate-tokenizer", "--tokenizer", "t.pt", "--store", "s", "--batch-size", "0"], "must be a positive"),
+        (["evaluate-tokenizer", "--tokenizer", "t.pt", "--store", "s", "--max-images", "-1"], "must be a positive"),
+        (["tokenize", "--tokenizer", "t.pt", "--store", "s", "--batch-size", "0"], "must be a positive"),
+        (["preview", "--store", "s", "--out", "p.png", "--per-dataset", "0"], "must be a positive"),
+    ],
+)
+def test_bad_option_values_stop_at_parsing_with_one_line(argv, message, capsys):
+    """Checked by argparse before anything runs (they once ended in tracebacks from torch or numpy)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_preview_output_problems_are_one_line(synthetic_store, tmp_path, capsys):
+    assert main(["preview", "--store", str(synthetic_store), "--out", str(tmp_path / "p.txt")]) == 2
+    assert "the preview is a PNG file" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    assert main(["preview", "--store", str(synthetic_store), "--out", str(tmp_path / "afile" / "p.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cannot write {tmp_path / 'afile' / 'p.png'}" in err
+    assert main(["preview", "--store", str(synthetic_store), "--out", str(tmp_path / "p.png")]) == 0

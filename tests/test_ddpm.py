@@ -108,6 +108,8 @@ def test_respaced_chain_with_the_exact_denoiser_reaches_the_data_distribution(sc
 
     few, many = spread(10), spread(100)
     assert 0.4 * sigma < few < many and abs(many / sigma - 1) < 0.15, (few, many)
+    # one step denoises from the last training timestep (the chain once kept t = 0 and returned the noise, ≈ 0.7)
+    assert spread(1) < sigma, spread(1)
 
 
 def test_sampling_is_seeded_and_returns_uint8_slices():

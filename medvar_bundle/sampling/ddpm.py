@@ -45,14 +45,15 @@ def sampling_scheduler(train_scheduler: DDPMScheduler, name: str, num_steps: int
     Returns:
         The scheduler over the respaced N-step chain (its ``timesteps`` run ``N-1 … 0``), and
         ``(N,)`` long: the training timestep the network sees at each chain index, ``0 … T-1``
-        evenly spaced (MONAI's ``set_timesteps`` choice).
+        evenly spaced (MONAI's ``set_timesteps`` choice; ``T-1`` alone for a one-step chain).
     """
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {list(SAMPLERS)}")
     T = train_scheduler.num_train_timesteps
     if not 1 <= num_steps <= T:
         raise ValueError(f"number of sampling steps must be in [1, {T}], got {num_steps}")
-    kept = torch.linspace(0, T - 1, num_steps).round().long()
+    # a one-step chain starts from noise too: its step is the last training timestep, not 0 (ᾱ ≈ 1)
+    kept = torch.linspace(0, T - 1, num_steps).round().long() if num_steps > 1 else torch.tensor([T - 1])
     alphas_cumprod = train_scheduler.alphas_cumprod.detach().cpu().float()[kept]
     kind = DDPMScheduler if name == "ddpm" else DDIMScheduler
     scheduler = kind(num_train_timesteps=num_steps, schedule="respaced", alphas_cumprod=alphas_cumprod)
