@@ -27,6 +27,7 @@ function imports what it runs.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,8 +41,15 @@ if TYPE_CHECKING:
     from medvar_bundle.networks.msvqvae import MultiScaleVQVAE
     from medvar_bundle.networks.transformer import NextScaleTransformer
 
-SAMPLING = {"cfg": 4.0, "top_k": 900, "top_p": 0.95}
-"""MedVAR's :class:`~medvar_bundle.sampling.medvar.SamplingOptions` when timed: the paper's best (Table 4)."""
+
+@functools.cache
+def sampling_options() -> dict:
+    """MedVAR's guidance, top-k and top-p when timed: ``configs/inference.yaml``'s (the paper's best, Table 4);
+    read once, so no timed run parses the config."""
+    from medvar_bundle.bundle_config import config_component
+
+    return {key: config_component("inference", key) for key in ("cfg", "top_k", "top_p")}
+
 
 DDPM_SAMPLER = "ddpm"
 DDPM_CFG = 4.0
@@ -162,7 +170,8 @@ def _sample_medvar(
     device = _device_of(transformer)
     ids = torch.zeros(batch, dtype=torch.long, device=device)
     generator = torch.Generator(device).manual_seed(0)
-    indices, _ = generate_tokens(transformer, tokenizer, ids, SamplingOptions(**SAMPLING), generator, use_cache, bf16)
+    options = SamplingOptions(**sampling_options())
+    indices, _ = generate_tokens(transformer, tokenizer, ids, options, generator, use_cache, bf16)
     if decode:
         with torch.no_grad(), autocast(device, bf16):
             tokenizer.decode(indices)
@@ -328,7 +337,7 @@ def run_benchmark(
         "ddpm_timing": f"{ddpm_timed_steps} denoising steps timed per model after a one-step warm-up, scaled linearly "
         "by the step count (every step is one UNet evaluation of the same cost)",
         "medvar_timing": f"mean of {repeats} runs after a warm-up run: KV cache, CFG, tokenizer decoding included",
-        **SAMPLING, "ddpm_sampler": DDPM_SAMPLER, "ddpm_cfg": DDPM_CFG,
+        **sampling_options(), "ddpm_sampler": DDPM_SAMPLER, "ddpm_cfg": DDPM_CFG,
         "matmul_peak_tflops": peak / 1e12, "pairs": rows, "pair": largest["name"],
         "medvar_s_per_image": largest["medvar"]["s_per_image"],
         "medvar_images_per_s": largest["medvar"]["images_per_s"],

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from . import benchmark
+from .bundle_config import config_component
 from .bundle_run import ConfigOption, add_config_options, device_expression, output_path, overrides_from, run_config
 from .data.demo import CORPORA
 from .files import WRITE_ERRORS
@@ -254,8 +255,8 @@ def _ablate(args: argparse.Namespace) -> int:
             clip_weights=args.clip_weights,
             allow_download=not args.no_download,
             max_slices=args.max_slices,
-            heldout_split=args.heldout_split,
-            quality_metric=args.quality_metric,
+            heldout_split=args.heldout_split or config_component("evaluate", "heldout_split"),
+            quality_metric=args.quality_metric or config_component("evaluate", "quality_metric"),
             batch_size=args.batch_size,
             device=args.device,
             bf16=_bf16(args),
@@ -273,22 +274,26 @@ def _ablate(args: argparse.Namespace) -> int:
 
 
 def _evaluation_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by `evaluate` and `ablate`: extractor weights and the real reference sets."""
+    """Options of `ablate` (`evaluate` takes its own from configs/evaluate.yaml's ids): extractor weights
+    and the real reference sets; left out, the split and the quality metric are evaluate.yaml's."""
     for key, metrics in (("inception", "FID/KID"), ("radimagenet", "RadFID"), ("clip", "CMMD")):
         p.add_argument(
             f"--{key}-weights",
             help=f"{metrics} extractor weights (default: the torch hub cache; without them {metrics} is null)",
         )
     p.add_argument("--no-download", action="store_true", help="never try to download extractor weights")
-    p.add_argument("--max-slices", type=int, help="at most this many slices per set (training, held-out, generated)")
     p.add_argument(
-        "--heldout-split", default="validation", choices=["validation", "test"], help="real split of the floor"
+        "--max-slices", type=_positive_int, help="at most this many slices per set (training, held-out, generated)"
+    )
+    p.add_argument(
+        "--heldout-split",
+        choices=["validation", "test"],
+        help="real split of the floor (default: configs/evaluate.yaml's)",
     )
     p.add_argument(
         "--quality-metric",
-        default="power_spectrum",
         choices=["power_spectrum", "histogram"],
-        help="efficiency Q without FID weights (default power_spectrum)",
+        help="efficiency Q without FID weights (default: configs/evaluate.yaml's)",
     )
 
 

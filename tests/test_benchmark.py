@@ -83,7 +83,7 @@ def test_bench_runs_end_to_end_with_known_times_and_flop_counts(monkeypatch):
         unet(torch.zeros(1, 1, 64, 64), one, one)
     unet_row = counter.get_total_flops()
     with benchmark.flop_counter() as counter:
-        generate_images(transformer, tokenizer, one, SamplingOptions(**benchmark.SAMPLING), torch.Generator())
+        generate_images(transformer, tokenizer, one, SamplingOptions(**benchmark.sampling_options()), torch.Generator())
     image = counter.get_total_flops()
     assert ddpm["flops_per_step"] == 2 * unet_row
     assert ddpm["flops_per_image"] == {"10": 10 * 2 * unet_row, "30": 30 * 2 * unet_row}
