@@ -62,7 +62,8 @@ def add_config_options(parser: argparse.ArgumentParser, config: str, options: Se
             shown = "required" if o.required else f"default from configs/{config}.yaml"
         else:
             shown = f"default {_shown(defaults[o.id])}"
-        text = f"{o.help} [{o.id}; {shown}]"
+        # a switch says what it sets: "--quiet [progress; default True]" read as if quiet were the default
+        text = f"{o.help} [{o.id}{'' if o.const is None else f' = {o.const}'}; {shown}]"
         if o.const is not None:
             parser.add_argument(o.flag, dest=o.id, action="store_const", const=o.const, help=text)
         else:

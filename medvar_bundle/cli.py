@@ -589,7 +589,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medvar",
         description="MedVAR: harmonise CT/MRI into a slice store, train next-scale models, generate and evaluate.",
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level of medvar's own messages (default INFO)")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging level of medvar's own messages (default INFO)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -799,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    logging.getLogger("medvar_bundle").setLevel(getattr(logging, str(args.log_level).upper(), logging.INFO))
+    logging.getLogger("medvar_bundle").setLevel(args.log_level)
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
