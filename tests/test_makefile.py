@@ -65,3 +65,13 @@ def test_each_compare_seed_writes_its_own_folder(seed, out):
     report the first seed's models."""
     command = " ".join(dry_run(f"COMPARE_SEED={seed}", target="compare").stdout.replace("\\\n", " ").split())
     assert f"--out {out}" in command and f"--seed {seed} " in command
+
+
+def test_a_failed_held_out_evaluation_stops_the_demo():
+    """`evaluate-tokenizer | tee FILE` had tee's exit status under /bin/sh: a failed evaluation went on
+    with a broken heldout_metrics.json. The output goes to a .part file, renamed once it succeeded."""
+    lines = [" ".join(line.split()) for line in dry_run().stdout.replace("\\\n", " ").splitlines()]
+    (evaluation,) = [line for line in lines if "evaluate-tokenizer" in line]
+    assert "|" not in evaluation and evaluation.endswith("> runs/demo/tokenizer/heldout_metrics.json.part")
+    moved = lines.index(evaluation) + 1
+    assert lines[moved] == "mv runs/demo/tokenizer/heldout_metrics.json.part runs/demo/tokenizer/heldout_metrics.json"

