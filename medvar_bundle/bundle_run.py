@@ -41,6 +41,14 @@ class ConfigOption:
     to_config: Callable | None = None
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number ≥ 1 (batch sizes, step and slice counts)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _shown(value) -> str:
     """A config default as a user reads it: ``$torch.device('cpu')`` → ``cpu``, the bf16 rule in words."""
     text = str(value)

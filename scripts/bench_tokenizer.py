@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from medvar_bundle.networks.msvqvae import MultiScaleVQVAE
+from medvar_bundle.bundle_run import positive_int
+from medvar_bundle.networks.msvqvae import TOKENIZER_PRESETS, MultiScaleVQVAE
 
 
 @torch.no_grad()
@@ -56,9 +57,9 @@ def train_step_seconds(model: MultiScaleVQVAE, batch: int, repeats: int) -> floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--presets", nargs="+", default=["tiny", "paper"])
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--presets", nargs="+", choices=sorted(TOKENIZER_PRESETS), default=["tiny", "paper"])
     parser.add_argument("--train", action="store_true", help="also time a bf16 training step")
     parser.add_argument("--var-layout", action="store_true", help="also run VAR's layout at ch 32 (no patch folding)")
     args = parser.parse_args()

@@ -34,6 +34,7 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -374,15 +375,19 @@ def run_and_kill(
     return Outcome(delay, at_write, killed, proc.returncode, time.monotonic() - t0), start_ns
 
 
+SHARD_TAG = re.compile(r"r\d{3}-\d+\.")
+"""The start of a shard file's name (``r000-00003.images.npy``, ``r000-00003.json``)."""
+
+
 def kill_moment(store: Path, start_ns: int, shards_before: int) -> str:
     """What the killed run was doing, from what it left: a temporary file (a write in progress), shard
     arrays without their manifest (between a shard's arrays and its commit), else its phase."""
     temps = sorted(p.name for p in store.rglob(".*.tmp") if p.stat().st_mtime_ns >= start_ns)
     if temps:
         target = TEMP_NAME.match(temps[0])["target"]
-        if target.startswith("r") and target.endswith(".npy"):
-            return "shard array write"
-        return "shard manifest write" if target.startswith("r") else f"{target} write"
+        if SHARD_TAG.match(target) is None:  # report.json, rank000-of-001.json, datasets.json, ...
+            return f"{target} write"
+        return "shard array write" if target.endswith(".npy") else "shard manifest write"
     shard_dir = store / SHARD_DIR
     for arrays in shard_dir.glob("*.images.npy"):
         tag = arrays.name.split(".")[0]

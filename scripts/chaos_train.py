@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from medvar_bundle.bundle_run import positive_int
 from medvar_bundle.engines.common import CHECKPOINT_PATTERN, latest_checkpoint
 
 KILL_OVERLAY = """\
@@ -170,13 +171,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", help="the tokenizer file that made the store's tokens (for the transformer)")
     parser.add_argument("--out", default="runs/chaos_train", help="work folder (replaced per trainer)")
     parser.add_argument("--trainers", nargs="+", choices=list(DEMO_SETTINGS), default=list(DEMO_SETTINGS))
-    parser.add_argument("--kills", type=int, default=5, help="SIGKILLs per trainer")
-    parser.add_argument("--steps", type=int, help="steps per run (default: 24)")
+    parser.add_argument("--kills", type=positive_int, default=5, help="SIGKILLs per trainer")
+    parser.add_argument("--steps", type=positive_int, help="steps per run (default: 24)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill steps (the runs use seed 0)")
     parser.add_argument("--json", help="also write the summary here")
     args = parser.parse_args(argv)
     if "transformer" in args.trainers and not args.tokenizer:
         parser.error("--tokenizer is required for the transformer")
+    for name in args.trainers:
+        steps = args.steps or DEMO_SETTINGS[name]["max_steps"]
+        if args.kills >= steps:
+            parser.error(f"--kills {args.kills}: a run of {steps} steps can be killed after {steps - 1} at most")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     overlay = out / "kill_at_step.yaml"

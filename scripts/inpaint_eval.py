@@ -28,7 +28,7 @@ from scipy import ndimage
 from scipy.interpolate import griddata
 
 from medvar_bundle.bundle_config import config_component
-from medvar_bundle.inpaint import inpaint, read_volume
+from medvar_bundle.inpaint import InpaintError, inpaint, read_volume
 from medvar_bundle.metrics.weight_free import histogram_distance, power_spectrum_distance
 from medvar_bundle.model_file import load_model
 from medvar_bundle.visualize import save_grid
@@ -38,13 +38,14 @@ RAS = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
 
 def box_mask(volume: np.ndarray, fraction: float, slices: int) -> np.ndarray:
     """A box in the RAS volume ``(X, Y, Z)``: ``fraction`` of the in-plane matrix, ``slices`` thick,
-    centred on the centre of mass of the voxels above the volume's median."""
+    centred on the centre of mass of the voxels above the volume's median and moved inside the
+    volume where it would cross an edge (so it always has the size asked for)."""
     body = volume > np.median(volume)
-    cx, cy, cz = (int(round(c)) for c in ndimage.center_of_mass(body))
-    hx, hy = int(volume.shape[0] * fraction / 2), int(volume.shape[1] * fraction / 2)
+    centre = [int(round(c)) for c in ndimage.center_of_mass(body)]
+    sides = [max(1, int(volume.shape[0] * fraction)), max(1, int(volume.shape[1] * fraction)), slices]
     mask = np.zeros(volume.shape, bool)
-    z0 = min(max(cz - slices // 2, 0), volume.shape[2] - slices)
-    mask[cx - hx : cx + hx, cy - hy : cy + hy, z0 : z0 + slices] = True
+    start = [min(max(c - s // 2, 0), n - s) for c, s, n in zip(centre, sides, volume.shape)]
+    mask[tuple(slice(a, a + s) for a, s in zip(start, sides))] = True
     return mask
 
 
@@ -97,11 +98,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="MedVAR seeds (default 0 1 2)")
     parser.add_argument("--figure", help="also save the figure here (e.g. docs/figures/...png)")
     args = parser.parse_args()
+    if not 0 < args.box_fraction < 1 or args.slices < 1:
+        parser.error(f"--box-fraction must be in (0, 1) and --slices >= 1, got {args.box_fraction} and {args.slices}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
 
     max_voxels = config_component("prepare", "max_voxels")  # prepare's limit, as `medvar inpaint` reads it
-    image = read_volume(args.image, max_voxels)
+    try:
+        image = read_volume(args.image, max_voxels)
+    except InpaintError as err:
+        parser.exit(2, f"inpaint_eval: {err}\n")
+    if args.slices >= image.shape[-1]:
+        depth = image.shape[-1]
+        message = f"{args.image}: --slices {args.slices} leaves none of its {depth} slices as context"
+        parser.exit(2, f"inpaint_eval: {message}\n")
+    out.mkdir(parents=True, exist_ok=True)
     ras = RAS(image)
     truth = ras.as_tensor()[0].numpy()
     mask_ras = box_mask(truth.astype(np.float64), args.box_fraction, args.slices)

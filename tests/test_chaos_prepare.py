@@ -128,3 +128,17 @@ def test_prepare_removes_what_sigkilled_writes_left(tmp_path):
     assert [e["error"] for e in result.report] == ["already in store"]
     left = sorted(str(p.relative_to(store)) for p in store.rglob(".*.tmp"))
     assert left == sorted(str(p.relative_to(store)) for p in (live, other_shared, other_rank))
+
+
+def test_a_kill_during_a_report_write_is_not_counted_as_a_shard_manifest_write(chaos_prepare, tmp_path):
+    """Every temporary-file target starting with "r" was a shard manifest: report.json too."""
+    from medvar_bundle.files import temp_prefix
+
+    (tmp_path / "shards").mkdir()
+    for target, expected in [("report.json", "report.json write"), ("r000-00002.json", "shard manifest write"),
+                             ("r000-00002.images.npy", "shard array write")]:  # fmt: skip
+        folder = tmp_path / "shards" if target.startswith("r0") else tmp_path
+        temp = folder / f"{temp_prefix(folder / target)}x.tmp"
+        temp.write_bytes(b"")
+        assert chaos_prepare.kill_moment(tmp_path, 0, 0) == expected
+        temp.unlink()
