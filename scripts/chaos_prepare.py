@@ -120,7 +120,7 @@ def build_corpus(root: str | os.PathLike, volumes: int = 200, seed: int = 0, sid
             lab[side // 3 : side // 2, side // 3 : side // 2, first : first + int(rng.integers(1, 4))] = value
             entry["label"] = f"{name}/vol{i:03d}_seg.nii.gz"
             _save(root / entry["label"], lab, spacing)
-        if modality == "CT" and i % 3 == 0:
+        if name == "ct_chest":  # a dataset's own window, given with each item (one window per dataset)
             entry["ct_window"] = [50.0, 350.0]
         entries["validation" if i % 5 == 4 else "training"].append(entry)
     empty, _ = phantom(rng, "CT", side, 8)
@@ -131,7 +131,9 @@ def build_corpus(root: str | os.PathLike, volumes: int = 200, seed: int = 0, sid
          "modality": "CT", "anatomy": "abdomen"}
     )  # fmt: skip
     (root / "extra" / "broken.nii.gz").write_bytes(rng.bytes(4096))
-    entries["training"].append({"image": "extra/broken.nii.gz", "dataset": "ct_chest", "modality": "CT"})
+    entries["training"].append(
+        {"image": "extra/broken.nii.gz", "dataset": "ct_chest", "modality": "CT", "ct_window": [50.0, 350.0]}
+    )
     datalist = root / "datalist.json"
     datalist.write_text(json.dumps(entries, indent=1))
     return datalist

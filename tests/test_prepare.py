@@ -790,12 +790,18 @@ def test_config_ct_window_is_the_one_recorded_for_read_back(tmp_path):
     assert abs(float(to_intensity(np.array([body], np.uint8), entry)[0]) - 500.0) < 2000 / 255
 
 
-def test_one_dataset_with_two_ct_windows_is_refused(tmp_path):
+def test_an_item_with_another_window_than_its_dataset_fails_alone(tmp_path, capsys):
+    """Generated CT of a dataset is read back with one window: an item windowed otherwise would be
+    read back to the wrong HU, so it fails with its reason and the others are stored."""
     a = save_nifti(tmp_path / "a.nii.gz", ct_phantom())
     b = save_nifti(tmp_path / "b.nii.gz", ct_phantom())
     items = [make_item(a, "ct", "CT", ct_window=(40, 400)), make_item(b, "ct", "CT", ct_window=(40, 80))]
-    with pytest.raises(ValueError, match="one dataset needs one window"):
-        prepare_store(items, tmp_path / "store", size=SIZE, progress=False)
+    result = prepare_store(items, tmp_path / "store", size=SIZE, progress=False)
+    assert {Path(e["image"]).name: (e["status"], e["error"]) for e in result.report} == {
+        "a.nii.gz": ("ok", None),
+        "b.nii.gz": ("failed", "CT window [40.0, 80.0] where dataset ct has [40.0, 400.0] (one window per dataset)"),
+    }
+    assert "medvar prepare: failed: " in capsys.readouterr().err and result.registry["ct"]["num_volumes"] == 1
 
 
 @pytest.mark.parametrize("change", ["split", "dataset", "label"])

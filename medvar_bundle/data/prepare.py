@@ -172,6 +172,16 @@ def _window(item: dict, default: Sequence[float]) -> list[float] | None:
     return [float(x) for x in (item.get("ct_window") or default)]
 
 
+def _other_window(item: dict, declared: dict[str, dict], default: Sequence[float]) -> str | None:
+    """Why a CT item cannot join its dataset: a window other than the dataset's (its first item's),
+    since generated CT of a dataset is read back to HU with one window; None when it can."""
+    dataset = declared.get(str(item.get("dataset")))
+    window = _window(item, default)
+    if dataset is None or window is None or window == dataset["ct_window"]:
+        return None
+    return f"CT window {window} where dataset {item['dataset']} has {dataset['ct_window']} (one window per dataset)"
+
+
 def _check_unchanged(item: dict, stored: dict, out: Path) -> None:
     """Refuse an item whose image the store holds under another split, dataset or label: a re-run
     skips stored volumes, so a held-out volume would silently stay in training (or the reverse)."""
@@ -220,9 +230,8 @@ def prepare_store(
 
     Raises:
         FolderLockedError: another ``prepare`` of the same rank is writing into ``out``.
-        ValueError: one dataset's CT items declare different windows, or an item's volume is stored
-            already under another split, dataset or label (a stored volume keeps them: prepare
-            into a new store instead).
+        ValueError: an item's volume is stored already under another split, dataset or label (a
+            stored volume keeps them: prepare into a new store instead).
     """
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
@@ -236,14 +245,9 @@ def prepare_store(
     for i in items:
         if i.get("dataset") and i.get("modality") in MODALITIES:
             window = _window(i, default_window)
-            first = declared.setdefault(
+            declared.setdefault(
                 str(i["dataset"]), {"modality": i["modality"], "anatomy": i.get("anatomy"), "ct_window": window}
             )
-            if first["ct_window"] != window:
-                raise ValueError(
-                    f"dataset {i['dataset']}: CT windows {first['ct_window']} and {window} (at {i.get('image')}); "
-                    "one dataset needs one window, its generated CT is read back to HU with it"
-                )
     with WriterLock(out, f"prepare-r{rank:03d}"):  # one writer per rank's shards; readers never wait
         mine = items[rank::world_size]
         remove_dead_writes(out, rank)
@@ -259,6 +263,9 @@ def prepare_store(
             if item.get("image") in stored:
                 _check_unchanged(item, stored[item["image"]], out)
                 result.report.append(_entry(item, "skipped", stored[item["image"]]["num_slices"], "already in store"))
+            elif (other := _other_window(item, declared, default_window)) is not None:
+                tqdm.write(f"medvar prepare: failed: {item.get('image')}: {other}", file=sys.stderr)
+                result.report.append(_entry(item, "failed", error=other))
             else:
                 todo.append(item)
 
