@@ -218,6 +218,12 @@ def _train_baseline(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from .io import check_writable
+
+    try:
+        check_writable(args.output_dir)  # before the model is loaded and the warm-up batch drawn
+    except PermissionError as exc:
+        raise UserError(str(exc)) from None
     _run_bundle(args, "infer")
     summary = json.loads(Path(output_path(args, "summary.json")).read_text())
     for name, info in summary["datasets"].items():

@@ -117,6 +117,18 @@ def test_unwritable_output_is_found_before_sampling(model_path, tmp_path):
         generate(model_path, "brain_mr", num=1, out_dir=blocker / "out", progress=False)
 
 
+def test_cli_unwritable_output_is_one_line_before_the_model_loads(model_path, tmp_path, capsys, monkeypatch):
+    """It was found by the engine after the warm-up batch, and printed twice (Ignite's ERROR log too)."""
+    from medvar_bundle import cli
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(cli, "_run_bundle", lambda *a, **k: pytest.fail("the bundle ran"))
+    assert cli.main(["generate", "--model", str(model_path), "--out", str(blocker), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"medvar generate: error: output folder {blocker} is not writable: File exists"
+
+
 def test_mismatched_tokenizer_and_transformer_are_refused(tmp_path):
     tokenizer = MultiScaleVQVAE.from_preset("tiny", image_size=64)
     transformer = NextScaleTransformer(num_datasets=2, depth=1, patch_nums=tokenizer.patch_nums, vocab_size=1024)
