@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -60,11 +61,14 @@ def _shown(value) -> str:
 
 
 def add_config_options(parser: argparse.ArgumentParser, config: str, options: Sequence[ConfigOption]) -> None:
-    """Add ``options`` to ``parser``; each help text ends with the id and its default from ``config``."""
+    """Add ``options`` to ``parser``; each help text ends with the id and its default from ``config``.
+    Switches that set the same id (``--fp32`` and ``--bf16``) exclude each other."""
     try:
         defaults = ConfigParser(ConfigParser.load_config_file(config_path(config)))
     except FileNotFoundError:  # a package installed away from its bundle: --help still works, running says why
         defaults = None
+    switches = Counter(o.id for o in options if o.const is not None)
+    groups = {id: parser.add_mutually_exclusive_group() for id, n in switches.items() if n > 1}
     for o in options:
         if o.required or defaults is None:
             shown = "required" if o.required else f"default from configs/{config}.yaml"
@@ -73,7 +77,7 @@ def add_config_options(parser: argparse.ArgumentParser, config: str, options: Se
         # a switch says what it sets: "--quiet [progress; default True]" read as if quiet were the default
         text = f"{o.help} [{o.id}{'' if o.const is None else f' = {o.const}'}; {shown}]"
         if o.const is not None:
-            parser.add_argument(o.flag, dest=o.id, action="store_const", const=o.const, help=text)
+            groups.get(o.id, parser).add_argument(o.flag, dest=o.id, action="store_const", const=o.const, help=text)
         else:
             parser.add_argument(
                 o.flag, dest=o.id, type=o.type, nargs=o.nargs, choices=o.choices, required=o.required, help=text

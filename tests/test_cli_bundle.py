@@ -115,6 +115,7 @@ def test_a_package_away_from_its_bundle_still_helps_and_says_why_it_cannot_run(t
         (["evaluate-tokenizer", "--tokenizer", "t.pt", "--store", "s", "--max-images", "-1"], "must be a positive"),
         (["tokenize", "--tokenizer", "t.pt", "--store", "s", "--batch-size", "0"], "must be a positive"),
         (["preview", "--store", "s", "--out", "p.png", "--per-dataset", "0"], "must be a positive"),
+        (["generate", "--model", "m.pt", "--out", "o", "--fp32", "--bf16"], "not allowed with argument --fp32"),
     ],
 )
 def test_bad_option_values_stop_at_parsing_with_one_line(argv, message, capsys):
