@@ -583,6 +583,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_bench(args: argparse.Namespace) -> int:
     """Handler of `medvar bench`: run :func:`~medvar_bundle.benchmark.run_benchmark` and print its table or JSON."""
+    try:
+        benchmark.sampling_options()  # configs/inference.yaml's, read before any timing
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
     result = benchmark.run_benchmark(
         [benchmark.PAIRS[name] for name in args.pairs],
         args.steps,
@@ -605,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         default="INFO",
         type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
         help="logging level of medvar's own messages (default INFO)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

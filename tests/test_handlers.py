@@ -71,6 +71,12 @@ def test_a_run_killed_during_its_last_validation_validates_again_when_resumed(tm
     assert run(tmp_path) == []  # a finished run resumed: nothing to do
 
 
+def test_a_fresh_run_into_a_folder_with_an_old_model_file_of_the_same_step_validates(tmp_path):
+    atomic_torch_save(tmp_path / "model.pt", {"step": MAX_STEPS, "run": "old"})
+    assert run(tmp_path, interval=16) == [MAX_STEPS]  # no validation on the way: only the end one writes
+    assert "run" not in torch.load(tmp_path / "model.pt", weights_only=True)
+
+
 def test_a_resumed_run_keeps_only_n_saved_checkpoints(tmp_path):
     with pytest.raises(Killed):
         run(tmp_path, kill_at_validation=4, n_saved=2, save_interval=1)
@@ -85,3 +91,7 @@ def test_metrics_log_replaces_the_rows_of_steps_a_resumed_run_validates_again(tm
         log({"step": step, "loss": loss}, {})
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == [{"step": 2, "loss": 0.5}, {"step": 4, "loss": 0.35}, {"step": 6, "loss": 0.25}]
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 8, "lo')  # an append cut short by a full disk
+    log({"step": 8, "loss": 0.2}, {})
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines()[-1] == '{"step": 8, "loss": 0.2}'

@@ -804,18 +804,40 @@ def test_an_item_with_another_window_than_its_dataset_fails_alone(tmp_path, caps
     assert "medvar prepare: failed: " in capsys.readouterr().err and result.registry["ct"]["num_volumes"] == 1
 
 
-@pytest.mark.parametrize("change", ["split", "dataset", "label"])
-def test_rerun_refuses_a_stored_volume_under_another_split_dataset_or_label(corpus, tmp_path, change):
+@pytest.mark.parametrize("change", ["split", "dataset"])
+def test_rerun_refuses_a_stored_volume_under_another_split_or_dataset(corpus, tmp_path, change):
     """A re-run skips stored volumes: a volume moved to the held-out split must not stay in training."""
     out = tmp_path / "store"
     prepare_store(corpus["items"], out, size=SIZE, progress=False)
     before = store_arrays(out)[0]
     moved = [dict(item) for item in corpus["items"]]
-    new = {"split": "validation", "dataset": "ct_other", "label": str(corpus["root"] / "labels" / "other.nii.gz")}
-    moved[1][change] = new[change]
+    moved[1][change] = {"split": "validation", "dataset": "ct_other"}[change]
     with pytest.raises(ValueError, match=f"stored with {change} .*prepare into a new store"):
         prepare_store(moved, out, size=SIZE, progress=False)
     assert np.array_equal(store_arrays(out)[0], before)
+
+
+def test_one_image_with_two_labels_is_stored_twice_and_skipped_twice(corpus, tmp_path):
+    item = next(i for i in corpus["items"] if i["label"])
+    other = save_nifti(tmp_path / "other_label.nii.gz", label_blob(slices=(2, 3)), CORPUS["liver"][3])
+    items = [item, {**item, "label": other}]
+    out = tmp_path / "store"
+    assert prepare_store(items, out, size=SIZE, progress=False).counts["ok"] == 2
+    again = prepare_store(items, out, size=SIZE, progress=False)
+    assert [e["status"] for e in again.report] == ["skipped", "skipped"]
+    assert sorted(e["slices"] for e in again.report) == [2, 3]
+
+
+def test_a_growing_store_keeps_its_datasets_stored_ct_window(tmp_path):
+    """The window of a dataset is its first stored volume's: a later run's item with another one
+    (a changed ct_window) fails instead of joining the dataset read back with the old window."""
+    a = save_nifti(tmp_path / "a.nii.gz", ct_phantom())
+    b = save_nifti(tmp_path / "b.nii.gz", ct_phantom())
+    out = tmp_path / "store"
+    prepare_store([make_item(a, "ct", "CT", ct_window=(40, 400))], out, size=SIZE, progress=False)
+    later = prepare_store([make_item(b, "ct", "CT", ct_window=(40, 80))], out, size=SIZE, progress=False)
+    assert [e["status"] for e in later.report] == ["failed"] and "has [40.0, 400.0]" in later.report[0]["error"]
+    assert later.registry["ct"]["ct_window"] == [40.0, 400.0] and later.registry["ct"]["num_volumes"] == 1
 
 
 def test_a_bad_token_file_does_not_make_prepare_delete_image_shards(corpus, tmp_path, capsys):

@@ -146,3 +146,18 @@ def test_a_truncated_cached_archive_is_fetched_again_and_offline_is_one_line(tmp
     assert err[0] == f"medvar demo-data: {broken} is not a readable archive; fetching it again"
     assert err[-1].startswith("medvar demo-data: error: could not fetch nilearn==0.14.1 with pip (")
     assert "['" not in err[-1] and not broken.exists()
+
+
+def test_downloads_off_never_calls_pip_nor_deletes_the_cached_archive(tmp_path, monkeypatch):
+    from medvar_bundle.data import demo
+
+    monkeypatch.setattr(demo.subprocess, "run", lambda *a, **k: pytest.fail("pip was called"))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with pytest.raises(ArchiveUnavailableError, match=r"not in .* \(downloads off\)"):
+        demo.fetch_archive(demo.ARCHIVES["nilearn"], cache, allow_download=False)
+    broken = cache / "nilearn-0.14.1-py3-none-any.whl"
+    broken.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(ArchiveUnavailableError, match=r"not a readable archive \(downloads off\)"):
+        demo.fetch_archive(demo.ARCHIVES["nilearn"], cache, allow_download=False)
+    assert broken.exists()

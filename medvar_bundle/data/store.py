@@ -153,8 +153,9 @@ def remove_shard(root: str | os.PathLike, tag: str) -> None:
 
 
 def done_volumes(root: str | os.PathLike) -> dict[str, dict]:
-    """The records of the volumes already committed to the store (those a re-run skips), by image path."""
-    return {v["image"]: v for m in read_shard_manifests(root) for v in m["volumes"]}
+    """The records of the volumes already committed to the store (those a re-run skips), by
+    :func:`volume_key`, in commit order."""
+    return {v["key"]: v for m in read_shard_manifests(root) for v in m["volumes"]}
 
 
 def median_list(values: Sequence[Sequence[float]]) -> list[float]:

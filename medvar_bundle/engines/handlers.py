@@ -211,8 +211,15 @@ def _json_able(value) -> bool:
     return True
 
 
-def _lines(path: Path) -> list[str]:
-    return path.read_text().splitlines() if path.is_file() else []
+def _rows(path: Path) -> list[dict]:
+    """The rows of a ``metrics.jsonl``; a torn or blank line (an append cut short) is left out."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 class MetricsLog:
@@ -230,8 +237,8 @@ class MetricsLog:
 
     def __call__(self, row: dict, metrics: dict) -> None:
         # a resumed run validates again the steps after its checkpoint: their old rows give way
-        kept = [line for line in _lines(self.path) if json.loads(line)["step"] < row["step"]]
-        atomic_write_bytes(self.path, "".join(f"{line}\n" for line in [*kept, json.dumps(row)]).encode())
+        kept = [old for old in _rows(self.path) if old.get("step", -1) < row["step"]]
+        atomic_write_bytes(self.path, "".join(f"{json.dumps(r)}\n" for r in [*kept, row]).encode())
         if self.writer is not None:
             for key in self.scalars:
                 self.writer.add_scalar(f"val/{key}", row[key], row["step"])
@@ -243,9 +250,10 @@ class StepValidation(ValidationHandler):
     """MONAI's :class:`~monai.handlers.ValidationHandler` at the trainer's steps, with records.
 
     Runs ``validator`` every ``interval`` steps after ``start_after`` and once more when training
-    ends on a step that was not validated (unless ``output_file`` records that very step: a
-    finished run resumed; a run killed between its last checkpoint and the file's write validates
-    again). After each run every callable of ``records`` gets
+    ends on a step that was not validated (unless the run resumed at its last step and
+    ``output_file`` records that very step: a finished run resumed; a run killed between its last
+    checkpoint and the file's write validates again, and so does a fresh run into a folder with an
+    old file). After each run every callable of ``records`` gets
     ``(row, metrics)``: the trainer-step row of :func:`validation_row` and the evaluator's
     ``state.metrics`` merged with its ``state.metric_details``. Only the main process validates.
     """
@@ -263,12 +271,14 @@ class StepValidation(ValidationHandler):
         self.start_after = start_after
         self.output_file = None if output_file is None else Path(output_file)
         self.last_step: int | None = None
+        self.first_step: int | None = None  # the trainer's step when this process started
 
     def attach(self, engine: Engine) -> None:
         if not is_main_process():
             return
         every = Events.ITERATION_COMPLETED(event_filter=lambda e, i: i % self.interval == 0 and i > self.start_after)
         engine.add_event_handler(every, self)
+        engine.add_event_handler(Events.STARTED, lambda e: setattr(self, "first_step", e.state.iteration))
         engine.add_event_handler(Events.COMPLETED, self.at_end)
 
     def __call__(self, engine: Engine) -> None:
@@ -283,7 +293,8 @@ class StepValidation(ValidationHandler):
         step = engine.state.iteration
         if self.last_step == step:
             return
-        if self.output_file is None or saved_step(self.output_file) != step:
+        resumed_finished = self.first_step == step and self.output_file is not None
+        if not resumed_finished or saved_step(self.output_file) != step:
             self(engine)
 
 
