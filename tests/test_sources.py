@@ -478,3 +478,40 @@ def test_prepared_store_split_by_volume(tmp_path):
         split_of.setdefault(r["source"], set()).add(r["split"])
     assert all(len(s) == 1 for s in split_of.values())
     assert {next(iter(s)) for s in split_of.values()} == {"training", "validation"}
+
+
+def test_header_of_an_enhanced_multi_frame_dicom_reads_its_functional_groups(tmp_path):
+    """Enhanced files (e.g. the demo's Dixon leg MR) keep PixelSpacing and the frame spacing in the
+    shared functional groups: the header reported 1 x 1 x 1 mm for them."""
+    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import EnhancedMRImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    from medvar_bundle.data.readers import read_header
+
+    folder = tmp_path / "enhanced"
+    folder.mkdir()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = EnhancedMRImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(folder / "volume.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID = EnhancedMRImageStorage, generate_uid(), generate_uid()
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 24, 20, 5
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    measures = Dataset()
+    measures.PixelSpacing, measures.SliceThickness, measures.SpacingBetweenSlices = [1.95, 1.9], 2.5, 2.0
+    shared = Dataset()
+    shared.PixelMeasuresSequence = Sequence([measures])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    ds.PixelData = np.zeros((5, 24, 20), np.uint16).tobytes()
+    ds.save_as(str(folder / "volume.dcm"), write_like_original=False)
+    header = read_header(folder, 10**6)
+    assert header.shape == (20, 24, 5) and header.spacing == pytest.approx((1.9, 1.95, 2.0))
+    # the same measures given per frame (as the demo's Dixon files do) instead of shared
+    del ds.SharedFunctionalGroupsSequence
+    frame = Dataset()
+    frame.PixelMeasuresSequence = Sequence([measures])
+    ds.PerFrameFunctionalGroupsSequence = Sequence([frame] * 5)
+    ds.save_as(str(folder / "volume.dcm"), write_like_original=False)
+    assert read_header(folder, 10**6).spacing == pytest.approx((1.9, 1.95, 2.0))

@@ -297,6 +297,19 @@ class _Slice:
     spacing: list[float] | None
     short_by: str
     """Why the pixel data is too short for the matrix, "" when it is not."""
+    frame_spacing: float | None = None
+    """An enhanced multi-frame file's spacing between its frames (mm), None when it does not say."""
+
+
+def _pixel_measures(ds):
+    """An enhanced (multi-frame) file's ``PixelMeasuresSequence`` item, shared or of its first
+    frame, or None: such files keep ``PixelSpacing`` and the slice spacing there, not at the top level."""
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        items = ds.get(groups)
+        measures = items[0].get("PixelMeasuresSequence") if items else None
+        if measures:
+            return measures[0]
+    return None
 
 
 def _dicom_slice(path: Path) -> _Slice:
@@ -318,6 +331,11 @@ def _dicom_slice(path: Path) -> _Slice:
         position = _numbers(ds, "ImagePositionPatient", 3)
         orientation = _numbers(ds, "ImageOrientationPatient", 6)
         spacing = _numbers(ds, "PixelSpacing", 2)
+        measures, frame_spacing = _pixel_measures(ds), None
+        if measures is not None:
+            spacing = spacing or _numbers(measures, "PixelSpacing", 2)
+            gap = _numbers(measures, "SpacingBetweenSlices", 1) or _numbers(measures, "SliceThickness", 1)
+            frame_spacing = gap[0] if gap else None
     except (TypeError, ValueError) as err:
         raise VolumeFileError(path, f"malformed tag: {one_line(err, MAX_REASON_CHARS)}") from None
     if min(rows, columns, frames, bits) < 1:
@@ -337,7 +355,9 @@ def _dicom_slice(path: Path) -> _Slice:
     short_by = (
         f"pixel data holds {length} bytes, {rows} x {columns} x {frames} of {bits} bits need {need}" if short else ""
     )
-    return _Slice(path, str(ds.SeriesInstanceUID), rows, columns, frames, position, orientation, spacing, short_by)
+    return _Slice(
+        path, str(ds.SeriesInstanceUID), rows, columns, frames, position, orientation, spacing, short_by, frame_spacing
+    )
 
 
 def _slice_spacing(folder: str, slices: list[_Slice]) -> float:
@@ -396,7 +416,7 @@ def _dicom_header(folder: str, max_voxels: int) -> tuple[VolumeHeader, int]:
     short = next((s for s in slices if s.short_by), None)
     if short is not None:
         raise VolumeFileError(short.path, short.short_by)
-    dz = _slice_spacing(folder, slices) if len(slices) > 1 else 1.0
+    dz = _slice_spacing(folder, slices) if len(slices) > 1 else (slices[0].frame_spacing or 1.0)
     return VolumeHeader(shape, (in_plane[1], in_plane[0], dz)[: len(shape)]), depth
 
 
