@@ -220,7 +220,7 @@ def write_slice_stack(
     if resample_original:
         orig_spacing, orig_matrix = _entry_geometry(entry)
         shape_xy = (int(round(orig_matrix[0])), int(round(orig_matrix[1])))
-        values = resize_in_plane(torch.from_numpy(images.astype(np.float32)), shape_xy).double().numpy()
+        values = resize_in_plane(torch.from_numpy(values), shape_xy).double().numpy()
         # same field of view (S * spacing) over the new matrix
         spacing = np.array([spacing[0] * size / shape_xy[0], spacing[1] * size / shape_xy[1], spacing[2]])
     slope, inter = 1.0, 0.0

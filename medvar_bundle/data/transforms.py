@@ -347,7 +347,7 @@ class ResizeSlicesd(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            volume = torch.as_tensor(np.asarray(d[key]) if not isinstance(d[key], torch.Tensor) else d[key])
+            volume = torch.as_tensor(np.asarray(d[key]))
             slices = resize_in_plane(volume[0].permute(2, 0, 1), (self.size, self.size))  # (Z, size, size)
             d[key] = slices.permute(1, 2, 0)[None].contiguous()
         return d

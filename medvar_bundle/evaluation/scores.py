@@ -131,12 +131,7 @@ def score(train: SliceSet, heldout: SliceSet, fake: SliceSet) -> dict:
     pair = len(fake.slices) >= 2  # MS-SSIM compares pairs of the set's slices
     several = pair and len(train.slices) >= 2  # a Fréchet distance needs two slices a side for a covariance
     if "structure" in ref:
-        if several:
-            row["structure_fd"] = frechet_distance_from_features(ref["structure"], gen["structure"])
-        if len(ref["structure"]) > PRECISION_RECALL_K:
-            row["structure_precision"] = knn_precision(ref["structure"], gen["structure"], PRECISION_RECALL_K)
-        if len(gen["structure"]) > PRECISION_RECALL_K:
-            row["structure_recall"] = knn_precision(gen["structure"], ref["structure"], PRECISION_RECALL_K)
+        row.update(structure_scores(ref["structure"], gen["structure"]))
     if "inception" in ref and several:
         row["fid"] = frechet_distance_from_features(ref["inception"], gen["inception"])
         size = min(1000, len(train.slices), len(fake.slices))
@@ -152,6 +147,20 @@ def score(train: SliceSet, heldout: SliceSet, fake: SliceSet) -> dict:
     row["ms_ssim"] = ms_ssim_diversity(fake.slices) if pair and fake.slices.shape[-1] >= MS_SSIM_MIN_SIDE else None
     row["memorisation"] = memorisation_ratio(fake.slices, train.slices, heldout.slices)
     return row
+
+
+def structure_scores(reference: np.ndarray, features: np.ndarray) -> dict:
+    """``structure_fd``, ``structure_precision`` and ``structure_recall`` of structure features
+    ``(M, D)`` against the training slices' ``(N, D)``; each None where its set is too small (a
+    covariance needs two slices a side; precision needs the training set's k-NN radii, recall the
+    set's own, so more than ``PRECISION_RECALL_K`` slices)."""
+    k = PRECISION_RECALL_K
+    several = min(len(reference), len(features)) >= 2
+    return {
+        "structure_fd": frechet_distance_from_features(reference, features) if several else None,
+        "structure_precision": knn_precision(reference, features, k) if len(reference) > k else None,
+        "structure_recall": knn_precision(features, reference, k) if len(features) > k else None,
+    }
 
 
 def ms_ssim_notes(floor: dict[str, dict]) -> list[str]:
