@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
+from functools import partial
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from torch.utils.data import DataLoader
 
 from medvar_bundle.data.resumable import ResumableSampler, SeededSamples
-from medvar_bundle.engines.common import checkpoints
+from medvar_bundle.engines.common import checkpoints, warmup_cosine
 from medvar_bundle.engines.handlers import MetricsLog, ResumableCheckpoint, StepValidation, StopAtStep
 from medvar_bundle.files import atomic_torch_save
 
@@ -21,12 +24,17 @@ class Killed(Exception):
     """Stands for the process dying at that point."""
 
 
-def run(out, kill_at_validation: int | None = None, n_saved: int = 2, save_interval: int = 2, interval: int = 4):
+def run(
+    out, kill_at_validation: int | None = None, n_saved: int = 2, save_interval: int = 2, interval: int = 4,
+    max_steps: int = MAX_STEPS,
+):  # fmt: skip
     """A tiny trainer with the bundle's handlers, 4 steps an epoch: validation every ``interval``
-    steps writes ``out/model.pt`` (``{"step"}``), as the training configs' records do. Returns the
-    steps validated."""
+    steps writes ``out/model.pt`` (``{"step"}``), as the training configs' records do; the
+    learning rate follows the configs' cosine over ``max_steps``. Returns the steps validated."""
     net = torch.nn.Linear(1, 1)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_cosine, warmup_steps=0, max_steps=max_steps,
+                                                                min_lr_ratio=0.05))  # fmt: skip
     data = SeededSamples(list(range(8)))
     loader = DataLoader(data, batch_size=2, sampler=ResumableSampler(data, num_replicas=1, rank=0, seed=0))
 
@@ -34,6 +42,7 @@ def run(out, kill_at_validation: int | None = None, n_saved: int = 2, save_inter
         opt.zero_grad()
         net(torch.ones(1, 1)).sum().backward()
         opt.step()
+        scheduler.step()
         return {"loss": 0.0}
 
     evaluator = SupervisedEvaluator(
@@ -48,13 +57,16 @@ def run(out, kill_at_validation: int | None = None, n_saved: int = 2, save_inter
         validated.append(row["step"])
 
     handlers = [
-        ResumableCheckpoint(out / "checkpoints", {"network": net, "optimizer": opt}, save_interval, MAX_STEPS, n_saved),
-        StopAtStep(MAX_STEPS),
+        ResumableCheckpoint(
+            out / "checkpoints", {"network": net, "optimizer": opt, "scheduler": scheduler}, save_interval, max_steps,
+            n_saved,
+        ),
+        StopAtStep(max_steps),
         StepValidation(evaluator, interval=interval, records=[record], output_file=out / "model.pt"),
     ]
     trainer = SupervisedTrainer(
-        device="cpu", max_epochs=2, train_data_loader=loader, network=net, optimizer=opt, loss_function=None,
-        iteration_update=step, train_handlers=handlers, decollate=False,
+        device="cpu", max_epochs=math.ceil(max_steps / 4), train_data_loader=loader, network=net, optimizer=opt,
+        loss_function=None, iteration_update=step, train_handlers=handlers, decollate=False,
     )  # fmt: skip
     trainer.run()
     return validated
@@ -95,3 +107,16 @@ def test_metrics_log_replaces_the_rows_of_steps_a_resumed_run_validates_again(tm
         fh.write('{"step": 8, "lo')  # an append cut short by a full disk
     log({"step": 8, "loss": 0.2}, {})
     assert (tmp_path / "metrics.jsonl").read_text().splitlines()[-1] == '{"step": 8, "loss": 0.2}'
+
+
+def test_extending_a_finished_run_warns_of_the_learning_rate_jump(tmp_path, caplog):
+    """A larger max_steps puts a finished run (its rate at the cosine's floor) back in the middle of
+    a longer cosine: the resumed run says so; resuming with the same schedule says nothing."""
+    run(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="medvar_bundle.engines.handlers"):
+        run(tmp_path)
+    assert "learning-rate schedule" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="medvar_bundle.engines.handlers"):
+        run(tmp_path, max_steps=2 * MAX_STEPS)
+    floor, middle = 0.1 * warmup_cosine(MAX_STEPS, 0, MAX_STEPS, 0.05), 0.1 * warmup_cosine(MAX_STEPS, 0, 16, 0.05)
+    assert f"rate goes from {floor:.3g} to {middle:.3g}" in caplog.text

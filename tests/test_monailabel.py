@@ -47,6 +47,10 @@ def test_app_lists_the_inpainting_task(server):
     assert task["type"] == "others" and task["dimension"] == 3 and task["config"]["dataset"] == "brain_mr"
 
 
+DEVICE = "cuda"
+"""What MONAI Label's clients send as the device when none is chosen, with a GPU or not."""
+
+
 def test_infer_request_returns_the_inpainted_volume(server):
     client, image, root = server
     src = nib.load(image)
@@ -56,7 +60,7 @@ def test_infer_request_returns_the_inpainted_volume(server):
     runs = set(Path(tempfile.gettempdir()).glob("medvar-inpaint-*"))
     with open(root / "drawn.nii.gz", "rb") as f:
         reply = client.post("/infer/medvar_inpaint?image=mni&output=image", files={"label": ("drawn.nii.gz", f)},
-                            data={"params": json.dumps({"seed": 3})})  # fmt: skip
+                            data={"params": json.dumps({"seed": 3, "device": DEVICE})})  # fmt: skip
     assert reply.status_code == 200, reply.text
     (root / "reply.nii.gz").write_bytes(reply.content)
     out = nib.load(root / "reply.nii.gz")

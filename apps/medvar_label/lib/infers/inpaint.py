@@ -15,6 +15,7 @@ from typing import Any
 
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from monailabel.utils.others.generic import name_to_device
 
 from medvar_bundle.inpaint import inpaint
 
@@ -61,11 +62,13 @@ class MedVARInpaint(InferTask):
         if not dataset:
             raise MONAILabelException(MONAILabelError.INVALID_INPUT, "no dataset: pass the image's dataset name")
         params = {k: v for k, v in params.items() if v != ""}
+        # clients send a GPU's display name, or "cuda" on machines without one (batch infer's default)
+        device = name_to_device(request.get("device") or self.device)
         # the server deletes the returned file once sent; the run's folder (PNG, JSON) goes at once
         with tempfile.TemporaryDirectory(prefix="medvar-inpaint-") as out:
             try:
                 summary = inpaint(self.model_file, request["image"], request["label"], dataset, out,
-                                  device=request.get("device", self.device), progress=False, **params)  # fmt: skip
+                                  device=device, progress=False, **params)  # fmt: skip
             except ValueError as err:
                 raise MONAILabelException(MONAILabelError.INVALID_INPUT, str(err)) from None
             volume = open(summary["files"]["volume"], "rb")
