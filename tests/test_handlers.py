@@ -58,7 +58,10 @@ def run(
 
     handlers = [
         ResumableCheckpoint(
-            out / "checkpoints", {"network": net, "optimizer": opt, "scheduler": scheduler}, save_interval, max_steps,
+            out / "checkpoints",
+            {"network": net, "optimizer": opt, "scheduler": scheduler},
+            save_interval,
+            max_steps,
             n_saved,
         ),
         StopAtStep(max_steps),
