@@ -5,13 +5,19 @@ others are named on stderr and skipped), every set is scored against
 the dataset's training split: the held-out slices (other patients: the real floor), their tokenizer
 reconstructions (with --tokenizer), the held-out slices blurred, noised and with shuffled 32²
 patches at three severities (medvar_bundle.metrics.damage), the held-out slices of every other
-dataset posing as this one, and a folder of `medvar generate` (with --samples). Columns: the
+dataset posing as this one, and folders of `medvar generate` (with --samples; with --damage-samples
+also each folder's slices under the mildest blur and the mildest noise, which tells whether a
+metric scores the samples for their texture: a set a blur makes much worse, or noise much better,
+is scored for its grain). Columns: the
 structure FD, precision and recall (the store's structure.pt, `medvar train-structure`), and the
 weight-free histogram and power-spectrum distances for comparison. Prints one Markdown table per
 dataset; --out also writes the figures as JSON.
 
     python scripts/structure_ranking.py --store runs/demo/store \\
         --tokenizer runs/demo/tokenizer/tokenizer.pt --samples runs/demo/samples
+    python scripts/structure_ranking.py --store runs/demo/store --damage-samples \
+        --samples MedVAR=runs/demo/compare/samples/30min/medvar-first \
+        --samples DDPM-100=runs/demo/compare/samples/30min/ddpm-100
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ from medvar_bundle.model_file import load_tokenizer
 from medvar_bundle.networks.msvqvae import Reconstruction
 from medvar_bundle.runtime import to_model_range, to_uint8
 
+MILD_DAMAGES = ("blur", "noise")
+"""The damages --damage-samples applies to sample sets, each at its mildest severity."""
+
 
 def _cell(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
@@ -58,11 +67,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--store", required=True, help="slice store with a structure.pt (medvar train-structure)")
     parser.add_argument("--tokenizer", help="tokenizer.pt: also score its reconstructions of the held-out slices")
-    parser.add_argument("--samples", help="a `medvar generate` folder: also score its NAME.nii.gz stacks")
+    parser.add_argument(
+        "--samples", action="append", default=[], metavar="[LABEL=]FOLDER",
+        help="a `medvar generate` folder: also score its NAME.nii.gz stacks, as LABEL (default: the folder's name); "
+        "repeat for more folders",
+    )  # fmt: skip
+    parser.add_argument(
+        "--damage-samples", action="store_true",
+        help="also score each --samples folder under the mildest blur and the mildest noise of the damages",
+    )  # fmt: skip
     parser.add_argument("--min-slices", type=int, default=8, help="skip datasets with fewer held-out slices")
     parser.add_argument("--seed", type=int, default=1, help="seed of the noise and the shuffles")
     parser.add_argument("--out", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
+    folders = {}
+    for spec in args.samples:
+        label, _, folder = spec.rpartition("=")
+        folders[f"{label or Path(folder).name} samples"] = Path(folder)
     try:
         net = load_structure_net(None, args.store)
         registry = SliceStore(args.store).datasets
@@ -93,8 +114,16 @@ def main(argv: list[str] | None = None) -> int:
             for kind, (damage, severities) in DAMAGES.items()
             for severity in severities
         ]
-        if args.samples and (Path(args.samples) / f"{name}.nii.gz").is_file():
-            sets.append(("MedVAR samples", read_generated(Path(args.samples) / f"{name}.nii.gz", registry[name])))
+        for label, folder in folders.items():
+            if (folder / f"{name}.nii.gz").is_file():
+                samples = read_generated(folder / f"{name}.nii.gz", registry[name])
+                sets.append((label, samples))
+                if args.damage_samples:
+                    sets += [
+                        (f"{label}, {kind} {severities[0]:g}", damage(samples, severities[0], seed=args.seed))
+                        for kind, (damage, severities) in DAMAGES.items()
+                        if kind in MILD_DAMAGES
+                    ]
         sets += [(f"{other} posing as {name}", heldout[other]) for other in names if other != name]
         rows = {}
         for label, slices in sets:
