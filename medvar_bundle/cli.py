@@ -704,7 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "evaluate-tokenizer",
         help="PSNR, SSIM, codebook usage and perplexity of a tokenizer on a store (one JSON line)",
-        description="Encode and decode the slices of a store; print one JSON line with psnr (dB), ssim, "
+        description="Encode and decode the slices of a store; print one JSON line with psnr (dB, whole slice), "
+        "body_psnr (dB, inside the body: the pixels prepare did not set to 0), ssim, "
         "codebook_usage (fraction of the codes used on this store) and perplexity; with --by-group also per "
         "anatomy x modality group (CT chest, MR brain, ...).",
     )

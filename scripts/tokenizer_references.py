@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     columns = [*sorted(set(group_of)), "all"]
     rows = []
     for name, pred in methods.items():
-        psnr, ssim = (v.numpy() for v in slice_fidelity(pred[:, None], target))
+        fidelity = slice_fidelity(pred[:, None], target)
+        psnr, ssim = fidelity["psnr"].numpy(), fidelity["ssim"].numpy()
         psnr = psnr.clip(max=PSNR_CAP)
         cells = [psnr[group_of == g].mean() if g != "all" else psnr.mean() for g in columns]
         rows.append([name, *(f"{c:.2f}" for c in cells), f"{ssim.mean():.3f}"])

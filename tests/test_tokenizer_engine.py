@@ -236,12 +236,14 @@ def test_evaluate_tokenizer_known_psnr_and_usage(synthetic_store, monkeypatch):
     store = SliceStore(synthetic_store)
     metrics = tok.evaluate_tokenizer(model, store, batch_size=8, bf16=False)
     # PSNR per slice on [0, 1] intensities, from the definition, then averaged over slices
-    expected = []
+    expected, body = [], []
     for i in range(len(store)):
         x = to_model_range(store[i]["image"][None])
         err = ((x + 0.02).clamp(-1, 1) - x) / 2
         expected.append(10 * np.log10(1.0 / err.pow(2).mean().item()))
+        body.append(10 * np.log10(1.0 / err[x > -1].pow(2).mean().item()))  # stored 0 is -1 in the model's range
     assert metrics["psnr"] == pytest.approx(np.mean(expected), rel=1e-4)
+    assert metrics["body_psnr"] == pytest.approx(np.mean(body), rel=1e-4)
     assert metrics["codebook_usage"] == pytest.approx(3 / 16)  # codes 0, 1, 2
     counts = metrics["counts"]
     assert counts[0, 0] == len(store) and counts[1, 1] == counts[1, 2] == 2 * len(store)
@@ -250,6 +252,25 @@ def test_evaluate_tokenizer_known_psnr_and_usage(synthetic_store, monkeypatch):
     assert metrics["perplexity"] == pytest.approx(float(np.exp(-(p * np.log(p)).sum())))
     # codes used / codes the scale could use (min of V and its token count): 1 of 16, 2 of 16
     assert metrics["per_scale_usage"] == pytest.approx([1 / 16, 2 / 16])
+
+
+def test_body_psnr_counts_only_the_body_and_skips_slices_without_one():
+    """A slice whose body (pixels above 0) fills a quarter of it, off by 0.1 there: 20 dB in the body,
+    26.0 dB over the slice, whose black background is exact; an all-black slice has no body figure."""
+    from medvar_bundle.engines.tokenizer import TokenizerFigures, slice_fidelity
+
+    target = torch.zeros(2, 1, 32, 32)
+    target[0, :, :16, :16] = 0.5
+    pred = target + 0.1 * (target > 0)
+    fidelity = slice_fidelity(pred, target)
+    assert fidelity["body_psnr"][0] == pytest.approx(20.0, abs=1e-3) and fidelity["body_psnr"][1].isnan()
+    assert fidelity["psnr"][0] == pytest.approx(10 * np.log10(4 / 0.01), abs=1e-3)
+    figures = TokenizerFigures(vocab_size=4, num_scales=1)
+    figures.add(fidelity, [torch.zeros(2, 1, 1, dtype=torch.long)])
+    assert figures.compute()["body_psnr"] == pytest.approx(20.0, abs=1e-3) and figures.compute()["num_images"] == 2
+    empty = TokenizerFigures(vocab_size=4, num_scales=1)
+    empty.add({k: v[1:] for k, v in fidelity.items()}, [torch.zeros(1, 1, 1, dtype=torch.long)])
+    assert empty.compute()["body_psnr"] is None
 
 
 def test_evaluate_tokenizer_groups_match_separate_evaluations(trained, synthetic_store):
@@ -267,7 +288,7 @@ def test_evaluate_tokenizer_groups_match_separate_evaluations(trained, synthetic
         group = metrics["groups"][name]
         assert group["num_images"] == alone["num_images"] == 16
         assert np.array_equal(group["counts"], alone["counts"])
-        for key in ("psnr", "ssim", "codebook_usage", "perplexity"):
+        for key in ("psnr", "body_psnr", "ssim", "codebook_usage", "perplexity"):
             assert group[key] == pytest.approx(alone[key], rel=1e-5), key
     total = metrics["groups"]["A"]["counts"] + metrics["groups"]["B"]["counts"]
     assert np.array_equal(total, metrics["counts"])
