@@ -40,9 +40,9 @@ logger = logging.getLogger(__name__)
 
 def slice_fidelity(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per slice ``(B,)`` of reconstructions against originals ``(B, 1, H, W)`` in [0, 1]: ``psnr``
-    (dB, over the whole slice), ``ssim`` and ``body_psnr`` (dB, over the body: the pixels above 0
-    in the original, as ``prepare`` sets everything outside the body to 0; NaN for a slice without
-    body). A slice that is mostly background has its whole-slice PSNR raised by the easy black
+    (dB, over the whole slice), ``ssim`` and ``body_psnr`` (dB, over the pixels above 0 in the
+    original: ``prepare`` sets everything outside the body to 0, so this is the body less what its
+    CT window or MR scaling maps to black, such as lung air; NaN for a slice without any). A slice that is mostly background has its whole-slice PSNR raised by the easy black
     around the body: the lower legs fill 18 % of their demo slices."""
     psnr = peak_signal_noise_ratio(pred, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
     body = target > 0
@@ -60,8 +60,8 @@ class TokenizerFigures(Metric):
     originals ``(B, 1, H, W)`` in [0, 1] and the K token maps ``(B, n_k, n_k)``. ``compute`` gives
     ``psnr`` (dB) and ``ssim`` averaged over slices, ``body_psnr`` (dB, inside the body, averaged
     over the slices with body, None without any; see :func:`slice_fidelity`); ``codebook_usage``
-    (fraction of the V codes used by any token of any scale); ``perplexity`` (exp of the entropy of the code histogram);
-    ``per_scale_usage`` (codes used / codes that scale could use); ``counts`` (``(K, V)`` hits,
+    (fraction of the V codes used by any token of any scale); ``perplexity`` (exp of the entropy of
+    the code histogram); ``per_scale_usage`` (codes used / codes that scale could use); ``counts`` (``(K, V)`` hits,
     for the heatmap); ``num_images``.
     """
 
