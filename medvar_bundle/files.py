@@ -52,7 +52,8 @@ def temp_prefix(path: Path) -> str:
     return f".{path.name}.{os.getpid()}@{socket.gethostname()}."
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host is running (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -79,7 +80,7 @@ def remove_stale_temp_files(folder: str | os.PathLike, owned: Callable[[str], bo
         name = TEMP_NAME.match(tmp.name)
         if name is None:
             continue
-        gone = name["host"] == host and not _process_alive(int(name["pid"]))
+        gone = name["host"] == host and not process_alive(int(name["pid"]))
         if gone or (owned is not None and owned(name["target"])):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)

@@ -15,8 +15,8 @@ dataset; --out also writes the figures as JSON.
 
     python scripts/structure_ranking.py --store runs/demo/store \\
         --tokenizer runs/demo/tokenizer/tokenizer.pt --samples runs/demo/samples
-    python scripts/structure_ranking.py --store runs/demo/store --damage-samples \
-        --samples MedVAR=runs/demo/compare/samples/30min/medvar-first \
+    python scripts/structure_ranking.py --store runs/demo/store --damage-samples \\
+        --samples MedVAR=runs/demo/compare/samples/30min/medvar-first \\
         --samples DDPM-100=runs/demo/compare/samples/30min/ddpm-100
 """
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -49,6 +50,29 @@ MILD_DAMAGES = ("blur", "noise")
 """The damages --damage-samples applies to sample sets, each at its mildest severity."""
 
 
+def sample_folders(specs: list[str]) -> dict[str, Path]:
+    """``--samples`` values ``[LABEL=]FOLDER`` → ``{"LABEL samples": FOLDER}``. A label holds no
+    path separator (``runs/lr=1e-3/x`` is a folder); without one, the first folder is "MedVAR"
+    and the others take their folder's name.
+
+    Raises:
+        FileNotFoundError: a folder that does not exist.
+        ValueError: two folders under one label.
+    """
+    folders: dict[str, Path] = {}
+    for spec in specs:
+        label, sign, folder = spec.partition("=")
+        if not sign or os.sep in label:
+            label, folder = "", spec
+        label = f"{label or ('MedVAR' if not folders else Path(folder).name)} samples"
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"--samples {spec}: no such folder")
+        if label in folders:
+            raise ValueError(f"--samples {spec}: the label {label!r} is taken; give LABEL=FOLDER")
+        folders[label] = Path(folder)
+    return folders
+
+
 def _cell(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
@@ -69,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", help="tokenizer.pt: also score its reconstructions of the held-out slices")
     parser.add_argument(
         "--samples", action="append", default=[], metavar="[LABEL=]FOLDER",
-        help="a `medvar generate` folder: also score its NAME.nii.gz stacks, as LABEL (default: the folder's name); "
-        "repeat for more folders",
+        help="a `medvar generate` folder: also score its NAME.nii.gz stacks, as 'LABEL samples' (LABEL: by default "
+        "MedVAR for the first folder, else the folder's name); repeat for more folders",
     )  # fmt: skip
     parser.add_argument(
         "--damage-samples", action="store_true",
@@ -80,11 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="seed of the noise and the shuffles")
     parser.add_argument("--out", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    folders = {}
-    for spec in args.samples:
-        label, _, folder = spec.rpartition("=")
-        folders[f"{label or Path(folder).name} samples"] = Path(folder)
     try:
+        folders = sample_folders(args.samples)
         net = load_structure_net(None, args.store)
         registry = SliceStore(args.store).datasets
         tokenizer = load_tokenizer(args.tokenizer, "cpu") if args.tokenizer else None

@@ -121,5 +121,6 @@ def test_extending_a_finished_run_warns_of_the_learning_rate_jump(tmp_path, capl
     assert "learning-rate schedule" not in caplog.text
     with caplog.at_level(logging.WARNING, logger="medvar_bundle.engines.handlers"):
         run(tmp_path, max_steps=2 * MAX_STEPS)
-    floor, middle = 0.1 * warmup_cosine(MAX_STEPS, 0, MAX_STEPS, 0.05), 0.1 * warmup_cosine(MAX_STEPS, 0, 16, 0.05)
-    assert f"rate goes from {floor:.3g} to {middle:.3g}" in caplog.text
+    floor = 0.1 * warmup_cosine(MAX_STEPS, 0, MAX_STEPS, 0.05)  # where the finished run left the rate
+    middle = 0.1 * warmup_cosine(MAX_STEPS, 0, 2 * MAX_STEPS, 0.05)
+    assert f"rate goes from {floor:.3g} to the new schedule's {middle:.3g}" in caplog.text

@@ -15,6 +15,9 @@ from conftest import real_demo_data
 from medvar_bundle.data.sources import load_datalist
 
 APP = Path(__file__).resolve().parents[1] / "apps" / "medvar_label"
+DEVICE = "cuda"
+"""What MONAI Label's clients send as the device when none is chosen, with a GPU or not (its
+``name_to_device`` maps it to the CPU on a machine without one)."""
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +48,6 @@ def test_app_lists_the_inpainting_task(server):
     info = client.get("/info/").json()
     task = info["models"]["medvar_inpaint"]
     assert task["type"] == "others" and task["dimension"] == 3 and task["config"]["dataset"] == "brain_mr"
-
-
-DEVICE = "cuda"
-"""What MONAI Label's clients send as the device when none is chosen, with a GPU or not."""
 
 
 def test_infer_request_returns_the_inpainted_volume(server):

