@@ -136,15 +136,14 @@ def main(argv: list[str] | None = None) -> int:
             for severity in severities
         ]
         for label, folder in folders.items():
-            if (folder / f"{name}.nii.gz").is_file():
-                samples = read_generated(folder / f"{name}.nii.gz", registry[name])
-                sets.append((label, samples))
-                if args.damage_samples:
-                    sets += [
-                        (f"{label}, {kind} {severities[0]:g}", damage(samples, severities[0], seed=args.seed))
-                        for kind, (damage, severities) in DAMAGES.items()
-                        if kind in MILD_DAMAGES
-                    ]
+            stack = folder / f"{name}.nii.gz"
+            if not stack.is_file():
+                continue
+            samples = read_generated(stack, registry[name])
+            sets.append((label, samples))
+            for kind in MILD_DAMAGES if args.damage_samples else ():
+                damage, severities = DAMAGES[kind]
+                sets.append((f"{label}, {kind} {severities[0]:g}", damage(samples, severities[0], seed=args.seed)))
         sets += [(f"{other} posing as {name}", heldout[other]) for other in names if other != name]
         rows = {}
         for label, slices in sets:
