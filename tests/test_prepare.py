@@ -287,6 +287,23 @@ def test_items_without_optional_keys(tmp_path):
     assert len(SliceStore(tmp_path / "s")) == 10
 
 
+def test_registry_geometry_is_a_field_of_view_the_volumes_have(tmp_path):
+    """Volumes of one dataset at 0.7 mm × 40 and 1.2 mm × 24 voxels in-plane cover 28 and 28.8 mm:
+    the registry's spacing × matrix must be near those (medians of spacing and matrix taken
+    separately give 0.95 mm × 32 = 30.4 mm, wider than either volume)."""
+    items = []
+    for name, spacing, n in (("fine", 0.7, 40), ("coarse", 1.2, 24)):
+        vol = ct_phantom(shape=(n, n, 10), z_range=(0, 10))
+        image = save_nifti(tmp_path / f"{name}.nii.gz", vol, (spacing, spacing, 2.0))
+        items.append({"image": image, "dataset": "d", "modality": "CT"})
+    registry = prepare_store(items, tmp_path / "s", size=SIZE, progress=False).registry
+    entry = registry["d"]
+    assert entry["spacing"] == pytest.approx([0.95, 0.95, 2.0])
+    fov = np.asarray(entry["spacing"][:2]) * np.asarray(entry["matrix"][:2])
+    assert fov == pytest.approx([28.4, 28.4], abs=entry["spacing"][0] / 2)  # the median of 28 and 28.8 mm
+    assert entry["matrix"] == [30, 30, 10]
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. DataLoader workers and DistributedSampler
 # ----------------------------------------------------------------------------------------------

@@ -162,6 +162,23 @@ def median_list(values: Sequence[Sequence[float]]) -> list[float]:
     return [float(x) for x in np.median(np.asarray(values, dtype=np.float64), axis=0)] if values else []
 
 
+def median_geometry(volumes: Sequence[dict]) -> tuple[list[float], list[int]] | None:
+    """A dataset's typical ``spacing`` (mm) and ``matrix`` (voxels) from its volumes' records.
+
+    ``spacing`` is the median of each axis. In-plane, ``matrix`` is the median field of view
+    (each volume's own ``spacing × matrix``, mm) over that spacing, so ``spacing × matrix`` is a
+    field of view the volumes have: the medians of spacing and matrix taken separately can give
+    one none has (a 0.7 mm × 512 and a 1.2 mm × 300 volume, fields of 358 and 360 mm, would give
+    0.95 mm × 406 = 386 mm). The slice count is the median of ``matrix[2]``. None without volumes.
+    """
+    if not volumes:
+        return None
+    spacing = median_list([v["spacing"] for v in volumes])
+    fov = median_list([[s * n for s, n in zip(v["spacing"][:2], v["matrix"][:2])] for v in volumes])
+    slices = median_list([v["matrix"][2:3] for v in volumes])
+    return spacing, [max(1, round(f / s)) for f, s in zip(fov, spacing[:2])] + [int(round(n)) for n in slices]
+
+
 def build_registry(root: str | os.PathLike, declared: dict[str, dict] | None = None) -> dict:
     """Rebuild ``datasets.json`` content from the committed shards.
 
@@ -187,15 +204,15 @@ def build_registry(root: str | os.PathLike, declared: dict[str, dict] | None = N
         info = {**old.get(name, {}), **declared.get(name, {}), **(vols[name][0] if name in vols else {})}
         modality = info.get("modality")
         window = info.get("ct_window")
+        geometry = median_geometry(used)
         registry[name] = {
             "id": ds_id,
             "modality": modality,
             "anatomy": info.get("anatomy") or "",
             "num_slices": int(sum(v["num_slices"] for v in used)),
             "num_volumes": len(used),
-            "spacing": median_list([v["spacing"] for v in used]) or old.get(name, {}).get("spacing"),
-            "matrix": [int(round(x)) for x in median_list([v["matrix"] for v in used])]
-            or old.get(name, {}).get("matrix"),
+            "spacing": geometry[0] if geometry else old.get(name, {}).get("spacing"),
+            "matrix": geometry[1] if geometry else old.get(name, {}).get("matrix"),
             "ct_window": [float(x) for x in window] if modality == "CT" and window else None,
         }
     return registry
