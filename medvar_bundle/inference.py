@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from medvar_bundle.bundle_config import device_expression, run_config
 from medvar_bundle.io import (
     SUMMARY_FILE,
+    check_entry,
     check_writable,
     save_progression,
     save_sample_grid,
@@ -54,7 +55,8 @@ class GenerationRequests(Dataset):
     same seed gives the same slices whatever else is generated and whatever the batch size.
 
     Raises:
-        ValueError: no dataset, ``num_samples`` or ``batch_size`` < 1, or a name the model does not know.
+        ValueError: no dataset, ``num_samples`` or ``batch_size`` < 1, a name the model does not know,
+            or a dataset whose registry entry cannot be written (:func:`~medvar_bundle.io.check_entry`).
     """
 
     def __init__(
@@ -71,6 +73,8 @@ class GenerationRequests(Dataset):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         ids = {name: model.dataset_id(name) for name in names}
+        for name in names:
+            check_entry(name, registry[name])
         self.names, self.num_samples = list(names), num_samples
         self.items = [
             {"dataset": name, "dataset_id": ids[name], "first": first,

@@ -39,6 +39,7 @@ from .files import atomic_write_json, write_nifti  # noqa: E402
 from .visualize import radiological, save_figure, save_grid  # noqa: E402
 
 __all__ = [
+    "check_entry",
     "check_writable",
     "output_geometry",
     "save_progression",
@@ -254,6 +255,21 @@ def write_slice_stack(
 # --------------------------------------------------------------------------------------------
 # folders
 # --------------------------------------------------------------------------------------------
+
+
+def check_entry(name: str, entry: dict) -> None:
+    """Check that slices of dataset ``name`` can be written from its registry ``entry`` (modality,
+    CT window, spacing and matrix), before anything is sampled.
+
+    Raises:
+        ValueError: one line naming the dataset and what its entry lacks.
+    """
+    try:
+        if _check_modality(entry) == "CT":
+            _ct_window(entry)
+        output_geometry(entry)
+    except ValueError as exc:
+        raise ValueError(f"dataset {name!r} cannot be written: {exc}") from None
 
 
 def check_writable(folder: str | os.PathLike) -> None:

@@ -8,6 +8,7 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from conftest import REGISTRY
 
 from medvar_bundle.inference import generate
@@ -107,6 +108,20 @@ def test_bad_requests_fail_before_any_output(model_path, tmp_path, kwargs, messa
     with pytest.raises(ValueError) as err:
         generate(model_path, **args)
     assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_dataset_without_geometry_fails_before_any_output_naming_it(tmp_path):
+    """A dataset whose volumes all failed in prepare has no spacing or matrix: it was found after the
+    other datasets' slices had been written, by a message that did not name it."""
+    torch.manual_seed(0)
+    tokenizer = MultiScaleVQVAE.from_preset("tiny", image_size=64)
+    transformer = NextScaleTransformer(num_datasets=2, depth=1, patch_nums=tokenizer.patch_nums)
+    registry = {**REGISTRY, "abdomen_ct": {**REGISTRY["abdomen_ct"], "spacing": None, "matrix": None}}
+    model = save_model(tmp_path / MODEL_FILE, tokenizer, transformer, registry, step=3)
+    with pytest.raises(ValueError) as err:
+        generate(model, ["brain_mr", "abdomen_ct"], num=1, out_dir=tmp_path / "out", progress=False)
+    assert str(err.value).startswith("dataset 'abdomen_ct' cannot be written: ") and "spacing" in str(err.value)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
