@@ -247,9 +247,11 @@ class VolumeInpainter:
         redone = MetaTensor(torch.from_numpy(result)[None], meta=ras.meta, applied_operations=ras.applied_operations)
         back = self.orientation.inverse({"image": redone})["image"]
         name = _stem(image)
-        volume_path = self._save_volume(image, img, back.as_tensor()[0].numpy(), out / f"{name}_inpainted.nii.gz")
+        volume_path, written = self._save_volume(
+            image, img, back.as_tensor()[0].numpy(), out / f"{name}_inpainted.nii.gz"
+        )
         figure = self._save_figure(name, before, result, ras_region, zs, (lo, hi), out / f"{name}_inpainted.png")
-        changed = int(np.count_nonzero(result != before))
+        changed = int(np.count_nonzero(written != img.as_tensor()[0].numpy()))  # as written: a change may round away
         summary = {
             "image": image, "mask": mask, "model": self.model_file, "dataset": self.dataset,
             "edit_dataset": self.edit_dataset, "outpaint": self.outpaint, "feather": self.feather, "seed": self.seed,
@@ -282,24 +284,31 @@ class VolumeInpainter:
             out[..., first : first + len(batch)] = resized.permute(1, 2, 0).double().numpy()
         return out
 
-    def _save_volume(self, image: str, img: MetaTensor, volume: np.ndarray, path: Path) -> Path:
+    def _save_volume(self, image: str, img: MetaTensor, volume: np.ndarray, path: Path) -> tuple[Path, np.ndarray]:
         """The result ``(X, Y, Z)`` in the input's axes and dtype as NIfTI, with the input's affine (and
         header, for a NIfTI input). A scaled integer NIfTI (e.g. uint16 with ``scl_inter`` −1024)
         is written as its stored integers and scaling: the voxels left alone come back exactly and
-        the re-drawn ones on its grid."""
+        the re-drawn ones on its grid. Another input (DICOM series, NRRD) gets qform and sform code 1
+        (scanner) and millimetres as its unit. Returns the file and the values a reader gets from it."""
         header, slope, inter = None, 1.0, 0.0
         if image.endswith((".nii", ".nii.gz")):
             source = nib.load(image)
             header, slope, inter = source.header.copy(), float(source.dataobj.slope), float(source.dataobj.inter)
         disk = None if header is None else header.get_data_dtype()
         if disk is not None and (slope, inter) != (1.0, 0.0) and np.issubdtype(disk, np.integer):
-            nii = nib.Nifti1Image(_cast_like((volume - inter) / slope, disk), img.affine.numpy(), header=header)
+            stored = _cast_like((volume - inter) / slope, disk)
+            nii = nib.Nifti1Image(stored, img.affine.numpy(), header=header)
             nii.header.set_slope_inter(slope, inter)
+            volume = stored * slope + inter
         else:
             nii = nib.Nifti1Image(volume, img.affine.numpy(), header=header)
             nii.header.set_data_dtype(volume.dtype)
+        if header is None:  # a DICOM series or NRRD: the affine is in scanner millimetres, say so in both forms
+            nii.set_qform(img.affine.numpy(), code=1)
+            nii.set_sform(img.affine.numpy(), code=1)
+            nii.header.set_xyzt_units("mm")
         nii.header["descrip"] = f"MedVAR {'out' if self.outpaint else 'in'}-painted {self.edit_dataset}".encode()[:79]
-        return write_nifti(nii, path)
+        return write_nifti(nii, path), volume
 
     def _save_figure(self, name, before, result, region, zs, window, path: Path) -> Path:
         """Before | region | after for up to four of the re-drawn axial slices (RAS volumes, ``window`` = (lo, hi))."""

@@ -82,6 +82,34 @@ def test_a_scaled_integer_ct_keeps_its_dtype_scaling_and_every_voxel_outside(mod
     assert np.array_equal(after[~region], before[~region])
     assert np.count_nonzero(after[region] != before[region]) > 0.5 * region.sum()
     assert np.array_equal(after, np.rint(after)) and after[region].min() >= -160 and after[region].max() <= 240
+    # the summary counts the voxels that differ in the file, not re-drawn values the uint16 grid rounds back
+    summary = json.loads((tmp_path / "out" / "inpaint.json").read_text())
+    assert summary["changed_voxels"] == np.count_nonzero(after != before)
+
+
+def test_an_nrrd_input_comes_back_as_nifti_in_scanner_millimetres(model_path, tmp_path):
+    """A volume without a NIfTI header (NRRD here, a DICOM series alike) was written with qform code 0
+    and no spatial unit: the result must say millimetres and scanner space, on the input's grid."""
+    import nrrd  # pynrrd, installed with the test extras (monailabel needs it)
+
+    rng = np.random.default_rng(0)
+    header = {"space": "left-posterior-superior", "space directions": np.diag([0.8, 0.9, 2.5]),
+              "space origin": np.array([10.0, 20.0, 30.0])}  # fmt: skip
+    image, mask = tmp_path / "ct.nrrd", tmp_path / "mask.nrrd"
+    nrrd.write(str(image), ct_phantom(rng), header)
+    region = np.zeros(SHAPE, np.uint8)
+    region[12:26, 10:22, 3:5] = 1
+    nrrd.write(str(mask), region, header)
+    assert run_inpaint(model_path, image, mask, tmp_path / "out") == 0
+    out = nib.load(tmp_path / "out" / "ct_inpainted.nii.gz")
+    assert out.shape == SHAPE and int(out.header["qform_code"]) == 1 and int(out.header["sform_code"]) == 1
+    assert out.header.get_xyzt_units()[0] == "mm"
+    ras = np.diag([-0.8, -0.9, 2.5, 1.0])  # LPS directions and origin in RAS
+    ras[:3, 3] = [-10.0, -20.0, 30.0]
+    np.testing.assert_allclose(out.get_qform(), ras, atol=1e-5)
+    np.testing.assert_allclose(out.get_sform(), ras, atol=1e-5)
+    before = ct_phantom(np.random.default_rng(0))
+    assert np.array_equal(out.get_fdata()[region == 0], before[region == 0])
 
 
 def test_same_seed_same_volume_other_seed_other_volume(model_path, ct_case, tmp_path):
