@@ -28,6 +28,7 @@ from medvar_bundle.io import (
     SUMMARY_FILE,
     check_entry,
     check_writable,
+    output_geometry,
     save_progression,
     save_sample_grid,
     write_slice_stack,
@@ -197,16 +198,21 @@ class GeneratedStacks:
             for key in ("cfg", "temperature", "final_temperature")
             if self.summary.get(key) is not None
         )
+        spacing, _ = output_geometry(self.registry[name], stack.shape[-1])
         files = {
             "nifti": str(write_slice_stack(stack, self.registry[name], self.out / f"{name}.nii.gz",
                                            self.resample_original)),
             "grid": str(save_sample_grid(stack[:64], self.out / f"{name}.png",
-                                         title=f"{name}: MedVAR samples ({options}, seed {seed})")),
+                                         title=f"{name}: MedVAR samples ({options}, seed {seed})", spacing=spacing)),
         }  # fmt: skip
         if self.stages:
             files["progression"] = str(
                 save_progression(
-                    self.stages, self.out / f"{name}_progression.png", self.patch_nums, title=f"{name}: coarse to fine"
+                    self.stages,
+                    self.out / f"{name}_progression.png",
+                    self.patch_nums,
+                    title=f"{name}: coarse to fine",
+                    spacing=spacing,
                 )
             )
         n = len(stack)

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from .data.transforms import DEFAULT_CT_WINDOW, NormalizeByModalityd, QuantizeUint8d, resize_in_plane  # noqa: E402
 from .files import atomic_write_json, write_nifti  # noqa: E402
-from .visualize import radiological, save_figure, save_grid  # noqa: E402
+from .visualize import pixel_aspect, radiological, save_figure, save_grid, suptitle  # noqa: E402
 
 __all__ = [
     "check_entry",
@@ -294,15 +294,22 @@ def check_writable(folder: str | os.PathLike) -> None:
 
 
 def save_sample_grid(
-    images_u8: np.ndarray, path: str | os.PathLike, title: str | None = None, nrow: int | None = None
+    images_u8: np.ndarray,
+    path: str | os.PathLike,
+    title: str | None = None,
+    nrow: int | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> Path:
     """Save generated slices as a PNG grid, in radiological display (anterior up, right on the left).
 
     Args:
         images_u8: uint8 ``(N, S, S)`` slices, array axes ``(x, y)`` in RAS.
         path: the PNG file.
-        title: optional figure title.
+        title: optional figure title (wrapped to the figure's width).
         nrow: images per grid row (as in ``torchvision.utils.make_grid``); default ``ceil(sqrt(N))``.
+        spacing: the slices' spacing ``(x, y, ...)`` in mm (:func:`output_geometry`), so they are
+            drawn in their true proportions (a 500 × 203 mm lower-leg field is wide, not square);
+            None draws square pixels.
 
     Returns:
         The written path. The figure is ``1.6 × columns`` by ``1.7 × rows`` inches at 100 dpi
@@ -313,7 +320,7 @@ def save_sample_grid(
     if per_row < 1:
         raise ValueError(f"nrow must be >= 1, got {nrow}")
     rows = [list(images[i : i + per_row]) for i in range(0, len(images), per_row)]
-    return save_grid(rows, path, title=title)
+    return save_grid(rows, path, title=title, aspect=pixel_aspect(spacing))
 
 
 def save_progression(
@@ -321,6 +328,7 @@ def save_progression(
     path: str | os.PathLike,
     patch_nums: Sequence[int] | None = None,
     title: str | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> Path:
     """Save the coarse-to-fine progression of generated samples as a PNG.
 
@@ -332,7 +340,9 @@ def save_progression(
         path: the PNG file.
         patch_nums: the K token-grid sides; column titles then read ``"scale k (n×n)"``, otherwise
             ``"scale k"`` (k counts from 1).
-        title: optional figure title.
+        title: optional figure title (wrapped to the figure's width).
+        spacing: the finest stage's spacing ``(x, y, ...)`` in mm, for true proportions (as in
+            :func:`save_sample_grid`).
 
     Returns:
         The written path; the figure is ``1.6 × K`` by ``1.7 × N`` inches at 100 dpi.
@@ -346,17 +356,16 @@ def save_progression(
             raise ValueError(f"stage {k}: expected uint8 (N, h, w) with N = {n}, got {s.dtype} {s.shape}")
     if patch_nums is not None and len(patch_nums) != len(stages):
         raise ValueError(f"{len(patch_nums)} patch_nums for {len(stages)} stages")
-    k_scales = len(stages)
+    k_scales, aspect = len(stages), pixel_aspect(spacing)
     fig, axes = plt.subplots(n, k_scales, figsize=(1.6 * k_scales, 1.7 * n), squeeze=False)
     for k, stage in enumerate(stages):
         for i in range(n):
             ax = axes[i, k]
             ax.axis("off")
-            ax.imshow(radiological(stage[i]), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            ax.imshow(radiological(stage[i]), cmap="gray", vmin=0, vmax=255, interpolation="nearest", aspect=aspect)
         name = f"scale {k + 1}" if patch_nums is None else f"scale {k + 1} ({patch_nums[k]}×{patch_nums[k]})"
         axes[0, k].set_title(name, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
+    suptitle(fig, title, 1.6 * k_scales)
     return save_figure(fig, path)
 
 

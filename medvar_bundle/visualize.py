@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,13 +36,28 @@ def save_figure(fig, out: str | os.PathLike, dpi: int = 100) -> Path:
     return out
 
 
+def pixel_aspect(spacing: Sequence[float] | None) -> float:
+    """Height over width of a pixel of :func:`radiological` display, from the slice's in-plane
+    spacing ``(x, y, ...)`` in mm (rows run along y, columns along x); 1 without a spacing."""
+    return 1.0 if spacing is None else float(spacing[1]) / float(spacing[0])
+
+
+def suptitle(fig, title: str | None, width_in: float) -> None:
+    """A figure title wrapped to the figure's width (about 12 characters an inch at 10 pt), so a
+    narrow grid does not cut it off."""
+    if title:
+        fig.suptitle(textwrap.fill(title, max(16, int(12 * width_in))), fontsize=10)
+
+
 def save_grid(
     rows: Sequence[Sequence[np.ndarray]],
     out: str | os.PathLike,
     row_titles: Sequence[str] | None = None,
     title: str | None = None,
+    aspect: float = 1.0,
 ) -> Path:
-    """Save a grid of uint8 ``(H, W)`` slices (RAS axes) as a PNG, one row per group."""
+    """Save a grid of uint8 ``(H, W)`` slices (RAS axes) as a PNG, one row per group; ``aspect`` is
+    :func:`pixel_aspect` of the slices (1: square pixels)."""
     ncols = max((len(r) for r in rows), default=1)
     fig, axes = plt.subplots(len(rows), ncols, figsize=(1.6 * ncols, 1.7 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
@@ -49,11 +65,10 @@ def save_grid(
             ax = axes[r, c]
             ax.axis("off")
             if c < len(row):
-                ax.imshow(radiological(row[c]), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+                ax.imshow(radiological(row[c]), cmap="gray", vmin=0, vmax=255, interpolation="nearest", aspect=aspect)
         if row_titles:
             axes[r, 0].set_title(row_titles[r], fontsize=8, loc="left")
-    if title:
-        fig.suptitle(title, fontsize=10)
+    suptitle(fig, title, 1.6 * ncols)
     return save_figure(fig, out)
 
 

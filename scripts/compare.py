@@ -60,7 +60,14 @@ import torch
 from medvar_bundle.bundle_config import config_component, run_config
 from medvar_bundle.files import atomic_write_bytes, atomic_write_json
 from medvar_bundle.inference import generate
-from medvar_bundle.io import SUMMARY_FILE, read_summary, save_sample_grid, write_slice_stack, write_summary
+from medvar_bundle.io import (
+    SUMMARY_FILE,
+    output_geometry,
+    read_summary,
+    save_sample_grid,
+    write_slice_stack,
+    write_summary,
+)
 from medvar_bundle.model_file import BASELINE_FILE, MODEL_FILE, load_baseline
 from medvar_bundle.sampling.ddpm import sample
 
@@ -223,8 +230,9 @@ def sample_ddpm(baseline_file: Path, steps: int, num: int, folder: Path, args: a
         title = f"{name}: DDPM samples ({steps} {args.ddpm_sampler} steps, cfg {args.ddpm_cfg}, seed {args.seed})"
         files = {
             "nifti": str(write_slice_stack(stack, baseline.datasets[name], folder / f"{name}.nii.gz")),
-            "grid": str(save_sample_grid(stack[:64], folder / f"{name}.png", title=title)),
-        }
+            "grid": str(save_sample_grid(stack[:64], folder / f"{name}.png", title=title,
+                                         spacing=output_geometry(baseline.datasets[name], stack.shape[-1])[0])),
+        }  # fmt: skip
         summary["datasets"][name] = {"id": baseline.datasets[name]["id"], "seconds": seconds / len(names),
                                      "seconds_per_image": seconds / len(ids), "files": files}  # fmt: skip
     write_summary(folder, summary)

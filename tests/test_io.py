@@ -266,6 +266,33 @@ def test_save_sample_grid_layout_and_radiological_display(tmp_path, captured_fig
     assert png_size(save_sample_grid(images[:5], tmp_path / "grid5.png")) == (480, 340)
 
 
+def test_sample_grids_show_true_proportions_and_their_whole_title(tmp_path, monkeypatch):
+    """A lower-leg field of 500 × 203 mm on a square 256² grid was drawn square (2.46 times too
+    tall), and a title wider than a grid of one to three columns was cut off at both sides."""
+    shown = []
+    original = visualize.save_figure
+
+    def spy(fig, out, dpi=100):
+        fig.canvas.draw()
+        title = fig._suptitle
+        shown.append(([ax.get_aspect() for ax in fig.axes if ax.images], title.get_window_extent(), fig.bbox))
+        return original(fig, out, dpi)
+
+    monkeypatch.setattr("medvar_bundle.io.save_figure", spy)
+    monkeypatch.setattr(visualize, "save_figure", spy)
+    images = np.zeros((2, 16, 16), np.uint8)
+    spacing = (500 / 16, 203 / 16, 2.0)  # x, y in mm
+    title = "leg_mr: MedVAR samples (cfg 1, temperature 0.6, final temperature 0.2, seed 0)"
+    save_sample_grid(images, tmp_path / "grid.png", title=title, spacing=spacing)
+    save_progression([images[:, :4, :4], images], tmp_path / "progression.png", title=title, spacing=spacing)
+    save_sample_grid(images, tmp_path / "square.png", title="t")
+    for aspects, title_box, figure_box in shown[:2]:
+        assert aspects == pytest.approx([203 / 500] * len(aspects))  # display rows run along y
+        assert figure_box.x0 <= title_box.x0 and title_box.x1 <= figure_box.x1
+        assert figure_box.y0 <= title_box.y0 and title_box.y1 <= figure_box.y1
+    assert shown[2][0] == [1.0, 1.0]
+
+
 def test_save_progression_one_row_per_sample_one_column_per_scale(tmp_path, captured_figures):
     rng = np.random.default_rng(3)
     patch_nums = (1, 2, 4, 16)
