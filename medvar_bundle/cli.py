@@ -43,6 +43,8 @@ def _prepare(args: argparse.Namespace) -> int:
         raise UserError(f"--size must be at least 16, got {args.size}")
     if args.workers is not None and args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
+    if args.val_fraction is not None and not 0 <= args.val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     rank = int(os.environ.get("RANK", 0)) if args.rank is None else args.rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if args.world_size is None else args.world_size
     if world_size < 1 or not 0 <= rank < world_size:
@@ -78,10 +80,12 @@ def _demo_data(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .data.store import read_shard_manifests, verify_store
+    from .data.store import check_store, read_shard_manifests, verify_store
 
-    if not (Path(args.store) / "datasets.json").is_file():
-        raise UserError(f"{args.store}: not a slice store (no datasets.json)")
+    try:
+        check_store(args.store)
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
     bad = verify_store(args.store, checksum=not args.size_only)
     for problem in bad:
         print(f"medvar verify: bad shard {problem['shard']}: {problem['problem']}", file=sys.stderr)
@@ -116,6 +120,31 @@ def _preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_output(args: argparse.Namespace) -> None:
+    """Before any work, and without creating anything: the command's output folder (``--out`` of a
+    run) is, or can be made, a writable folder; its output file (``--out`` of ``train-structure``)
+    is not a folder, and its folder can be made.
+
+    Raises:
+        PermissionError: one line naming the output and the file or read-only folder in its way.
+        ValueError: the output file is a folder.
+    """
+    folders = [Path(args.output_dir)] if getattr(args, "output_dir", None) else []
+    if getattr(args, "output_file", None):
+        out = Path(args.output_file)
+        if out.is_dir():
+            raise ValueError(f"--out {out} is a folder; give the network file's path, e.g. {out / 'structure.pt'}")
+        folders.append(out.parent)
+    for folder in folders:
+        existing = folder.absolute()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise PermissionError(f"output folder {folder} is not writable: {existing} is a file")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(f"output folder {folder} is not writable: {existing} is read-only")
+
+
 def _run_bundle(
     args: argparse.Namespace, workflow_type: str | None = "train", distributed: bool = False, base: str | None = None
 ) -> list:
@@ -134,6 +163,7 @@ def _run_bundle(
         if getattr(args, "device", None) == "cuda":
             overrides["device"] = device_expression(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
     try:
+        check_output(args)
         tracking = getattr(args, "tracking", None)
         if base is not None:
             return run_config(base, workflow_type, overrides, [args.config, *overlays], tracking=tracking)
@@ -819,13 +849,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .data.store import CorruptShardError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     logging.getLogger("medvar_bundle").setLevel(args.log_level)
     try:
         return int(args.func(args) or 0)
-    except UserError as exc:
+    except (UserError, CorruptShardError) as exc:  # a damaged store found wherever it is read: one line
         print(f"medvar {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

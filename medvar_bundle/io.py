@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from .data.transforms import DEFAULT_CT_WINDOW, NormalizeByModalityd, QuantizeUint8d, resize_in_plane  # noqa: E402
-from .files import atomic_write_json, write_nifti  # noqa: E402
+from .files import atomic_write_json, one_line, write_nifti  # noqa: E402
 from .visualize import pixel_aspect, radiological, save_figure, save_grid, suptitle  # noqa: E402
 
 __all__ = [
@@ -405,7 +405,10 @@ def read_generated(path: str | os.PathLike, entry: dict) -> np.ndarray:
         path: the NIfTI stack ``(S, S, N)``.
         entry: the dataset's ``datasets.json`` entry (``modality``, ``ct_window``).
     """
-    data = np.asarray(nib.load(path).dataobj)
+    try:
+        data = np.asarray(nib.load(path).dataobj)
+    except Exception as exc:  # not NIfTI, truncated, not gzip: one line naming the file
+        raise ValueError(f"{path}: not a readable NIfTI stack ({type(exc).__name__}: {one_line(exc, 200)})") from None
     if data.ndim != 3:
         raise ValueError(f"{path}: expected a stack (S, S, N) of generated slices, got shape {data.shape}")
     slices = np.ascontiguousarray(np.moveaxis(data, -1, 0))

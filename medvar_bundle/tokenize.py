@@ -6,7 +6,6 @@ reads the tokens back.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data.store import SHARD_DIR, read_shard_manifests
+from .data.store import SHARD_DIR, check_store, read_shard_manifests, read_store_json
 from .data.tokens import TOKENS_META, file_digest
 from .files import WriterLock, atomic_save_npy, atomic_write_json, check_file
 from .model_file import load_tokenizer
@@ -37,17 +36,18 @@ def tokenize_store(
     it; a missing, truncated or corrupted token file is encoded again.
 
     Raises:
+        FileNotFoundError: ``store`` is not a slice store.
         ValueError: the store holds tokens of another tokenizer and ``force`` is False.
         FolderLockedError: another ``tokenize`` is writing into this store.
 
     Returns:
         ``tokens.json`` content plus ``shards_written`` and ``shards_skipped``.
     """
-    root = Path(store)
+    root = check_store(store)
     with WriterLock(root, "tokenize"):  # one tokenize per store; readers never wait
         digest = file_digest(tokenizer_path)
         meta_file = root / TOKENS_META
-        old = json.loads(meta_file.read_text()) if meta_file.exists() else {"tokenizer_sha256": digest}
+        old = read_store_json(meta_file) if meta_file.exists() else {"tokenizer_sha256": digest}
         replaced = old["tokenizer_sha256"] != digest
         if replaced and not force:
             raise ValueError(

@@ -94,6 +94,20 @@ def test_weight_free_report_with_the_real_floor(synthetic_store, generated, held
     assert len((tmp_path / "report.csv").read_text().splitlines()) == 1 + 3 * 3 + 3 * 1
 
 
+def test_an_unreadable_stack_is_one_line_naming_it(tmp_path):
+    """A text file or a truncated stack was an ImageFileError or EOFError traceback in `medvar evaluate`."""
+    entry = {"modality": "MR", "spacing": [1.0, 1.0, 1.0], "matrix": [32, 32, 4]}
+    text = tmp_path / "text.nii.gz"
+    text.write_text("not a volume")
+    good = write_slice_stack(np.zeros((2, 32, 32), np.uint8), entry, tmp_path / "good.nii.gz")
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(good.read_bytes()[:60])
+    for path in (text, truncated):
+        with pytest.raises(ValueError) as err:
+            read_generated(path, entry)
+        assert str(err.value).startswith(f"{path}: not a readable NIfTI stack (") and "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("window", [(40.0, 400.0), (40.0, 255.0), (40.0, 80.0), (30.0, 7.0)])
 def test_ct_stacks_read_back_to_every_sampled_level(tmp_path, window):
     """All 256 levels survive the HU file, whatever the window: the demo head CT's 40/80 window

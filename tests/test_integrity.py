@@ -105,3 +105,50 @@ def test_stores_written_before_the_records_still_read(store):
     del manifest["files"]
     path.write_text(json.dumps(manifest))
     assert SliceStore(store)[0]["image"].shape == (64, 64) and verify_store(store) == []
+
+
+@pytest.mark.parametrize("damage", ["shard manifest", "tokens.json", "truncated images"])
+def test_commands_answer_a_damaged_store_with_one_line_naming_the_file(
+    damage, store, tokenized_store, tmp_path, capsys
+):
+    """A shard manifest or tokens.json that is not JSON was a JSONDecodeError traceback in every command
+    that read it; a truncated image shard was a CorruptShardError traceback in `preview`."""
+    import shutil
+
+    store = shutil.copytree(tokenized_store, tmp_path / "damaged")
+    (manifest,) = read_shard_manifests(store)
+    if damage == "shard manifest":
+        bad = store / "shards" / f"{manifest['shard']}.json"
+        bad.write_text("not json")
+        commands = [
+            ["verify", "--store", str(store)],
+            ["preview", "--store", str(store), "--out", str(tmp_path / "p.png")],
+        ]
+    elif damage == "tokens.json":
+        bad = store / "tokens.json"
+        bad.write_text("{")
+        commands = [["verify", "--store", str(store)]]
+    else:
+        bad = store / "shards" / f"{manifest['shard']}.images.npy"
+        bad.write_bytes(bad.read_bytes()[:-1000])
+        commands = [["preview", "--store", str(store), "--out", str(tmp_path / "p.png")]]
+    for argv in commands:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"medvar {argv[0]}: error: {bad}: "), err
+
+
+def test_tokenize_refuses_a_folder_that_is_not_a_store_and_writes_nothing(tmp_path, capsys):
+    """It answered "0 shards written" with exit 0, leaving tokens.json and a lock file in the folder."""
+    from medvar_bundle.model_file import save_tokenizer
+    from medvar_bundle.networks.msvqvae import MultiScaleVQVAE
+
+    tokenizer = save_tokenizer(MultiScaleVQVAE.from_preset("tiny", image_size=64, vocab_size=64), tmp_path / "t.pt", 0)
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "nowhere", tmp_path / "empty"):
+        assert main(["tokenize", "--tokenizer", str(tokenizer), "--store", str(folder)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            f"medvar tokenize: error: {folder}: not a slice store (no datasets.json); run `medvar prepare` first"
+        ]
+    assert not (tmp_path / "nowhere").exists() and not any((tmp_path / "empty").iterdir())

@@ -668,8 +668,15 @@ def test_bad_rank_is_a_usage_error(corpus, tmp_path, capsys):
 def test_bad_size_and_workers_are_usage_errors(corpus, tmp_path, capsys):
     assert run_cli("--datalist", corpus["datalist"], "--out", tmp_path / "s", "--size", 8) == 2
     assert run_cli("--datalist", corpus["datalist"], "--out", tmp_path / "s", "--workers", -1) == 2
+    # a fraction of 1.5 held every volume out, and training found no slice later
+    for fraction in (1.5, -0.5):
+        assert (
+            run_cli("--data-root", tmp_path, "--modality", "CT", "--out", tmp_path / "s", "--val-fraction", fraction)
+            == 2
+        )
     err = capsys.readouterr().err
-    assert "--size" in err and "--workers" in err
+    assert "--size" in err and "--workers" in err and "--val-fraction must be in [0, 1), got 1.5" in err
+    assert "got -0.5" in err and not (tmp_path / "s").exists()
 
 
 def test_empty_annotation_is_skipped_not_failed(tmp_path, capsys):

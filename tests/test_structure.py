@@ -241,6 +241,19 @@ def test_cli_train_structure_help_and_bad_store(tmp_path, capsys):
     assert len(err) == 1 and "not a slice store" in err[0]
 
 
+def test_cli_train_structure_refuses_a_bad_out_before_training(synthetic_store, tmp_path, capsys, monkeypatch):
+    """A folder, or a path under a file, as --out was found only when the trained network was saved."""
+    monkeypatch.setattr("medvar_bundle.cli.run_config", lambda *a, **k: pytest.fail("training ran"))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("not a folder")
+    cases = [(tmp_path / "folder", "is a folder; give the network file's path"),
+             (tmp_path / "file" / "structure.pt", f"{tmp_path / 'file'} is a file")]  # fmt: skip
+    for out, expected in cases:
+        assert main(["train-structure", "--store", str(synthetic_store), "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("medvar train-structure: error: ") and expected in err[0], err
+
+
 def test_ranking_script_skips_a_dataset_without_held_out_slices_and_scores_two_samples(tmp_path, capsys):
     """scripts/structure_ranking.py on a store where one dataset has no held-out volume (a hash split
     of two volumes often gives none), with a sample folder of two slices (as `make compare` draws

@@ -173,10 +173,13 @@ def test_cli_trains(store, tmp_path, capsys):
     assert load_model(out / "model.pt").transformer.config["depth"] == 4  # the tiny preset
 
 
-@pytest.mark.parametrize("case", ["missing store", "no tokens", "other tokenizer", "bad value"])
+@pytest.mark.parametrize("case", ["missing store", "no tokens", "other tokenizer", "bad value", "out under a file"])
 def test_cli_bad_input_is_one_line(case, store, synthetic_store, tmp_path, capsys):
     args = ["train", "--store", str(store), "--out", str(tmp_path / "run"), "--quiet"]
-    if case == "missing store":
+    if case == "out under a file":  # was a NotADirectoryError traceback from TensorBoard's writer
+        (tmp_path / "file").write_text("not a folder")
+        args[4], expected = str(tmp_path / "file" / "run"), f"{tmp_path / 'file'} is a file"
+    elif case == "missing store":
         args[2], expected = str(tmp_path / "nowhere"), "not a slice store"
     elif case == "no tokens":
         args[2], expected = str(synthetic_store), "no tokens; run `medvar tokenize"
@@ -192,3 +195,17 @@ def test_cli_bad_input_is_one_line(case, store, synthetic_store, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("medvar train: error: ") and expected in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_run_of_another_preset_is_one_line(store, tmp_path, capsys):
+    """The checkpoint of a tiny run loaded into a small network was a 97-line state-dict traceback."""
+    out = tmp_path / "run"
+    assert main(["train", "--store", str(store), "--out", str(out), "--max-steps", "1", "--batch-size", "4",
+                 "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+    args = ["train", "--store", str(store), "--out", str(out), "--max-steps", "2", "--batch-size", "4", "--quiet",
+            "--preset", "small"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"medvar train: error: {out / 'checkpoints'}"), err
+    assert "was saved by a run with other settings" in err[0] and "new output folder" in err[0]

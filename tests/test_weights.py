@@ -54,6 +54,15 @@ def test_configured_path_that_does_not_exist(tmp_path):
         resolve_weights("x.pth", "http://invalid", path=tmp_path / "nope.pth")
 
 
+def test_a_file_that_is_not_torch_weights_is_one_line(tmp_path, offline_hub):
+    """A text file as the backbone was a KeyError traceback from torch.load."""
+    path = tmp_path / "notes.pth"
+    path.write_text("not weights")
+    with pytest.raises(ValueError, match=r"notes.pth: not a readable torchvision alex weights file \(") as err:
+        load_lpips("alex", backbone_path=path)
+    assert "\n" not in str(err.value)
+
+
 def test_wrong_state_dict_is_refused(tmp_path, offline_hub):
     path = tmp_path / "wrong.pth"
     torch.save({"foo": torch.zeros(1)}, path)

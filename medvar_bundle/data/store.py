@@ -40,6 +40,30 @@ class CorruptShardError(ValueError):
     """A shard file does not match the size or sha256 its manifest records."""
 
 
+def read_store_json(path: str | os.PathLike) -> dict:
+    """A store's JSON file (``datasets.json``, a shard manifest, ``tokens.json``).
+
+    Raises:
+        CorruptShardError: one line naming the file, when it is not valid JSON.
+    """
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptShardError(f"{path}: not a readable JSON file ({exc})") from None
+
+
+def check_store(root: str | os.PathLike) -> Path:
+    """``root`` as a path, once it is known to hold a slice store.
+
+    Raises:
+        FileNotFoundError: one line, when ``root`` has no ``datasets.json``.
+    """
+    root = Path(root)
+    if not (root / "datasets.json").is_file():
+        raise FileNotFoundError(f"{root}: not a slice store (no datasets.json); run `medvar prepare` first")
+    return root
+
+
 def volume_key(image: str, label: str | None = None) -> str:
     """Identity of an input volume in the store (its image and label paths)."""
     return f"{image}|{label or ''}"
@@ -116,7 +140,7 @@ class ShardWriter:
 
 def read_shard_manifests(root: str | os.PathLike) -> list[dict]:
     """All committed shard manifests of a store, in name order."""
-    return [json.loads(p.read_text()) for p in sorted((Path(root) / SHARD_DIR).glob("*.json"))]
+    return [read_store_json(p) for p in sorted((Path(root) / SHARD_DIR).glob("*.json"))]
 
 
 def verify_store(root: str | os.PathLike, checksum: bool = True) -> list[dict]:
@@ -130,7 +154,7 @@ def verify_store(root: str | os.PathLike, checksum: bool = True) -> list[dict]:
     root = Path(root)
     token_records = {}
     if (root / "tokens.json").is_file():
-        token_records = json.loads((root / "tokens.json").read_text()).get("shards", {})
+        token_records = read_store_json(root / "tokens.json").get("shards", {})
     bad = []
     for m in read_shard_manifests(root):
         records = dict(m.get("files", {}))
@@ -188,7 +212,7 @@ def build_registry(root: str | os.PathLike, declared: dict[str, dict] | None = N
     """
     root = Path(root)
     declared = declared or {}
-    old = json.loads((root / "datasets.json").read_text()) if (root / "datasets.json").exists() else {}
+    old = read_store_json(root / "datasets.json") if (root / "datasets.json").exists() else {}
     vols: dict[str, list[dict]] = {}
     for m in read_shard_manifests(root):
         for v in m["volumes"]:
@@ -306,9 +330,7 @@ class SliceStore(Dataset):
         self.roots = [Path(roots)] if isinstance(roots, (str, os.PathLike)) else [Path(r) for r in roots]
         registries = []
         for root in self.roots:
-            if not (root / "datasets.json").exists():
-                raise FileNotFoundError(f"{root}: not a slice store (no datasets.json); run `medvar prepare` first")
-            registries.append(json.loads((root / "datasets.json").read_text()))
+            registries.append(read_store_json(check_store(root) / "datasets.json"))
         if len(registries) == 1:
             self.datasets = registries[0]
         else:

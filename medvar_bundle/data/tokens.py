@@ -10,14 +10,13 @@ store is never read with tokens from another tokenizer, and each token file's si
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..files import file_digest
-from .store import SliceStore
+from .store import SliceStore, read_store_json
 
 __all__ = ["TOKENS_META", "TokenStore", "file_digest"]
 
@@ -35,7 +34,7 @@ class TokenStore(SliceStore):
             meta_file = root / TOKENS_META
             if not meta_file.exists():
                 raise FileNotFoundError(f"{root}: no tokens; run `medvar tokenize --store {root}` first")
-            metas.append(json.loads(meta_file.read_text()))
+            metas.append(read_store_json(meta_file))
         digests = {m["tokenizer_sha256"] for m in metas}
         if len(digests) > 1:
             raise ValueError(f"stores {[str(r) for r in self.roots]} were tokenized by different tokenizers")

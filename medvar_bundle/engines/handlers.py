@@ -130,7 +130,14 @@ class ResumableCheckpoint:
         resume = latest_checkpoint(self.save_dir)
         if resume is not None:
             epochs = engine.state.max_epochs  # this run's budget, not the checkpointed run's
-            Checkpoint.load_objects(to_load=objects, checkpoint=load_weights(resume, "checkpoint"))
+            try:
+                Checkpoint.load_objects(to_load=objects, checkpoint=load_weights(resume, "checkpoint"))
+            except (RuntimeError, KeyError, ValueError) as exc:  # another network, optimizer or run setup
+                detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc).strip())
+                raise ValueError(
+                    f"{resume} was saved by a run with other settings ({detail[:200]}); resume with that run's "
+                    f"settings, or train into a new output folder"
+                ) from None
             logger.info("resumed from %s at step %d", resume, engine.state.iteration)
             _continue_epoch(engine)
             _warn_on_schedule_change(self.save_dict.get("scheduler"), engine.state.iteration)
