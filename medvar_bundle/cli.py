@@ -120,7 +120,7 @@ def _preview(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_output(args: argparse.Namespace) -> None:
+def _check_output(args: argparse.Namespace) -> None:
     """Before any work, and without creating anything: the command's output folder (``--out`` of a
     run) is, or can be made, a writable folder; its output file (``--out`` of ``train-structure``)
     is not a folder, and its folder can be made.
@@ -163,7 +163,7 @@ def _run_bundle(
         if getattr(args, "device", None) == "cuda":
             overrides["device"] = device_expression(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
     try:
-        check_output(args)
+        _check_output(args)
         tracking = getattr(args, "tracking", None)
         if base is not None:
             return run_config(base, workflow_type, overrides, [args.config, *overlays], tracking=tracking)
@@ -515,8 +515,8 @@ GENERATE_OPTIONS = (
     ConfigOption("--seed", "seed", "each slice is drawn from its own generator, seeded by (seed, dataset, slice "
                  "number): the same whatever else is generated and whatever the batch size", type=int),
     ConfigOption("--batch-size", "batch_size", "slices per batch", type=positive_int),
-    ConfigOption("--resample-original", "resample_original", "resample in-plane to the dataset's median original "
-                 "matrix", const=True),
+    ConfigOption("--resample-original", "resample_original", "resample in-plane to the dataset's matrix (its "
+                 "median field of view over its median spacing)", const=True),
     ConfigOption("--progression", "progression", "also write NAME_progression.png (coarse to fine)", const=True),
     ConfigOption("--no-warmup", "warmup", "time the first batch cold (no untimed warm-up batch)", const=False),
     *RUN_OPTIONS[:4],
@@ -857,8 +857,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("medvar_bundle").setLevel(args.log_level)
     try:
         return int(args.func(args) or 0)
-    except (UserError, CorruptShardError) as exc:  # a damaged store found wherever it is read: one line
+    except UserError as exc:
         print(f"medvar {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CorruptShardError as exc:  # a damaged store, wherever it is read; from a DataLoader worker the
+        # message carries the worker's traceback, whose last line is the error's own
+        message = str(exc).strip().splitlines()[-1].removeprefix(f"{CorruptShardError.__module__}.CorruptShardError: ")
+        print(f"medvar {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"medvar {args.command}: interrupted; what was committed is kept, re-run to resume", file=sys.stderr)

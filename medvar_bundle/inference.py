@@ -150,10 +150,10 @@ class GeneratedStacks:
 
     Per dataset ``NAME`` in ``output_dir``: ``NAME.nii.gz`` (:func:`~medvar_bundle.io.write_slice_stack`:
     CT int16 HU, MR uint8, affine in mm; ``resample_original`` resamples in-plane to the
-    dataset's median original matrix), ``NAME.png`` (a grid of up to 64 slices) and, when the
-    iteration returned stages, ``NAME_progression.png`` (up to 8 samples, coarse to fine). At the
-    end ``summary.json`` records ``summary`` (the options), the transformer's parameter count,
-    each dataset's seconds (per slice too) and files.
+    dataset's matrix, its median field of view over its median spacing), ``NAME.png`` (a grid of
+    up to 64 slices) and, when the iteration returned stages, ``NAME_progression.png`` (up to 8
+    samples, coarse to fine). At the end ``summary.json`` records ``summary`` (the options), the
+    transformer's parameter count, each dataset's seconds (per slice too) and files.
     """
 
     def __init__(

@@ -195,8 +195,9 @@ def write_slice_stack(
         entry: the dataset's ``datasets.json`` entry (``modality``, ``spacing``, ``matrix``,
             ``ct_window``).
         path: output file ending in ``.nii.gz`` (or ``.nii``); its folder is created if needed.
-        resample_original: resample in-plane to the dataset's median matrix ``(nx, ny)`` over the
-            same field of view, so the spacing becomes the median original in-plane spacing.
+        resample_original: resample in-plane to the dataset's matrix ``(nx, ny)`` (its median field
+            of view over its median spacing) over the same field of view, so the spacing becomes
+            the median original in-plane spacing.
             Otherwise the volume is ``S × S × N`` at :func:`output_geometry`'s spacing.
 
     The affine is :func:`slice_stack_affine` (in-plane FOV centred on the origin). CT is written as

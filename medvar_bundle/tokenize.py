@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data.store import SHARD_DIR, check_store, read_shard_manifests, read_store_json
+from .data.store import SHARD_DIR, CorruptShardError, check_store, read_shard_manifests, read_store_json
 from .data.tokens import TOKENS_META, file_digest
 from .files import WriterLock, atomic_save_npy, atomic_write_json, check_file
 from .model_file import load_tokenizer
@@ -47,7 +47,12 @@ def tokenize_store(
     with WriterLock(root, "tokenize"):  # one tokenize per store; readers never wait
         digest = file_digest(tokenizer_path)
         meta_file = root / TOKENS_META
-        old = read_store_json(meta_file) if meta_file.exists() else {"tokenizer_sha256": digest}
+        try:
+            old = read_store_json(meta_file) if meta_file.exists() else {"tokenizer_sha256": digest}
+        except CorruptShardError as exc:  # every shard is encoded again, as for another tokenizer
+            if not force:
+                raise CorruptShardError(f"{exc}; use --force to encode every shard again") from None
+            old = {"tokenizer_sha256": None}
         replaced = old["tokenizer_sha256"] != digest
         if replaced and not force:
             raise ValueError(

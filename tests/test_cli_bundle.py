@@ -133,3 +133,28 @@ def test_preview_output_problems_are_one_line(synthetic_store, tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"cannot write {tmp_path / 'afile' / 'p.png'}" in err
     assert main(["preview", "--store", str(synthetic_store), "--out", str(tmp_path / "p.png")]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["prepare", "--datalist", "d.json"],
+        ["train-tokenizer", "--store", "s"],
+        ["train", "--store", "s"],
+        ["train-baseline", "--store", "s"],
+        ["train-structure", "--store", "s"],
+        ["evaluate", "--real", "s", "--fake", "f"],
+    ],
+)
+def test_an_out_under_a_file_is_one_line_before_any_work(argv, tmp_path, capsys, monkeypatch):
+    """It was a NotADirectoryError traceback once TensorBoard or the store writer made the folder
+    (train-structure: once the trained network was saved)."""
+    from medvar_bundle import cli
+
+    monkeypatch.setattr(cli, "run_config", lambda *a, **k: pytest.fail("the config ran"))
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" / ("structure.pt" if argv[0] == "train-structure" else "run")
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"medvar {argv[0]}: error: output folder {out.parent if argv[0] == 'train-structure' else out} "
+                   f"is not writable: {tmp_path / 'file'} is a file"]  # fmt: skip

@@ -108,9 +108,7 @@ def test_stores_written_before_the_records_still_read(store):
 
 
 @pytest.mark.parametrize("damage", ["shard manifest", "tokens.json", "truncated images"])
-def test_commands_answer_a_damaged_store_with_one_line_naming_the_file(
-    damage, store, tokenized_store, tmp_path, capsys
-):
+def test_commands_answer_a_damaged_store_with_one_line_naming_the_file(damage, tokenized_store, tmp_path, capsys):
     """A shard manifest or tokens.json that is not JSON was a JSONDecodeError traceback in every command
     that read it; a truncated image shard was a CorruptShardError traceback in `preview`."""
     import shutil
@@ -131,7 +129,9 @@ def test_commands_answer_a_damaged_store_with_one_line_naming_the_file(
     else:
         bad = store / "shards" / f"{manifest['shard']}.images.npy"
         bad.write_bytes(bad.read_bytes()[:-1000])
-        commands = [["preview", "--store", str(store), "--out", str(tmp_path / "p.png")]]
+        tokenizer = str(tokenized_store.parent / "tokenizer.pt")
+        commands = [["preview", "--store", str(store), "--out", str(tmp_path / "p.png")],
+                    ["evaluate-tokenizer", "--tokenizer", tokenizer, "--store", str(store), "--quiet"]]  # fmt: skip
     for argv in commands:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
@@ -152,3 +152,17 @@ def test_tokenize_refuses_a_folder_that_is_not_a_store_and_writes_nothing(tmp_pa
             f"medvar tokenize: error: {folder}: not a slice store (no datasets.json); run `medvar prepare` first"
         ]
     assert not (tmp_path / "nowhere").exists() and not any((tmp_path / "empty").iterdir())
+
+
+def test_a_damaged_tokens_json_asks_for_force_and_force_encodes_again(tokenized_store, tmp_path, capsys):
+    import shutil
+
+    store = shutil.copytree(tokenized_store, tmp_path / "damaged")
+    tokenizer = str(tokenized_store.parent / "tokenizer.pt")
+    (store / "tokens.json").write_text("[]")  # JSON, but not the object tokenize writes
+    assert main(["tokenize", "--tokenizer", tokenizer, "--store", str(store), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"medvar tokenize: error: {store / 'tokens.json'}: not a JSON object (a list); use --force to "
+                   "encode every shard again"]  # fmt: skip
+    assert main(["tokenize", "--tokenizer", tokenizer, "--store", str(store), "--quiet", "--force"]) == 0
+    assert json.loads((store / "tokens.json").read_text()) == json.loads((tokenized_store / "tokens.json").read_text())

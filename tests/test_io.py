@@ -274,7 +274,7 @@ def test_sample_grids_show_true_proportions_and_their_whole_title(tmp_path, monk
 
     def spy(fig, out, dpi=100):
         fig.canvas.draw()
-        title = fig._suptitle
+        (title,) = fig.texts  # the suptitle
         shown.append(([ax.get_aspect() for ax in fig.axes if ax.images], title.get_window_extent(), fig.bbox))
         return original(fig, out, dpi)
 

@@ -209,3 +209,16 @@ def test_resuming_a_run_of_another_preset_is_one_line(store, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"medvar train: error: {out / 'checkpoints'}"), err
     assert "was saved by a run with other settings" in err[0] and "new output folder" in err[0]
+
+
+def test_resuming_from_a_damaged_checkpoint_names_the_damage_not_the_settings(store, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--store", str(store), "--out", str(out), "--max-steps", "1", "--batch-size", "4", "--quiet"]
+    assert main(args) == 0
+    (checkpoint,) = (out / "checkpoints").glob("checkpoint_*.pt")
+    checkpoint.write_text("not a checkpoint")
+    capsys.readouterr()
+    assert main([*args[:5], "--max-steps", "2", *args[7:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{checkpoint}: not a readable checkpoint file" in err[0], err
+    assert "other settings" not in err[0]

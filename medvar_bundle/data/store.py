@@ -37,19 +37,24 @@ SPLITS = ("training", "validation", "test")
 
 
 class CorruptShardError(ValueError):
-    """A shard file does not match the size or sha256 its manifest records."""
+    """A store's file is damaged: a shard file does not match the size or sha256 its manifest
+    records, or a JSON file of the store (``datasets.json``, a shard manifest, ``tokens.json``) is
+    not a JSON object."""
 
 
 def read_store_json(path: str | os.PathLike) -> dict:
     """A store's JSON file (``datasets.json``, a shard manifest, ``tokens.json``).
 
     Raises:
-        CorruptShardError: one line naming the file, when it is not valid JSON.
+        CorruptShardError: one line naming the file, when it is not a JSON object.
     """
     try:
-        return json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        content = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as exc:
         raise CorruptShardError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(content, dict):
+        raise CorruptShardError(f"{path}: not a JSON object (a {type(content).__name__})")
+    return content
 
 
 def check_store(root: str | os.PathLike) -> Path:
@@ -189,11 +194,12 @@ def median_list(values: Sequence[Sequence[float]]) -> list[float]:
 def median_geometry(volumes: Sequence[dict]) -> tuple[list[float], list[int]] | None:
     """A dataset's typical ``spacing`` (mm) and ``matrix`` (voxels) from its volumes' records.
 
-    ``spacing`` is the median of each axis. In-plane, ``matrix`` is the median field of view
-    (each volume's own ``spacing × matrix``, mm) over that spacing, so ``spacing × matrix`` is a
-    field of view the volumes have: the medians of spacing and matrix taken separately can give
-    one none has (a 0.7 mm × 512 and a 1.2 mm × 300 volume, fields of 358 and 360 mm, would give
-    0.95 mm × 406 = 386 mm). The slice count is the median of ``matrix[2]``. None without volumes.
+    ``spacing`` is the median of each axis. In-plane, ``matrix`` is the volumes' median field of
+    view (each volume's own ``spacing × matrix``, mm, per axis) over that spacing, so ``spacing ×
+    matrix`` is that median field: the medians of spacing and matrix taken separately can give a
+    field wider than every volume's (a 0.7 mm × 512 and a 1.2 mm × 300 volume, fields of 358 and
+    360 mm, would give 0.95 mm × 406 = 386 mm). The slice count is the median of ``matrix[2]``.
+    None without volumes.
     """
     if not volumes:
         return None

@@ -36,7 +36,7 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import ValidationHandler
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
-from ..files import WriterLock, atomic_torch_save, atomic_write_bytes, load_weights
+from ..files import WriterLock, atomic_torch_save, atomic_write_bytes, load_weights, one_line
 from .common import checkpoints, latest_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -130,13 +130,15 @@ class ResumableCheckpoint:
         resume = latest_checkpoint(self.save_dir)
         if resume is not None:
             epochs = engine.state.max_epochs  # this run's budget, not the checkpointed run's
+            checkpoint = load_weights(resume, "checkpoint")  # a damaged file: its own one-line error
             try:
-                Checkpoint.load_objects(to_load=objects, checkpoint=load_weights(resume, "checkpoint"))
-            except (RuntimeError, KeyError, ValueError) as exc:  # another network, optimizer or run setup
-                detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc).strip())
+                Checkpoint.load_objects(to_load=objects, checkpoint=checkpoint)
+            except (RuntimeError, KeyError) as exc:  # another network, optimizer or run setup
+                lines = str(exc).strip().splitlines() or [type(exc).__name__]
+                detail = one_line(lines[1] if len(lines) > 1 else lines[0], 200)  # the first mismatch
                 raise ValueError(
-                    f"{resume} was saved by a run with other settings ({detail[:200]}); resume with that run's "
-                    f"settings, or train into a new output folder"
+                    f"{resume} was saved by a run with other settings ({detail}); resume with that run's settings, "
+                    "or train into a new output folder"
                 ) from None
             logger.info("resumed from %s at step %d", resume, engine.state.iteration)
             _continue_epoch(engine)
