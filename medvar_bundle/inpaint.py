@@ -54,7 +54,7 @@ from medvar_bundle.io import check_writable, write_nifti
 from medvar_bundle.model_file import MedVARModel
 from medvar_bundle.runtime import to_model_range
 from medvar_bundle.sampling.inpaint import MaskedNextScaleInferer
-from medvar_bundle.visualize import save_grid
+from medvar_bundle.visualize import pixel_aspect, save_grid
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +250,9 @@ class VolumeInpainter:
         volume_path, written = self._save_volume(
             image, img, back.as_tensor()[0].numpy(), out / f"{name}_inpainted.nii.gz"
         )
-        figure = self._save_figure(name, before, result, ras_region, zs, (lo, hi), out / f"{name}_inpainted.png")
+        figure = self._save_figure(
+            name, before, result, ras_region, zs, (lo, hi), out / f"{name}_inpainted.png", pixel_aspect(ras.pixdim)
+        )
         changed = int(np.count_nonzero(written != img.as_tensor()[0].numpy()))  # as written: a change may round away
         summary = {
             "image": image, "mask": mask, "model": self.model_file, "dataset": self.dataset,
@@ -310,14 +312,15 @@ class VolumeInpainter:
         nii.header["descrip"] = f"MedVAR {'out' if self.outpaint else 'in'}-painted {self.edit_dataset}".encode()[:79]
         return write_nifti(nii, path), volume
 
-    def _save_figure(self, name, before, result, region, zs, window, path: Path) -> Path:
-        """Before | region | after for up to four of the re-drawn axial slices (RAS volumes, ``window`` = (lo, hi))."""
+    def _save_figure(self, name, before, result, region, zs, window, path: Path, aspect: float = 1.0) -> Path:
+        """Before | region | after for up to four of the re-drawn axial slices (RAS volumes, ``window`` =
+        (lo, hi)), drawn with the volume's pixel ``aspect`` (:func:`~medvar_bundle.visualize.pixel_aspect`)."""
         show = zs if len(zs) <= 4 else [zs[i] for i in np.linspace(0, len(zs) - 1, 4).round().astype(int)]
         rows = [[_display(before[..., z], *window), region[..., z].astype(np.uint8) * 255,
                  _display(result[..., z], *window)] for z in show]  # fmt: skip
         title = f"{name}: {'out' if self.outpaint else 'in'}-painted as {self.edit_dataset}"
         titles = [f"axial slice {z} (RAS): before | region | after" for z in show]
-        return save_grid(rows, path, titles, title=title)
+        return save_grid(rows, path, titles, title=title, aspect=aspect)
 
 
 def _stem(path: str) -> str:

@@ -58,10 +58,12 @@ import numpy as np
 import torch
 
 from medvar_bundle.bundle_config import config_component, run_config
+from medvar_bundle.data.store import check_store, read_store_json
 from medvar_bundle.files import atomic_write_bytes, atomic_write_json
 from medvar_bundle.inference import generate
 from medvar_bundle.io import (
     SUMMARY_FILE,
+    check_entry,
     output_geometry,
     read_summary,
     save_sample_grid,
@@ -207,6 +209,8 @@ def sample_ddpm(baseline_file: Path, steps: int, num: int, folder: Path, args: a
     Every image's time is the chain's time over its images."""
     baseline = load_baseline(baseline_file, args.device)
     names = sorted(baseline.datasets, key=lambda n: baseline.datasets[n]["id"])
+    for name in names:  # before the chain, not after it: every dataset's stack must be writable
+        check_entry(name, baseline.datasets[name])
     ids = torch.tensor([baseline.datasets[n]["id"] for n in names for _ in range(num)], device=args.device)
     start = time.perf_counter()
     images = sample(
@@ -438,7 +442,7 @@ def main() -> int:
     out = Path(args.out)
     check_run(args, out)
     points = train_to_budgets(args, out)
-    registry = json.loads((Path(args.store) / "datasets.json").read_text())
+    registry = read_store_json(check_store(args.store) / "datasets.json")
     folders, labels, skipped = [], [], []
     ddpm: list[Path] = []  # the last budget's DDPM sample folders
     methods: dict[str, dict[float, str]] = {}

@@ -94,6 +94,26 @@ def test_weight_free_report_with_the_real_floor(synthetic_store, generated, held
     assert len((tmp_path / "report.csv").read_text().splitlines()) == 1 + 3 * 3 + 3 * 1
 
 
+def test_sample_grids_are_drawn_in_each_datasets_proportions(synthetic_store, heldout_folder, tmp_path, monkeypatch,
+                                                             offline_hub):  # fmt: skip
+    """A 48 × 24 mm field shown on square pixels was twice too tall (the report's grids were square)."""
+    from medvar_bundle.evaluation import report as report_module
+
+    store = shutil.copytree(synthetic_store, tmp_path / "store")
+    registry = json.loads((store / "datasets.json").read_text())
+    registry["set0"] |= {"spacing": [1.0, 1.0, 3.0], "matrix": [48, 24, 8]}
+    (store / "datasets.json").write_text(json.dumps(registry))
+    aspects, original = {}, report_module.save_grid
+
+    def spy(rows, out, row_titles=None, title=None, aspect=1.0):
+        aspects[title] = aspect
+        return original(rows, out, row_titles, title, aspect)
+
+    monkeypatch.setattr(report_module, "save_grid", spy)
+    evaluate_generation(store, [heldout_folder], tmp_path / "out", allow_download=False)
+    assert aspects == {"set0": pytest.approx(0.5), "set1": pytest.approx(1.0)}
+
+
 def test_an_unreadable_stack_is_one_line_naming_it(tmp_path):
     """A text file or a truncated stack was an ImageFileError or EOFError traceback in `medvar evaluate`."""
     entry = {"modality": "MR", "spacing": [1.0, 1.0, 1.0], "matrix": [32, 32, 4]}

@@ -220,3 +220,20 @@ def test_bad_input_is_one_line_naming_the_file_and_nothing_is_written(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(named) in err and message in err, err
     assert not out.exists()
+
+
+def test_the_figure_draws_the_volume_in_its_proportions(model_path, ct_case, tmp_path, monkeypatch):
+    """RAS x runs along array axis 1 (0.9 mm) and y along axis 0 (0.8 mm): rows of the radiological
+    display are y, so a pixel is 0.8 / 0.9 as tall as wide (the figure drew square pixels)."""
+    import medvar_bundle.inpaint as inpaint_module
+
+    aspects, original = [], inpaint_module.save_grid
+
+    def spy(*args, aspect=1.0, **kwargs):
+        aspects.append(aspect)
+        return original(*args, aspect=aspect, **kwargs)
+
+    monkeypatch.setattr(inpaint_module, "save_grid", spy)
+    image, mask, _ = ct_case
+    assert run_inpaint(model_path, image, mask, tmp_path / "out") == 0
+    assert aspects == [pytest.approx(0.8 / 0.9)]

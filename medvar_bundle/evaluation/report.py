@@ -195,12 +195,19 @@ def plot_tradeoff(report: dict, path: str | os.PathLike) -> Path | None:
     return save_figure(fig, path)
 
 
-def write_report(report: dict, samples: dict[str, list[tuple[str, np.ndarray]]], out_dir: str | os.PathLike) -> dict:
+def write_report(
+    report: dict,
+    samples: dict[str, list[tuple[str, np.ndarray]]],
+    out_dir: str | os.PathLike,
+    aspects: dict[str, float] | None = None,
+) -> dict:
     """Write the PNGs, ``report.md``, ``report.csv`` and last ``report.json`` into ``out_dir``.
 
     Args:
         report: the report (see the module docstring); ``report["files"]`` is filled in.
         samples: dataset → ``(row title, uint8 slices (n, S, S))`` for its sample grid.
+        aspects: dataset → the pixel aspect its grid is drawn with
+            (:func:`~medvar_bundle.visualize.pixel_aspect`; 1, square pixels, when missing).
 
     Returns:
         ``report``.
@@ -208,7 +215,11 @@ def write_report(report: dict, samples: dict[str, list[tuple[str, np.ndarray]]],
     out = Path(out_dir)
     files = {
         f"samples_{name}": save_grid(
-            [list(s) for _, s in rows], out / f"samples_{name}.png", [t for t, _ in rows], name
+            [list(s) for _, s in rows],
+            out / f"samples_{name}.png",
+            [t for t, _ in rows],
+            name,
+            (aspects or {}).get(name, 1.0),
         ).name
         for name, rows in samples.items()
     }
