@@ -405,6 +405,10 @@ def read_generated(path: str | os.PathLike, entry: dict) -> np.ndarray:
     Args:
         path: the NIfTI stack ``(S, S, N)``.
         entry: the dataset's ``datasets.json`` entry (``modality``, ``ct_window``).
+
+    Raises:
+        ValueError: one line naming the file: unreadable, not ``(S, S, N)``, an MR stack that is not
+            uint8, a CT stack of unscaled uint8 levels (not HU) or with NaN or infinite values.
     """
     try:
         data = np.asarray(nib.load(path).dataobj)
@@ -417,6 +421,13 @@ def read_generated(path: str | os.PathLike, entry: dict) -> np.ndarray:
         if slices.dtype != np.uint8:
             raise ValueError(f"{path}: MR stacks of `medvar generate` are uint8, got {slices.dtype}")
         return slices
+    if not np.issubdtype(slices.dtype, np.integer) and not np.isfinite(slices).all():
+        raise ValueError(f"{path}: CT stack holds NaN or infinite values")
+    if slices.dtype == np.uint8:  # a scaled file reads as float: only unscaled 8-bit levels land here
+        raise ValueError(
+            f"{path}: CT stacks of `medvar generate` hold Hounsfield units (int16), got uint8 levels; "
+            "write HU, or score the levels as an MR-like stack"
+        )
     windowed = NormalizeByModalityd()({"image": slices.astype(np.float32), **entry})
     return QuantizeUint8d("image")(windowed)["image"]
 

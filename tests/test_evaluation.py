@@ -17,6 +17,7 @@ from medvar_bundle.cli import main
 from medvar_bundle.data.store import SliceStore
 from medvar_bundle.evaluation import ablation_settings, evaluate_generation, read_generated
 from medvar_bundle.evaluation.report import FLOOR
+from medvar_bundle.evaluation.scores import anatomy_groups
 from medvar_bundle.inference import generate
 from medvar_bundle.io import write_slice_stack
 from medvar_bundle.metrics import (
@@ -112,6 +113,31 @@ def test_sample_grids_are_drawn_in_each_datasets_proportions(synthetic_store, he
     monkeypatch.setattr(report_module, "save_grid", spy)
     evaluate_generation(store, [heldout_folder], tmp_path / "out", allow_download=False)
     assert aspects == {"set0": pytest.approx(0.5), "set1": pytest.approx(1.0)}
+
+
+def test_a_ct_stack_of_nan_or_of_8_bit_levels_is_refused_not_misread(tmp_path):
+    """NaN HU became level 0 (black) with only a numpy warning, and uint8 levels were read as HU
+    (levels 0-255 in a -400/1500 window all land near level 200)."""
+    entry = {"modality": "CT", "spacing": [1.0, 1.0, 1.0], "matrix": [8, 8, 2], "ct_window": [-400.0, 1500.0]}
+    hu = np.zeros((8, 8, 2), np.float32)
+    hu[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), tmp_path / "nan.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 2), np.uint8), np.eye(4)), tmp_path / "levels.nii.gz")
+    with pytest.raises(ValueError, match="nan.nii.gz: CT stack holds NaN or infinite values"):
+        read_generated(tmp_path / "nan.nii.gz", entry)
+    with pytest.raises(ValueError, match="levels.nii.gz: CT stacks of `medvar generate` hold Hounsfield units"):
+        read_generated(tmp_path / "levels.nii.gz", entry)
+
+
+def test_anatomy_groups_ignore_case_and_spaces():
+    registry = {"a": {"modality": "MR", "anatomy": "Brain"}, "b": {"modality": "MR", "anatomy": "brain"},
+                "c": {"modality": "CT", "anatomy": " chest"}, "d": {"modality": "CT", "anatomy": "Chest "},
+                "e": {"modality": "CT", "anatomy": ""}}  # fmt: skip
+    assert anatomy_groups(registry, list(registry)) == {
+        "CT chest": ["c", "d"],
+        "CT unspecified": ["e"],
+        "MR brain": ["a", "b"],
+    }
 
 
 def test_an_unreadable_stack_is_one_line_naming_it(tmp_path):

@@ -195,11 +195,12 @@ def macro_average(rows: Sequence[dict | None]) -> dict:
 def anatomy_groups(registry: dict, names: Sequence[str]) -> dict[str, list[str]]:
     """Datasets by anatomy × modality, as the columns of the paper's Tables 2–3: ``"CT head"``,
     ``"MR brain"`` → dataset names; CT groups first, then MR, anatomies in alphabetical order
-    (a dataset without an anatomy is ``unspecified``)."""
+    (a dataset without an anatomy is ``unspecified``; " Chest" and "chest" are one anatomy)."""
     groups: dict[tuple[str, str], list[str]] = {}
     for name in names:
         entry = registry[name]
-        groups.setdefault((entry["modality"], entry.get("anatomy") or "unspecified"), []).append(name)
+        anatomy = " ".join((entry.get("anatomy") or "").lower().split()) or "unspecified"
+        groups.setdefault((entry["modality"], anatomy), []).append(name)
     return {f"{modality} {anatomy}": groups[modality, anatomy] for modality, anatomy in sorted(groups)}
 
 
