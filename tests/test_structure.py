@@ -208,6 +208,8 @@ def test_evaluate_reports_structure_metrics_and_uses_them_as_q(structure_store, 
             assert rows["heldout"][name][key] == pytest.approx(rows[FLOOR][name][key], abs=1e-9)
         assert rows["flat"][name]["structure_precision"] == 0.0
         assert rows["flat"][name]["structure_fd"] > rows[FLOOR][name]["structure_fd"]
+        # all held-out slices as a method: its floor at N is the floor row's structure FD itself
+        assert rows["heldout"][name]["floor_structure_fd"] == pytest.approx(rows[FLOOR][name]["structure_fd"])
     overall = rows["flat"]["overall"]
     assert overall["efficiency"] == pytest.approx(efficiency(overall["structure_fd"], 0.5))
     # anatomy × modality: the synthetic store's two datasets are MR without an anatomy, one group
@@ -296,3 +298,22 @@ def test_ranking_script_skips_a_dataset_without_held_out_slices_and_scores_two_s
     assert "no such folder" in capsys.readouterr().err
     assert ranking.main(["--store", str(store), "--samples", f"x={samples}", "--samples", f"x={samples}"]) == 2
     assert "the label 'x samples' is taken" in capsys.readouterr().err
+
+
+def test_the_floor_at_a_methods_sample_size_grows_as_the_sample_shrinks():
+    """Real slices as a 4-slice method were compared with the floor of all 200 held-out slices, which
+    a perfect generator of 4 slices cannot reach: the floor is now measured at the method's N."""
+    from medvar_bundle.evaluation.scores import FLOOR_DRAWS, SliceSet, floor_structure_fd
+
+    rng = np.random.default_rng(0)
+    train = SliceSet(np.zeros((300, 1, 1), np.uint8), {"structure": rng.normal(size=(300, 8))})
+    heldout = SliceSet(np.zeros((200, 1, 1), np.uint8), {"structure": rng.normal(size=(200, 8))})
+    full = frechet_distance_from_features(train.features["structure"], heldout.features["structure"])
+    assert floor_structure_fd(train, heldout, 200, seed=0) == pytest.approx(full)
+    assert floor_structure_fd(train, heldout, 500, seed=0) == pytest.approx(full)
+    at = {n: floor_structure_fd(train, heldout, n, seed=0) for n in (4, 16, 64)}
+    assert at[4] > at[16] > at[64] > full  # the Fréchet distance's small-sample bias
+    # the mean over FLOOR_DRAWS subsets of n slices, repeatable with the seed
+    assert floor_structure_fd(train, heldout, 16, seed=0) == at[16] != floor_structure_fd(train, heldout, 16, seed=1)
+    assert FLOOR_DRAWS > 1 and floor_structure_fd(train, heldout, 1, seed=0) is None
+    assert floor_structure_fd(SliceSet(train.slices), heldout, 16, seed=0) is None  # no structure network

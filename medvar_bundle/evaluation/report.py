@@ -34,6 +34,7 @@ COLUMNS = {
     "parameters": "Params",
     "efficiency": "Efficiency",
     "structure_fd": "Struct. FD",
+    "floor_structure_fd": "Struct. FD floor at N",
     "structure_precision": "Struct. P",
     "structure_recall": "Struct. R",
     "fid": "FID",
@@ -50,8 +51,8 @@ COLUMNS = {
 """Column key → table header, in table order (Table 1: time, parameters, efficiency, then metrics)."""
 
 METRICS = (
-    "efficiency", "structure_fd", "structure_precision", "structure_recall", "fid", "radfid", "kid", "cmmd",
-    "histogram", "power_spectrum", "ms_ssim", "memorisation",
+    "efficiency", "structure_fd", "floor_structure_fd", "structure_precision", "structure_recall", "fid", "radfid",
+    "kid", "cmmd", "histogram", "power_spectrum", "ms_ssim", "memorisation",
 )  # fmt: skip
 """Columns that get their own method × dataset table (Tables 2–3)."""
 
@@ -71,8 +72,10 @@ LEGEND = """\
 - Memorisation: median distance of generated slices to their nearest training slice over that of held-out
   slices; about 1 = as novel as new patients, much less than 1 = copies of training slices.
 - Efficiency: Q · log10(1 + P)^γ (paper eq. 4), P = s/image from the folder's summary.json.
-- The real row scores held-out slices (other patients) against the training split: the floor a perfect
-  generator reaches at that sample size. Overall = mean over datasets."""
+- The real row scores all held-out slices (other patients) against the training split (N: their count).
+  Struct. FD floor at N: the structure FD of N held-out slices, N the method's own slice count (mean of 5
+  random draws): the floor a perfect generator of that many slices reaches, since a Fréchet distance grows
+  as its sample shrinks. Overall = mean over datasets."""
 
 
 def format_cell(key: str, value) -> str:
