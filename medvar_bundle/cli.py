@@ -778,7 +778,8 @@ def build_parser() -> argparse.ArgumentParser:
         "preprocessing (RAS, CT window or MR clip, 256x256 axial slices), the axial slices the mask touches are "
         "re-drawn inside the mask by masked next-scale sampling (real tokens outside it at every scale), mapped back "
         "to the image's grid and intensities (HU for CT) and pasted inside the mask only, so every voxel outside it "
-        "keeps its value. Writes NAME_inpainted.nii.gz (the input's affine, shape and dtype), NAME_inpainted.png "
+        "keeps its value. Writes IMAGE_inpainted.nii.gz (IMAGE: the input's name without extension; the input's "
+        "affine, shape and dtype), IMAGE_inpainted.png "
         "(before / region / after) and inpaint.json. Same --seed and --batch-size give the same volume.",
     )
     add_config_options(p, "inpaint", INPAINT_OPTIONS)
