@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from .data.transforms import DEFAULT_CT_WINDOW, NormalizeByModalityd, QuantizeUint8d, resize_in_plane  # noqa: E402
 from .files import atomic_write_json, one_line, write_nifti  # noqa: E402
-from .visualize import pixel_aspect, radiological, row_height, save_figure, save_grid, suptitle  # noqa: E402
+from .visualize import pixel_aspect, radiological, save_figure, save_grid, suptitle  # noqa: E402
 
 __all__ = [
     "check_entry",
@@ -313,8 +313,8 @@ def save_sample_grid(
             None draws square pixels.
 
     Returns:
-        The written path. The figure is ``1.6 × columns`` by ``row_height × rows`` inches at 100 dpi
-        (1.7 per row for square pixels; :func:`medvar_bundle.visualize.row_height`, ``save_grid``).
+        The written path. The figure is ``1.6 × columns`` by ``1.7 × rows`` inches at 100 dpi
+        (see :func:`medvar_bundle.visualize.save_grid`).
     """
     images = _check_stack(images_u8)
     per_row = nrow or math.ceil(math.sqrt(len(images)))
@@ -346,8 +346,7 @@ def save_progression(
             :func:`save_sample_grid`).
 
     Returns:
-        The written path; the figure is ``1.6 × K`` by ``row_height × N`` inches at 100 dpi (1.7 per
-        row for square pixels; :func:`medvar_bundle.visualize.row_height`).
+        The written path; the figure is ``1.6 × K`` by ``1.7 × N`` inches at 100 dpi.
     """
     stages = [s.detach().cpu().numpy() if isinstance(s, torch.Tensor) else np.asarray(s) for s in stages]
     if not stages:
@@ -359,7 +358,7 @@ def save_progression(
     if patch_nums is not None and len(patch_nums) != len(stages):
         raise ValueError(f"{len(patch_nums)} patch_nums for {len(stages)} stages")
     k_scales, aspect = len(stages), pixel_aspect(spacing)
-    fig, axes = plt.subplots(n, k_scales, figsize=(1.6 * k_scales, row_height(aspect) * n), squeeze=False)
+    fig, axes = plt.subplots(n, k_scales, figsize=(1.6 * k_scales, 1.7 * n), squeeze=False)
     for k, stage in enumerate(stages):
         for i in range(n):
             ax = axes[i, k]

@@ -42,12 +42,6 @@ def pixel_aspect(spacing: Sequence[float] | None) -> float:
     return 1.0 if spacing is None else float(spacing[1]) / float(spacing[0])
 
 
-def row_height(aspect: float) -> float:
-    """Inches per grid row for panels 1.6 in wide (1.5 in of image, a 0.2 in title band): 1.7 for
-    square or tall pixels, less for wide ones (a 500 × 203 mm leg field needs 0.8)."""
-    return 0.2 + 1.5 * min(1.0, aspect)
-
-
 def suptitle(fig, title: str | None, width_in: float) -> None:
     """A figure title wrapped to the figure's width (about 12 characters an inch at 10 pt), so a
     narrow grid does not cut it off."""
@@ -65,7 +59,7 @@ def save_grid(
     """Save a grid of uint8 ``(H, W)`` slices (RAS axes) as a PNG, one row per group; ``aspect`` is
     :func:`pixel_aspect` of the slices (1: square pixels)."""
     ncols = max((len(r) for r in rows), default=1)
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.6 * ncols, row_height(aspect) * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.6 * ncols, 1.7 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
         for c in range(ncols):
             ax = axes[r, c]

@@ -286,7 +286,6 @@ def test_sample_grids_show_true_proportions_and_their_whole_title(tmp_path, monk
     save_sample_grid(images, tmp_path / "grid.png", title=title, spacing=spacing)
     save_progression([images[:, :4, :4], images], tmp_path / "progression.png", title=title, spacing=spacing)
     save_sample_grid(images, tmp_path / "square.png", title="t")
-    assert abs(png_size(tmp_path / "grid.png")[1] - 100 * (0.2 + 1.5 * 203 / 500)) <= 1  # one row, fit to wide panels
     for aspects, title_box, figure_box in shown[:2]:
         assert aspects == pytest.approx([203 / 500] * len(aspects))  # display rows run along y
         assert figure_box.x0 <= title_box.x0 and title_box.x1 <= figure_box.x1
