@@ -41,6 +41,7 @@ from tqdm import tqdm
 from medvar_bundle.bundle_config import device_expression, run_config
 from medvar_bundle.data.prepare import root_cause
 from medvar_bundle.data.readers import VolumeFileError, load_volume
+from medvar_bundle.data.sources import volume_stem
 from medvar_bundle.data.transforms import (
     LoadVolumed,
     NormalizeByModalityd,
@@ -246,7 +247,7 @@ class VolumeInpainter:
             result[..., z][inside] = _cast_like(old + w[inside] * (new - old), before.dtype)
         redone = MetaTensor(torch.from_numpy(result)[None], meta=ras.meta, applied_operations=ras.applied_operations)
         back = self.orientation.inverse({"image": redone})["image"]
-        name = _stem(image)
+        name = volume_stem(image)
         volume_path, written = self._save_volume(
             image, img, back.as_tensor()[0].numpy(), out / f"{name}_inpainted.nii.gz"
         )
@@ -321,14 +322,6 @@ class VolumeInpainter:
         title = f"{name}: {'out' if self.outpaint else 'in'}-painted as {self.edit_dataset}"
         titles = [f"axial slice {z} (RAS): before | region | after" for z in show]
         return save_grid(rows, path, titles, title=title, aspect=aspect)
-
-
-def _stem(path: str) -> str:
-    """A volume's file or folder name without its image extension."""
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-        name = name.removesuffix(suffix)
-    return name
 
 
 def inpaint(

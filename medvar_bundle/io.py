@@ -426,7 +426,7 @@ def read_generated(path: str | os.PathLike, entry: dict) -> np.ndarray:
     if slices.dtype == np.uint8:  # a scaled file reads as float: only unscaled 8-bit levels land here
         raise ValueError(
             f"{path}: CT stacks of `medvar generate` hold Hounsfield units (int16), got uint8 levels; "
-            "write HU, or score the levels as an MR-like stack"
+            "write HU (medvar_bundle.io.write_slice_stack does)"
         )
     windowed = NormalizeByModalityd()({"image": slices.astype(np.float32), **entry})
     return QuantizeUint8d("image")(windowed)["image"]

@@ -515,3 +515,12 @@ def test_header_of_an_enhanced_multi_frame_dicom_reads_its_functional_groups(tmp
     ds.PerFrameFunctionalGroupsSequence = Sequence([frame] * 5)
     ds.save_as(str(folder / "volume.dcm"), write_like_original=False)
     assert read_header(folder, 10**6).spacing == pytest.approx((1.9, 1.95, 2.0))
+
+
+def test_volume_stem_strips_every_image_extension_in_any_case():
+    """`medvar inpaint` names its result after it: a single DICOM file kept its `.dcm` before
+    (`leg_mr_in.dcm_inpainted.nii.gz`), and so did `.nhdr` and upper-case extensions."""
+    from medvar_bundle.data.sources import volume_stem
+
+    names = ["a/CT.nii.gz", "leg_mr_in.dcm", "X.NRRD", "s.nhdr", "b.MHA", "c.mhd", "d.nii", "series/", "e.v2.nii.gz"]
+    assert [volume_stem(n) for n in names] == ["CT", "leg_mr_in", "X", "s", "b", "c", "d", "series", "e.v2"]

@@ -116,9 +116,11 @@ def _is_volume(p: Path) -> bool:
     return p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES)
 
 
-def _stem(p: Path) -> str:
-    name = p.name
-    for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
+def volume_stem(path: str | os.PathLike) -> str:
+    """A volume's file (or DICOM folder) name without its image extension, any case:
+    ``CT.nii.gz`` → ``CT``, ``slice.DCM`` → ``slice``, ``series/`` → ``series``."""
+    name = Path(path).name
+    for suffix in sorted((*VOLUME_SUFFIXES, ".dcm"), key=len, reverse=True):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -181,12 +183,12 @@ def _plain(root: Path, dataset: str, modality: str | None, val_fraction: float) 
             mod = modality or _dicom_modality(folder)
             items.append(_item(folder, dataset, mod, _split_for(str(folder.relative_to(root)), val_fraction)))
         vols = [p for p in paths if _is_volume(p)]
-        labels = {LABEL_PATTERN.sub("", _stem(p)): p for p in vols if LABEL_PATTERN.search(_stem(p))}
+        labels = {LABEL_PATTERN.sub("", volume_stem(p)): p for p in vols if LABEL_PATTERN.search(volume_stem(p))}
         for p in vols:
-            if LABEL_PATTERN.search(_stem(p)):
+            if LABEL_PATTERN.search(volume_stem(p)):
                 continue
             sp = _split_for(str(p.relative_to(root)), val_fraction)
-            items.append(_item(p, dataset, modality, sp, labels.get(_stem(p))))
+            items.append(_item(p, dataset, modality, sp, labels.get(volume_stem(p))))
     return items
 
 

@@ -75,7 +75,8 @@ LEGEND = """\
 - The real row scores all held-out slices (other patients) against the training split (N: their count).
   Struct. FD floor at N: the structure FD of N held-out slices, N the method's own slice count (mean of 5
   random draws): the floor a perfect generator of that many slices reaches, since a Fréchet distance grows
-  as its sample shrinks. Overall = mean over datasets."""
+  as its sample shrinks; empty where fewer than N slices are held out. Overall = mean over datasets (empty
+  when a dataset's value is)."""
 
 
 def format_cell(key: str, value) -> str:

@@ -172,12 +172,13 @@ def floor_structure_fd(train: SliceSet, heldout: SliceSet, n: int, seed: int) ->
     """The structure FD of ``n`` held-out real slices against the training slices: the floor at a
     method's own sample size (a Fréchet distance grows as its sample shrinks, so a method of 16
     slices is compared with real sets of 16, not with all held-out slices). The mean over
-    ``FLOOR_DRAWS`` random subsets (all held-out slices once when ``n`` reaches their count);
-    None without the structure network or under two slices a side."""
-    if "structure" not in train.features or min(n, len(heldout.slices), len(train.slices)) < 2:
+    ``FLOOR_DRAWS`` random subsets (all held-out slices once when ``n`` equals their count);
+    None without the structure network, under two slices a side, or when the held-out slices are
+    fewer than ``n`` (a floor from fewer slices would sit above the one at ``n``)."""
+    if "structure" not in train.features or min(n, len(train.slices)) < 2 or n > len(heldout.slices):
         return None
     reference, real = train.features["structure"], heldout.features["structure"]
-    if n >= len(real):
+    if n == len(real):
         return frechet_distance_from_features(reference, real)
     rng = np.random.default_rng(seed)
     draws = [np.sort(rng.choice(len(real), size=n, replace=False)) for _ in range(FLOOR_DRAWS)]
