@@ -340,6 +340,20 @@ def test_a_single_held_out_or_generated_slice_gets_no_frechet_distance_instead_o
     assert row["structure_fd"] is None and row["ms_ssim"] is not None
 
 
+def test_a_floor_of_few_held_out_slices_is_named_in_the_notes():
+    """The demo's head_ct floor rests on one slice: its precision (a share of one) entered the overall
+    floor without a word."""
+    from medvar_bundle.evaluation.scores import small_floor_notes
+
+    floor = {"head_ct": {"num_slices": 1}, "lung_ct": {"num_slices": 3}, "brain_t1": {"num_slices": 4}}
+    assert small_floor_notes(floor) == [
+        "floor of head_ct: 1 held-out slice(s), too few for a structure recall (more than 3) or Fréchet distance (2); "
+        "its precision is a share of 1",
+        "floor of lung_ct: 3 held-out slice(s), too few for a structure recall (more than 3); "
+        "its precision is a share of 3",
+    ]
+
+
 def test_the_floors_null_ms_ssim_note_names_its_cause():
     from medvar_bundle.evaluation.scores import ms_ssim_notes
 

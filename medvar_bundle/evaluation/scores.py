@@ -185,6 +185,21 @@ def floor_structure_fd(train: SliceSet, heldout: SliceSet, n: int, seed: int) ->
     return float(np.mean([frechet_distance_from_features(reference, real[idx]) for idx in draws]))
 
 
+def small_floor_notes(floor: dict[str, dict]) -> list[str]:
+    """Datasets whose floor rests on ``PRECISION_RECALL_K`` held-out slices or fewer (``floor``:
+    dataset → its row): their floor has no structure recall (and under two slices no Fréchet
+    distance), its precision is a share of those few slices, and the overall floor values that
+    need the missing ones are empty."""
+    k = PRECISION_RECALL_K
+    return [
+        f"floor of {name}: {row['num_slices']} held-out slice(s), too few for a structure recall (more than {k})"
+        + (" or Fréchet distance (2)" if row["num_slices"] < 2 else "")
+        + f"; its precision is a share of {row['num_slices']}"
+        for name, row in floor.items()
+        if row["num_slices"] <= k
+    ]
+
+
 def ms_ssim_notes(floor: dict[str, dict]) -> list[str]:
     """Why the floor row's MS-SSIM is null where it is (``floor``: dataset → its row): a dataset
     with one held-out slice has no pair to compare; otherwise the slices are too small."""
@@ -335,7 +350,7 @@ class Evaluator:
             scored, samples[name] = self._score_dataset(name, folders)
             for label, row in scored.items():
                 rows[label][name] = row
-        notes += ms_ssim_notes(rows[FLOOR])
+        notes += small_floor_notes(rows[FLOOR]) + ms_ssim_notes(rows[FLOOR])
         parameters = {folder.label: folder.parameters for folder in folders} | {FLOOR: None}
         groups = anatomy_groups(self.registry, names)
         group_rows = {
