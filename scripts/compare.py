@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from medvar_bundle.bundle_config import config_component, run_config
-from medvar_bundle.data.store import check_store, read_store_json
+from medvar_bundle.data.store import read_registry
 from medvar_bundle.files import atomic_write_bytes, atomic_write_json
 from medvar_bundle.inference import generate
 from medvar_bundle.io import (
@@ -442,7 +442,7 @@ def main() -> int:
     out = Path(args.out)
     check_run(args, out)
     points = train_to_budgets(args, out)
-    registry = read_store_json(check_store(args.store) / "datasets.json")
+    registry = read_registry(args.store)
     folders, labels, skipped = [], [], []
     ddpm: list[Path] = []  # the last budget's DDPM sample folders
     methods: dict[str, dict[float, str]] = {}

@@ -69,6 +69,11 @@ def check_store(root: str | os.PathLike) -> Path:
     return root
 
 
+def read_registry(root: str | os.PathLike) -> dict:
+    """A slice store's ``datasets.json`` (:func:`check_store`, then :func:`read_store_json`)."""
+    return read_store_json(check_store(root) / "datasets.json")
+
+
 def volume_key(image: str, label: str | None = None) -> str:
     """Identity of an input volume in the store (its image and label paths)."""
     return f"{image}|{label or ''}"
@@ -336,7 +341,7 @@ class SliceStore(Dataset):
         self.roots = [Path(roots)] if isinstance(roots, (str, os.PathLike)) else [Path(r) for r in roots]
         registries = []
         for root in self.roots:
-            registries.append(read_store_json(check_store(root) / "datasets.json"))
+            registries.append(read_registry(root))
         if len(registries) == 1:
             self.datasets = registries[0]
         else:
