@@ -3,7 +3,7 @@
 import logging
 import warnings
 
-__version__ = "0.8.8"
+__version__ = "0.8.9"
 
 # MONAI announces at every DICOM read that the optional GPU decoder (nvImageCodec) is absent;
 # pydicom's own decoders are used instead, which is what we want on CPU machines.

@@ -303,7 +303,7 @@ def curve_figures(report: dict, methods: dict[str, dict[float, str]]) -> dict:
     names = list(rows[FLOOR])
     return {
         "metric": metric,
-        "floor": {name: rows[FLOOR][name][metric] for name in names},
+        "floor": {name: (rows[FLOOR][name] or {}).get(metric) for name in names},
         "methods": {
             method: {
                 f"{m:g}": {name: (rows[label].get(name) or {}).get(metric) for name in names} for m, label in by.items()

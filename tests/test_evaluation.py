@@ -95,6 +95,26 @@ def test_weight_free_report_with_the_real_floor(synthetic_store, generated, held
     assert len((tmp_path / "report.csv").read_text().splitlines()) == 1 + 3 * 3 + 3 * 1
 
 
+def test_a_store_without_held_out_slices_is_evaluated_against_training_alone(synthetic_store, generated, tmp_path,
+                                                                            offline_hub):  # fmt: skip
+    """The synthetic store holds no `test` split: the samples are still scored against the training
+    slices, with the same values as beside a held-out split, and only what needs held-out slices
+    (the floor, the floor at N, the memorisation ratio) is null, with a note saying why."""
+    with_floor = evaluate_generation(synthetic_store, [generated], tmp_path / "validation", allow_download=False)
+    report = evaluate_generation(
+        synthetic_store, [generated], tmp_path / "test", allow_download=False, heldout_split="test"
+    )
+    rows, reference = report["rows"], with_floor["rows"]
+    assert rows[FLOOR]["set0"] is rows[FLOOR]["set1"] is None
+    assert all(v is None for k, v in rows[FLOOR]["overall"].items() if k not in ("num_slices", "parameters"))
+    for name in ("set0", "set1"):
+        assert rows["tiny"][name]["memorisation"] is None and reference["tiny"][name]["memorisation"] is not None
+        for metric in set(WEIGHT_FREE) - {"memorisation"}:
+            assert rows["tiny"][name][metric] == pytest.approx(reference["tiny"][name][metric], rel=1e-12)
+    assert any(note.startswith("no test slices of set0, set1 in the store: no real floor") for note in report["notes"])
+    assert (tmp_path / "test" / "samples_set0.png").stat().st_size > 0
+
+
 def test_sample_grids_are_drawn_in_each_datasets_proportions(synthetic_store, heldout_folder, tmp_path, monkeypatch,
                                                              offline_hub):  # fmt: skip
     """A 48 × 24 mm field shown on square pixels was twice too tall (the report's grids were square)."""
@@ -352,6 +372,25 @@ def test_a_floor_of_few_held_out_slices_is_named_in_the_notes():
         "floor of lung_ct: 3 held-out slice(s), too few for a structure recall (more than 3); "
         "its precision is a share of 3",
     ]
+
+
+def test_sets_smaller_than_the_structure_features_are_named_with_their_sizes():
+    """A Fréchet distance of N < D slices rises as N shrinks: the note names each set's sizes under
+    D (not those at or above it, nor a dataset the method lacks) and points at the floor at N."""
+    from medvar_bundle.evaluation.scores import sample_size_notes
+
+    rows = {
+        "medvar": {"a": {"num_slices": 16}, "b": {"num_slices": 16}, "c": None},
+        "ddpm": {"a": {"num_slices": 2}, "b": {"num_slices": 352}, "c": {"num_slices": 2}},
+        "big": {"a": {"num_slices": 400}},
+        FLOOR: {"a": {"num_slices": 24}, "b": {"num_slices": 1}},
+    }
+    assert sample_size_notes(rows, 352) == [
+        f"structure FD on fewer slices than its 352 features (medvar 16; ddpm 2; {FLOOR} 1, 24 per dataset): "
+        "it rises as the sample shrinks, so compare a row with its floor_structure_fd (the floor at its own N) "
+        "and with rows of the same N, not across N"
+    ]
+    assert sample_size_notes(rows, 1) == []
 
 
 def test_the_floors_null_ms_ssim_note_names_its_cause():

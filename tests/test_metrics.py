@@ -117,7 +117,18 @@ def test_kid_matches_the_unbiased_estimator_evaluated_directly():
     yy = np.mean([k(y[i], y[j]) for i in range(6) for j in range(6) if i != j])
     xy = np.mean([k(p, q) for p in x for q in y])
     mean, std = kid(x, y, subsets=1, subset_size=6)
-    assert mean == pytest.approx(xx + yy - 2 * xy, rel=1e-9) and std == 0.0
+    assert mean == pytest.approx(xx + yy - 2 * xy, rel=1e-9) and std is None
+
+
+def test_kid_has_no_std_where_every_subset_is_both_whole_sets():
+    """Two sets of 30 with subsets of 30: every draw is both sets, so 100 rounds give one value,
+    and a std of 0 would be a precision the estimate does not have. Sets of 30 and 31 vary."""
+    rng = np.random.default_rng(13)
+    x, y = rng.normal(size=(31, 4)), rng.normal(size=(30, 4))
+    mean, std = kid(x[:30], y, subsets=100, subset_size=30)
+    assert std is None
+    assert mean == pytest.approx(kid(x[:30], y, subsets=1, subset_size=30)[0], rel=1e-12)
+    assert kid(x, y, subsets=100, subset_size=30)[1] > 0
 
 
 def test_efficiency_formula_and_the_papers_table():

@@ -203,6 +203,8 @@ def test_evaluate_reports_structure_metrics_and_uses_them_as_q(structure_store, 
     rows = report["rows"]
     assert report["efficiency"]["q"] == "structure_fd"
     assert any("efficiency Q = structure_fd" in note for note in report["notes"])
+    dim = load_structure_net(None, structure_store).feature_dim
+    assert any(note.startswith(f"structure FD on fewer slices than its {dim} features") for note in report["notes"])
     for name in registry:
         for key in ("structure_fd", "structure_precision", "structure_recall"):
             assert rows["heldout"][name][key] == pytest.approx(rows[FLOOR][name][key], abs=1e-9)

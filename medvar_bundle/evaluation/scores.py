@@ -110,13 +110,14 @@ class SliceSet:
         return radial_power_spectrum(self.slices)
 
 
-def score(train: SliceSet, heldout: SliceSet, fake: SliceSet) -> dict:
+def score(train: SliceSet, heldout: SliceSet | None, fake: SliceSet) -> dict:
     """Every metric of ``fake`` against the training reference of one dataset.
 
     Feature metrics are None when their extractor is not loaded; ``ms_ssim`` (the diversity of
     ``fake`` itself) is None for slices under ``MS_SSIM_MIN_SIDE`` pixels and for a single slice.
     With ``fake = heldout`` this is the real-vs-real floor (its ``memorisation`` is 1 by definition
-    and its ``ms_ssim`` the diversity of real slices).
+    and its ``ms_ssim`` the diversity of real slices). Without held-out slices (``heldout`` None)
+    ``memorisation`` is None: it is measured against how close unseen patients come.
 
     Returns:
         ``num_slices``; ``structure_fd``, ``structure_precision``, ``structure_recall`` (the
@@ -146,7 +147,7 @@ def score(train: SliceSet, heldout: SliceSet, fake: SliceSet) -> dict:
     row["histogram"] = histogram_distance(train.slices, fake.slices)
     row["power_spectrum"] = spectrum_distance(train.spectrum, fake.spectrum)
     row["ms_ssim"] = ms_ssim_diversity(fake.slices) if pair and fake.slices.shape[-1] >= MS_SSIM_MIN_SIDE else None
-    row["memorisation"] = memorisation_ratio(fake.slices, train.slices, heldout.slices)
+    row["memorisation"] = None if heldout is None else memorisation_ratio(fake.slices, train.slices, heldout.slices)
     return row
 
 
@@ -168,14 +169,14 @@ FLOOR_DRAWS = 5
 """Random held-out subsets the floor at a method's sample size is averaged over."""
 
 
-def floor_structure_fd(train: SliceSet, heldout: SliceSet, n: int, seed: int) -> float | None:
+def floor_structure_fd(train: SliceSet, heldout: SliceSet | None, n: int, seed: int) -> float | None:
     """The structure FD of ``n`` held-out real slices against the training slices: the floor at a
     method's own sample size (a Fréchet distance grows as its sample shrinks, so a method of 16
     slices is compared with real sets of 16, not with all held-out slices). The mean over
     ``FLOOR_DRAWS`` random subsets (all held-out slices once when ``n`` equals their count);
-    None without the structure network, under two slices a side, or when the held-out slices are
-    fewer than ``n`` (a floor from fewer slices would sit above the one at ``n``)."""
-    if "structure" not in train.features or min(n, len(train.slices)) < 2 or n > len(heldout.slices):
+    None without the structure network or held-out slices, under two slices a side, or when the
+    held-out slices are fewer than ``n`` (a floor from fewer slices would sit above the one at ``n``)."""
+    if heldout is None or "structure" not in train.features or min(n, len(train.slices)) < 2 or n > len(heldout.slices):
         return None
     reference, real = train.features["structure"], heldout.features["structure"]
     if n == len(real):
@@ -196,14 +197,14 @@ def small_floor_notes(floor: dict[str, dict]) -> list[str]:
         + (" or Fréchet distance (2)" if row["num_slices"] < 2 else "")
         + f"; its precision is a share of {row['num_slices']}"
         for name, row in floor.items()
-        if row["num_slices"] <= k
+        if row is not None and row["num_slices"] <= k
     ]
 
 
 def ms_ssim_notes(floor: dict[str, dict]) -> list[str]:
     """Why the floor row's MS-SSIM is null where it is (``floor``: dataset → its row): a dataset
     with one held-out slice has no pair to compare; otherwise the slices are too small."""
-    missing = [name for name, row in floor.items() if row["ms_ssim"] is None]
+    missing = [name for name, row in floor.items() if row is not None and row["ms_ssim"] is None]
     single = [name for name in missing if floor[name]["num_slices"] < 2]
     notes = []
     if single:
@@ -213,6 +214,25 @@ def ms_ssim_notes(floor: dict[str, dict]) -> list[str]:
             f"MS-SSIM: null, it needs slices of at least {MS_SSIM_MIN_SIDE} pixels (5 scales, 11-pixel window)"
         )
     return notes
+
+
+def sample_size_notes(rows: dict[str, dict[str, dict | None]], feature_dim: int) -> list[str]:
+    """A note where a set (a method's, or the held-out floor's) has fewer slices than the structure
+    features have dimensions (``rows``: label → dataset → row): a Fréchet distance then rests on
+    a covariance of rank N − 1 < D and rises as N shrinks, so structure FDs compare only at one N."""
+    small = []
+    for label, per_dataset in rows.items():
+        counts = {row["num_slices"] for row in per_dataset.values() if row is not None}
+        sizes = sorted(n for n in counts if n < feature_dim)
+        if sizes:
+            small.append(f"{label} {', '.join(map(str, sizes))}")
+    if not small:
+        return []
+    return [
+        f"structure FD on fewer slices than its {feature_dim} features ({'; '.join(small)} per dataset): "
+        "it rises as the sample shrinks, so compare a row with its floor_structure_fd (the floor at its own N) "
+        "and with rows of the same N, not across N"
+    ]
 
 
 def macro_average(rows: Sequence[dict | None]) -> dict:
@@ -350,7 +370,16 @@ class Evaluator:
             scored, samples[name] = self._score_dataset(name, folders)
             for label, row in scored.items():
                 rows[label][name] = row
+        unsplit = [name for name in names if rows[FLOOR][name] is None]
+        if unsplit:
+            notes.append(
+                f"no {self.heldout_split} slices of {', '.join(unsplit)} in the store: no real floor, floor at N "
+                "or memorisation ratio there, so the overall floor is empty (hold out volumes in prepare: "
+                "a datalist's validation list, or --val-fraction)"
+            )
         notes += small_floor_notes(rows[FLOOR]) + ms_ssim_notes(rows[FLOOR])
+        if "structure" in self.extractors:
+            notes += sample_size_notes(rows, self.extractors["structure"].feature_dim)
         parameters = {folder.label: folder.parameters for folder in folders} | {FLOOR: None}
         groups = anatomy_groups(self.registry, names)
         group_rows = {
@@ -391,16 +420,20 @@ class Evaluator:
     ) -> tuple[dict[str, dict | None], list[tuple[str, np.ndarray]]]:
         """One dataset: the row of each folder (None without a stack of it) and of the floor, and
         the sample-grid rows ``(title, uint8 (n, S, S))``, held-out real slices (:func:`grid_picks`) first."""
-        train, heldout = (
-            self.slice_set(store_slices(self.real, split, name, self.max_slices, self.seed))
-            for split in ("training", self.heldout_split)
+        train = self.slice_set(store_slices(self.real, "training", name, self.max_slices, self.seed))
+        heldout = (
+            self.slice_set(store_slices(self.real, self.heldout_split, name, self.max_slices, self.seed))
+            if len(SliceStore(self.real, split=self.heldout_split, datasets=[name]))
+            else None
         )
         logger.info(
-            "evaluate %s: %d training, %d %s slices", name, len(train.slices), len(heldout.slices), self.heldout_split
-        )
+            "evaluate %s: %d training, %d %s slices",
+            name, len(train.slices), 0 if heldout is None else len(heldout.slices), self.heldout_split,
+        )  # fmt: skip
         rows: dict[str, dict | None] = {}
         floors: dict[int, float | None] = {}  # the floor at N, once per N: methods of one N share it
-        samples = [(f"real ({self.heldout_split})", heldout.slices[grid_picks(len(heldout.slices))])]
+        real, split = (train, "training") if heldout is None else (heldout, self.heldout_split)
+        samples = [(f"real ({split})", real.slices[grid_picks(len(real.slices))])]
         for folder in folders:
             rows[folder.label] = None
             if name in folder.datasets:
@@ -413,8 +446,9 @@ class Evaluator:
                     "floor_structure_fd": floors[n],
                 }
                 samples.append((folder.label, slices[:GRID_SLICES]))
-        rows[FLOOR] = score(train, heldout, heldout)
-        rows[FLOOR]["floor_structure_fd"] = rows[FLOOR]["structure_fd"]
+        rows[FLOOR] = None if heldout is None else score(train, heldout, heldout)
+        if heldout is not None:
+            rows[FLOOR]["floor_structure_fd"] = rows[FLOOR]["structure_fd"]
         return rows, samples
 
     def _fake_slices(self, folder: GeneratedFolder, name: str, shape: tuple[int, ...]) -> np.ndarray:

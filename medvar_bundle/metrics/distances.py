@@ -101,7 +101,7 @@ def kid(
     gamma: float | None = None,
     coef0: float = 1.0,
     seed: int | np.random.Generator = 0,
-) -> tuple[float, float]:
+) -> tuple[float, float | None]:
     """Kernel Inception Distance (Bińkowski et al. 2018): mean and std of the unbiased MMD²
     under the polynomial kernel ``(gamma a·b + coef0)^degree`` over random subsets.
 
@@ -118,7 +118,9 @@ def kid(
         seed: seed or generator for the subset draws.
 
     Returns:
-        ``(mean, std)`` over the subsets.
+        ``(mean, std)`` over the subsets. The std is None where the subsets cannot vary: one
+        subset, or subsets as large as both sets (each is then the whole of both, so a std of 0
+        would claim a precision the estimate does not have).
     """
     x, y = _features(features_real, "features_real"), _features(features_fake, "features_fake")
     if x.shape[1] != y.shape[1]:
@@ -131,6 +133,7 @@ def kid(
         )
         subset_size = n
     gamma = 1.0 / x.shape[1] if gamma is None else gamma
+    whole = subset_size == x.shape[0] == y.shape[0]  # every subset would be both sets, whole
     rng = np.random.default_rng(seed)
     scores = [
         _poly_mmd2(
@@ -140,9 +143,9 @@ def kid(
             gamma,
             coef0,
         )
-        for _ in range(subsets)
+        for _ in range(1 if whole else subsets)
     ]
-    return float(np.mean(scores)), float(np.std(scores))
+    return float(np.mean(scores)), None if subsets < 2 or whole else float(np.std(scores))
 
 
 def _mean_rbf(a: np.ndarray, b: np.ndarray, gamma: float, chunk: int = 2048) -> float:

@@ -114,6 +114,11 @@ class StructureNet(nn.Module):
         _, embedding = self._forward(x)
         return self.dataset_head(embedding), self.position_head(embedding)[:, 0]
 
+    @property
+    def feature_dim(self) -> int:
+        """``D``, the width of the features :meth:`extract` returns."""
+        return self.feature_mean.numel()
+
     def raw_features(self, x: Tensor) -> Tensor:
         """Unstandardised features ``(B, D)`` of slices ``(B, 1, S, S)`` in [0, 1]."""
         means, embedding = self._forward(x)
