@@ -158,3 +158,23 @@ def test_an_out_under_a_file_is_one_line_before_any_work(argv, tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"medvar {argv[0]}: error: output folder {out.parent if argv[0] == 'train-structure' else out} "
                    f"is not writable: {tmp_path / 'file'} is a file"]  # fmt: skip
+
+
+def test_an_out_in_a_read_only_folder_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    """A folder of mode 0o555 under the output: one line naming it, nothing created. The tests run
+    as root, whom the mode does not stop, so ``os.access`` answers for that folder as it would
+    for anyone else."""
+    import os
+
+    from medvar_bundle import cli
+
+    monkeypatch.setattr(cli, "run_config", lambda *a, **k: pytest.fail("the config ran"))
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and access(path, mode))
+    out = locked / "new" / "run"
+    assert main(["train", "--store", "s", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"medvar train: error: output folder {out} is not writable: {locked} is read-only"]
+    assert not any(locked.iterdir())
