@@ -186,7 +186,7 @@ def floor_structure_fd(train: SliceSet, heldout: SliceSet | None, n: int, seed: 
     return float(np.mean([frechet_distance_from_features(reference, real[idx]) for idx in draws]))
 
 
-def small_floor_notes(floor: dict[str, dict]) -> list[str]:
+def small_floor_notes(floor: dict[str, dict | None]) -> list[str]:
     """Datasets whose floor rests on ``PRECISION_RECALL_K`` held-out slices or fewer (``floor``:
     dataset → its row): their floor has no structure recall (and under two slices no Fréchet
     distance), its precision is a share of those few slices, and the overall floor values that
@@ -201,7 +201,7 @@ def small_floor_notes(floor: dict[str, dict]) -> list[str]:
     ]
 
 
-def ms_ssim_notes(floor: dict[str, dict]) -> list[str]:
+def ms_ssim_notes(floor: dict[str, dict | None]) -> list[str]:
     """Why the floor row's MS-SSIM is null where it is (``floor``: dataset → its row): a dataset
     with one held-out slice has no pair to compare; otherwise the slices are too small."""
     missing = [name for name, row in floor.items() if row is not None and row["ms_ssim"] is None]
@@ -418,8 +418,9 @@ class Evaluator:
     def _score_dataset(
         self, name: str, folders: Sequence[GeneratedFolder]
     ) -> tuple[dict[str, dict | None], list[tuple[str, np.ndarray]]]:
-        """One dataset: the row of each folder (None without a stack of it) and of the floor, and
-        the sample-grid rows ``(title, uint8 (n, S, S))``, held-out real slices (:func:`grid_picks`) first."""
+        """One dataset: the row of each folder (None without a stack of it) and of the floor (None
+        without held-out slices), and the sample-grid rows ``(title, uint8 (n, S, S))``, real slices
+        (:func:`grid_picks`; held-out ones, or training ones where none are held out) first."""
         train = self.slice_set(store_slices(self.real, "training", name, self.max_slices, self.seed))
         heldout = (
             self.slice_set(store_slices(self.real, self.heldout_split, name, self.max_slices, self.seed))
