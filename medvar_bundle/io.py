@@ -41,6 +41,7 @@ from .visualize import pixel_aspect, radiological, save_figure, save_grid, supti
 __all__ = [
     "check_entry",
     "check_writable",
+    "entry_aspect",
     "output_geometry",
     "save_progression",
     "save_sample_grid",
@@ -110,6 +111,17 @@ def output_geometry(entry: dict, size: int = 256) -> tuple[np.ndarray, np.ndarra
     spacing, matrix = _entry_geometry(entry)
     out_spacing = np.array([spacing[0] * matrix[0] / size, spacing[1] * matrix[1] / size, spacing[2]])
     return out_spacing, np.array([size, size, int(matrix[2])], dtype=np.int64)
+
+
+def entry_aspect(entry: dict) -> float:
+    """:func:`~medvar_bundle.visualize.pixel_aspect` of a dataset's stored (and generated) slices,
+    from its ``datasets.json`` field of view, so grids show its anatomy in proportion (1 where the
+    entry has no geometry)."""
+    try:
+        spacing, _ = output_geometry(entry)
+    except ValueError:
+        return 1.0
+    return pixel_aspect(spacing)
 
 
 # --------------------------------------------------------------------------------------------

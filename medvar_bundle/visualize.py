@@ -50,22 +50,24 @@ def suptitle(fig, title: str | None, width_in: float) -> None:
 
 
 def save_grid(
-    rows: Sequence[Sequence[np.ndarray]],
+    rows: Sequence[Sequence[np.ndarray | None]],
     out: str | os.PathLike,
     row_titles: Sequence[str] | None = None,
     title: str | None = None,
-    aspect: float = 1.0,
+    aspect: float | Sequence[float] = 1.0,
 ) -> Path:
-    """Save a grid of uint8 ``(H, W)`` slices (RAS axes) as a PNG, one row per group; ``aspect`` is
-    :func:`pixel_aspect` of the slices (1: square pixels)."""
+    """Save a grid of uint8 ``(H, W)`` slices (RAS axes) as a PNG, one row per group (a None cell
+    stays empty); ``aspect`` is :func:`pixel_aspect` of the slices, or one per row (1: square pixels)."""
     ncols = max((len(r) for r in rows), default=1)
+    aspects = [aspect] * len(rows) if isinstance(aspect, (int, float)) else list(aspect)
     fig, axes = plt.subplots(len(rows), ncols, figsize=(1.6 * ncols, 1.7 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
         for c in range(ncols):
             ax = axes[r, c]
             ax.axis("off")
-            if c < len(row):
-                ax.imshow(radiological(row[c]), cmap="gray", vmin=0, vmax=255, interpolation="nearest", aspect=aspect)
+            if c < len(row) and row[c] is not None:
+                image = radiological(row[c])
+                ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest", aspect=aspects[r])
         if row_titles:
             axes[r, 0].set_title(row_titles[r], fontsize=8, loc="left")
     suptitle(fig, title, 1.6 * ncols)

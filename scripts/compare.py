@@ -348,21 +348,23 @@ def plot_curve(figures: dict, path: Path) -> Path:
 def curve_grid(store: str, registry: dict, columns: list[tuple[str, Path]], path: Path, per_column: int = 2) -> Path:
     """Per dataset, ``per_column`` held-out real slices then ``per_column`` slices of each
     ``(title, sample folder)``; the titles go into the figure's title, in column order."""
-    from medvar_bundle.io import read_generated
+    from medvar_bundle.io import entry_aspect, read_generated
     from medvar_bundle.metrics.slices import store_slices
     from medvar_bundle.visualize import save_grid
 
     rows, titles = [], []
-    for name in sorted(registry, key=lambda n: registry[n]["id"]):
+    names = sorted(registry, key=lambda n: registry[n]["id"])
+    for name in names:
         sets = [store_slices(store, "validation", name, per_column, seed=0)]
         for _, folder in columns:
             stack = folder / f"{name}.nii.gz"
             sets.append(read_generated(stack, registry[name])[:per_column] if stack.is_file() else sets[0][:0])
-        blank = np.zeros_like(sets[0][0])  # keeps the columns aligned where a set has fewer slices
-        rows.append([s for images in sets for s in [*images, *[blank] * (per_column - len(images))]])
+        # an empty cell keeps the columns aligned where a set has fewer slices
+        rows.append([s for images in sets for s in [*images, *[None] * (per_column - len(images))]])
         titles.append(name)
     order = " | ".join(["real held-out", *(title for title, _ in columns)])
-    return save_grid(rows, path, titles, title=f"{per_column} slices each: {order}")
+    aspects = [entry_aspect(registry[name]) for name in names]
+    return save_grid(rows, path, titles, title=f"{per_column} slices each: {order}", aspect=aspects)
 
 
 def grid_columns(out: Path, budgets: list[float], ddpm: list[Path]) -> list[tuple[str, Path]]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from medvar_bundle.data.store import SPLITS, SliceStore
-from medvar_bundle.io import GeneratedFolder, check_writable, output_geometry, read_generated, read_generated_folder
+from medvar_bundle.io import GeneratedFolder, check_writable, entry_aspect, read_generated, read_generated_folder
 from medvar_bundle.metrics import (
     MS_SSIM_MIN_SIDE,
     FeatureExtractor,
@@ -44,7 +44,6 @@ from medvar_bundle.metrics import (
     spectrum_distance,
     store_slices,
 )
-from medvar_bundle.visualize import pixel_aspect
 from medvar_bundle.weights import MissingWeightsError
 
 from .report import FLOOR, OVERALL, write_report
@@ -404,16 +403,7 @@ class Evaluator:
             "efficiency": {"q": self.q_metric, "p": "seconds_per_image", "gamma": self.gamma, "log": "log10"},
             "groups": groups, "notes": notes, "rows": rows, "group_rows": group_rows,
         }  # fmt: skip
-        return write_report(report, samples, out_dir, {name: self.pixel_aspect(name) for name in names})
-
-    def pixel_aspect(self, name: str) -> float:
-        """The pixel aspect of dataset ``name``'s 256² slices, from its field of view in the store's
-        registry, so its sample grid shows the anatomy in proportion (1 without a geometry)."""
-        try:
-            spacing, _ = output_geometry(self.registry[name])
-        except ValueError:
-            return 1.0
-        return pixel_aspect(spacing)
+        return write_report(report, samples, out_dir, {name: entry_aspect(self.registry[name]) for name in names})
 
     def _score_dataset(
         self, name: str, folders: Sequence[GeneratedFolder]
