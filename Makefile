@@ -10,7 +10,8 @@ WORKERS ?= 2
 # (docs/tokenizer.md, "Levers"). TOKENIZER_TIMES=N multiplies the three step counts: 3 gave 26.69 dB held out
 # instead of 26.0 and every group with more than one held-out slice over the 26 dB floor (MR leg 26.01) in a
 # 19-minute tokenizer against about 8; 4 gave 26.78 dB (MR leg 26.17) in a 37-minute demo in a fresh clone,
-# against 18 (docs/tokenizer.md, "Four times the steps")
+# against 18 (docs/tokenizer.md, "Four times the steps"); on the 19-volume corpus 4 left MR leg at 25.98 and 5 gave
+# 26.08 (all 26.81) in a 23-minute tokenizer against 5 (docs/tokenizer.md, "Five times the steps")
 TOKENIZER_TIMES ?= 1
 tokenizer_steps = $(if $(shell echo '$(TOKENIZER_TIMES)' | grep -xE '[1-9][0-9]*'),$(shell expr $(1) \* $(TOKENIZER_TIMES)),$\
 	$(error TOKENIZER_TIMES must be a positive whole number, got '$(TOKENIZER_TIMES)'))
