@@ -104,6 +104,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _preview(args: argparse.Namespace) -> int:
     from .data import SliceStore
+    from .io import entry_aspect
     from .visualize import store_preview
 
     if Path(args.out).suffix.lower() != ".png":
@@ -113,7 +114,8 @@ def _preview(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         raise UserError(str(exc)) from None
     try:
-        written = store_preview(store, args.out, args.per_dataset, args.seed)
+        aspects = {name: entry_aspect(entry) for name, entry in store.datasets.items()}
+        written = store_preview(store, args.out, args.per_dataset, args.seed, aspects)
     except (FileExistsError, NotADirectoryError, FileNotFoundError, PermissionError) as exc:
         raise UserError(f"cannot write {args.out}: {exc.strerror}") from None
     print(f"medvar preview: wrote {written}")

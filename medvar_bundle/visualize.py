@@ -74,10 +74,13 @@ def save_grid(
     return save_figure(fig, out)
 
 
-def store_preview(store, out: str | os.PathLike, per_dataset: int = 8, seed: int = 0) -> Path:
-    """A grid with ``per_dataset`` random slices of each dataset of a :class:`SliceStore`."""
+def store_preview(
+    store, out: str | os.PathLike, per_dataset: int = 8, seed: int = 0, aspects: dict[str, float] | None = None
+) -> Path:
+    """A grid with ``per_dataset`` random slices of each dataset of a :class:`SliceStore`, each row
+    drawn at its dataset's :func:`pixel_aspect` in ``aspects`` (name → aspect; 1 where absent)."""
     rng = np.random.default_rng(seed)
-    rows, titles = [], []
+    rows, titles, row_aspects = [], [], []
     for name, entry in sorted(store.datasets.items(), key=lambda kv: kv[1]["id"]):
         idx = np.flatnonzero(store.dataset_ids == entry["id"])
         if idx.size == 0:
@@ -85,9 +88,10 @@ def store_preview(store, out: str | os.PathLike, per_dataset: int = 8, seed: int
         pick = np.sort(rng.choice(idx, size=min(per_dataset, idx.size), replace=False))
         rows.append([store[int(i)]["image"].numpy() for i in pick])
         titles.append(f"{name} (id {entry['id']}, {entry['modality']}, {idx.size} slices)")
+        row_aspects.append((aspects or {}).get(name, 1.0))
     if not rows:
         raise ValueError("the store holds no slices")
-    return save_grid(rows, out, titles)
+    return save_grid(rows, out, titles, aspect=row_aspects)
 
 
 def save_reconstructions(

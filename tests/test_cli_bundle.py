@@ -125,6 +125,27 @@ def test_bad_option_values_stop_at_parsing_with_one_line(argv, message, capsys):
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_the_store_preview_draws_each_dataset_in_its_proportions(synthetic_store, tmp_path, monkeypatch):
+    """The preview drew every dataset on square pixels: a 48 × 24 mm field was twice too tall."""
+    import shutil
+
+    from medvar_bundle import visualize
+
+    store = shutil.copytree(synthetic_store, tmp_path / "store")
+    registry = json.loads((store / "datasets.json").read_text())
+    registry["set0"] |= {"spacing": [1.0, 1.0, 3.0], "matrix": [48, 24, 8]}
+    (store / "datasets.json").write_text(json.dumps(registry))
+    drawn, original = [], visualize.save_grid
+
+    def spy(rows, out, row_titles=None, title=None, aspect=1.0):
+        drawn.append(aspect)
+        return original(rows, out, row_titles, title, aspect)
+
+    monkeypatch.setattr(visualize, "save_grid", spy)
+    assert main(["preview", "--store", str(store), "--out", str(tmp_path / "p.png")]) == 0
+    assert drawn == [pytest.approx([0.5, 1.0])]
+
+
 def test_preview_output_problems_are_one_line(synthetic_store, tmp_path, capsys):
     assert main(["preview", "--store", str(synthetic_store), "--out", str(tmp_path / "p.txt")]) == 2
     assert "the preview is a PNG file" in capsys.readouterr().err
