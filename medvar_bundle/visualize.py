@@ -59,7 +59,9 @@ def save_grid(
     """Save a grid of uint8 ``(H, W)`` slices (RAS axes) as a PNG, one row per group (a None cell
     stays empty); ``aspect`` is :func:`pixel_aspect` of the slices, or one per row (1: square pixels)."""
     ncols = max((len(r) for r in rows), default=1)
-    aspects = [aspect] * len(rows) if isinstance(aspect, (int, float)) else list(aspect)
+    aspects = [float(aspect)] * len(rows) if np.isscalar(aspect) else [float(a) for a in aspect]
+    if len(aspects) != len(rows):
+        raise ValueError(f"{len(aspects)} aspects for {len(rows)} rows")
     fig, axes = plt.subplots(len(rows), ncols, figsize=(1.6 * ncols, 1.7 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
         for c in range(ncols):

@@ -349,16 +349,17 @@ def curve_grid(store: str, registry: dict, columns: list[tuple[str, Path]], path
     """Per dataset, ``per_column`` held-out real slices then ``per_column`` slices of each
     ``(title, sample folder)``; the titles go into the figure's title, in column order."""
     from medvar_bundle.io import entry_aspect, read_generated
-    from medvar_bundle.metrics.slices import store_slices
+    from medvar_bundle.metrics.slices import split_slices
     from medvar_bundle.visualize import save_grid
 
     rows, titles = [], []
     names = sorted(registry, key=lambda n: registry[n]["id"])
     for name in names:
-        sets = [store_slices(store, "validation", name, per_column, seed=0)]
+        held = split_slices(store, "validation", name, per_column, seed=0)  # None: no held-out volume
+        sets = [[] if held is None else list(held)]
         for _, folder in columns:
             stack = folder / f"{name}.nii.gz"
-            sets.append(read_generated(stack, registry[name])[:per_column] if stack.is_file() else sets[0][:0])
+            sets.append(list(read_generated(stack, registry[name])[:per_column]) if stack.is_file() else [])
         # an empty cell keeps the columns aligned where a set has fewer slices
         rows.append([s for images in sets for s in [*images, *[None] * (per_column - len(images))]])
         titles.append(name)

@@ -119,13 +119,15 @@ def test_grid_shows_the_ddpm_chain_with_the_most_steps(compare, tmp_path):
 def test_the_curve_grid_draws_each_dataset_in_its_proportions_and_leaves_missing_slices_empty(
     compare, tmp_path, monkeypatch
 ):
-    """The README's grid drew the 500 × 203 mm lower-leg field square (2.46 times too tall), and a
-    dataset with one held-out slice showed a black square as its second real slice."""
+    """The README's grid drew the 500 × 203 mm lower-leg field square (2.46 times too tall), a
+    dataset with one held-out slice showed a black square as its second real slice, and a dataset
+    without held-out slices stopped the grid (store_slices raised)."""
     import medvar_bundle.metrics.slices as slices_module
     import medvar_bundle.visualize as visualize
 
-    held = {"chest_ct": np.full((1, 8, 8), 50, np.uint8), "leg_mr": np.full((2, 8, 8), 90, np.uint8)}
-    monkeypatch.setattr(slices_module, "store_slices", lambda store, split, name, n, seed: held[name][:n])
+    held = {"chest_ct": np.full((1, 8, 8), 50, np.uint8), "leg_mr": np.full((2, 8, 8), 90, np.uint8), "head": None}
+    monkeypatch.setattr(slices_module, "split_slices", lambda store, split, name, n, seed: held[name])
+    registry = REGISTRY | {"head": CHEST | {"id": 2}}
     folder = tmp_path / "medvar"
     write_slice_stack(np.full((3, 8, 8), 200, np.uint8), LEG, folder / "leg_mr.nii.gz")
     drawn = {}
@@ -135,9 +137,10 @@ def test_the_curve_grid_draws_each_dataset_in_its_proportions_and_leaves_missing
         return Path(out)
 
     monkeypatch.setattr(visualize, "save_grid", spy)
-    compare.curve_grid("store", REGISTRY, [("MedVAR 30 min", folder)], tmp_path / "grid.png")
-    assert drawn["titles"] == ["chest_ct", "leg_mr"]
-    assert drawn["aspect"] == pytest.approx([1.0, 104 / 256])  # rows run along y: 203 mm over 500 mm
-    chest, leg = drawn["rows"]
+    compare.curve_grid("store", registry, [("MedVAR 30 min", folder)], tmp_path / "grid.png")
+    assert drawn["titles"] == ["chest_ct", "leg_mr", "head"]
+    assert drawn["aspect"] == pytest.approx([1.0, 104 / 256, 1.0])  # rows run along y: 203 mm over 500 mm
+    chest, leg, head = drawn["rows"]
+    assert head == [None] * 4
     assert (chest[0] == 50).all() and chest[1:] == [None, None, None]  # one held-out slice, no chest samples
     assert all(cell is not None for cell in leg) and (leg[1] == 90).all() and leg[2].shape == (8, 8)

@@ -387,9 +387,12 @@ def test_sets_smaller_than_the_structure_features_are_named_with_their_sizes():
     }
     assert sample_size_notes(rows, 352) == [
         f"structure FD on fewer slices than its 352 features (medvar 16; ddpm 2; {FLOOR} 1, 24 per dataset): "
-        "it rises as the sample shrinks, so compare a row with its floor_structure_fd (the floor at its own N) "
-        "and with rows of the same N, not across N"
+        "its value depends on N, most for a few slices, so hold a row against its floor_structure_fd "
+        "(the floor at its own N) and against rows of the same N"
     ]
+    assert sample_size_notes(rows, 3)[0].startswith(
+        f"structure FD on fewer slices than its 3 features (ddpm 2; {FLOOR} 1 per dataset): "
+    )
     assert sample_size_notes(rows, 1) == []
 
 

@@ -187,6 +187,27 @@ def test_a_network_of_another_store_or_none_is_one_line(structure_store, tmp_pat
         load_structure_net(tmp_path / "stale.pt", structure_store)
 
 
+def test_without_held_out_slices_the_structure_scores_stand_and_the_floors_are_null(
+    structure_store, tmp_path, offline_hub
+):
+    """The store holds no `test` split: structure FD, precision and recall against the training
+    slices are as beside the validation split; the floor row and each method's floor at N are null."""
+    registry = SliceStore(structure_store).datasets
+    flat = tmp_path / "flat"
+    for name, entry in registry.items():
+        grey = np.full_like(store_slices(structure_store, "validation", name), 128)
+        write_slice_stack(grey, entry, flat / f"{name}.nii.gz")
+    with_floor = evaluate_generation(structure_store, [flat], tmp_path / "validation", allow_download=False)["rows"]
+    report = evaluate_generation(structure_store, [flat], tmp_path / "test", allow_download=False, heldout_split="test")
+    rows = report["rows"]
+    for name in registry:
+        assert rows[FLOOR][name] is None and rows["flat"][name]["floor_structure_fd"] is None
+        assert with_floor["flat"][name]["floor_structure_fd"] is not None
+        for key in ("structure_fd", "structure_precision", "structure_recall"):
+            assert rows["flat"][name][key] == pytest.approx(with_floor["flat"][name][key], rel=1e-9)
+    assert any(note.startswith("no test slices of ") for note in report["notes"])
+
+
 def test_evaluate_reports_structure_metrics_and_uses_them_as_q(structure_store, tmp_path, offline_hub):
     """Held-out slices posing as a method score exactly the floor; a set far from the real slices
     gets precision 0; the efficiency's Q is the structure FD; groups follow anatomy × modality."""

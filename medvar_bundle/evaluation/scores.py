@@ -42,6 +42,7 @@ from medvar_bundle.metrics import (
     power_spectrum_distance,
     radial_power_spectrum,
     spectrum_distance,
+    split_slices,
     store_slices,
 )
 from medvar_bundle.weights import MissingWeightsError
@@ -218,7 +219,7 @@ def ms_ssim_notes(floor: dict[str, dict | None]) -> list[str]:
 def sample_size_notes(rows: dict[str, dict[str, dict | None]], feature_dim: int) -> list[str]:
     """A note where a set (a method's, or the held-out floor's) has fewer slices than the structure
     features have dimensions (``rows``: label → dataset → row): a Fréchet distance then rests on
-    a covariance of rank N − 1 < D and rises as N shrinks, so structure FDs compare only at one N."""
+    a covariance of rank N − 1 < D, and its value depends on N, most for a few slices."""
     small = []
     for label, per_dataset in rows.items():
         counts = {row["num_slices"] for row in per_dataset.values() if row is not None}
@@ -229,8 +230,8 @@ def sample_size_notes(rows: dict[str, dict[str, dict | None]], feature_dim: int)
         return []
     return [
         f"structure FD on fewer slices than its {feature_dim} features ({'; '.join(small)} per dataset): "
-        "it rises as the sample shrinks, so compare a row with its floor_structure_fd (the floor at its own N) "
-        "and with rows of the same N, not across N"
+        "its value depends on N, most for a few slices, so hold a row against its floor_structure_fd "
+        "(the floor at its own N) and against rows of the same N"
     ]
 
 
@@ -412,11 +413,8 @@ class Evaluator:
         without held-out slices), and the sample-grid rows ``(title, uint8 (n, S, S))``, real slices
         (:func:`grid_picks`; held-out ones, or training ones where none are held out) first."""
         train = self.slice_set(store_slices(self.real, "training", name, self.max_slices, self.seed))
-        heldout = (
-            self.slice_set(store_slices(self.real, self.heldout_split, name, self.max_slices, self.seed))
-            if len(SliceStore(self.real, split=self.heldout_split, datasets=[name]))
-            else None
-        )
+        held = split_slices(self.real, self.heldout_split, name, self.max_slices, self.seed)
+        heldout = None if held is None else self.slice_set(held)
         logger.info(
             "evaluate %s: %d training, %d %s slices",
             name, len(train.slices), 0 if heldout is None else len(heldout.slices), self.heldout_split,

@@ -21,7 +21,7 @@ from .distances import (
 )
 from .efficiency import efficiency
 from .extractors import FeatureExtractor, load_clip, load_inception, load_radimagenet
-from .slices import real_vs_real_floor, store_slices
+from .slices import real_vs_real_floor, split_slices, store_slices
 from .structure import STRUCTURE_FILE, StructureNet, load_structure_net
 from .weight_free import (
     MS_SSIM_MIN_SIDE,
@@ -57,5 +57,6 @@ __all__ = [
     "radial_power_spectrum",
     "real_vs_real_floor",
     "spectrum_distance",
+    "split_slices",
     "store_slices",
 ]

@@ -119,8 +119,8 @@ def kid(
 
     Returns:
         ``(mean, std)`` over the subsets. The std is None where the subsets cannot vary: one
-        subset, or subsets as large as both sets (each is then the whole of both, so a std of 0
-        would claim a precision the estimate does not have).
+        subset, or both sets the size of the subset (each subset is then the whole of both, so a
+        std of 0 would claim a precision the estimate does not have).
     """
     x, y = _features(features_real, "features_real"), _features(features_fake, "features_fake")
     if x.shape[1] != y.shape[1]:

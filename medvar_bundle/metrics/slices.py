@@ -64,6 +64,16 @@ def store_slices(
     return np.stack([ds[int(i)]["image"].numpy() for i in index])
 
 
+def split_slices(
+    store: str | os.PathLike, split: str, dataset: str, max_slices: int | None = None, seed: int = 0
+) -> np.ndarray | None:
+    """:func:`store_slices`, or None where the store holds no slices of ``dataset`` in ``split``
+    (a store prepared without held-out volumes)."""
+    if not len(SliceStore(store, split=split, datasets=[dataset])):
+        return None
+    return store_slices(store, split, dataset, max_slices, seed)
+
+
 def real_vs_real_floor(
     metric: Callable[[np.ndarray, np.ndarray], T],
     store: str | os.PathLike,
