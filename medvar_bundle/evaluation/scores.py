@@ -435,9 +435,10 @@ class Evaluator:
                     "floor_structure_fd": floors[n],
                 }
                 samples.append((folder.label, slices[:GRID_SLICES]))
-        rows[FLOOR] = None if heldout is None else score(train, heldout, heldout)
+        rows[FLOOR] = None
         if heldout is not None:
-            rows[FLOOR]["floor_structure_fd"] = rows[FLOOR]["structure_fd"]
+            floor = score(train, heldout, heldout)
+            rows[FLOOR] = floor | {"floor_structure_fd": floor["structure_fd"]}
         return rows, samples
 
     def _fake_slices(self, folder: GeneratedFolder, name: str, shape: tuple[int, ...]) -> np.ndarray:

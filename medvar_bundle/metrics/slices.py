@@ -54,14 +54,14 @@ def store_slices(
         dataset: the dataset name in ``datasets.json``.
         max_slices: keep a random subset of at most this many (in store order).
         seed: seed of that subset.
+
+    Raises:
+        ValueError: the store holds no slices of ``dataset`` in ``split``.
     """
-    ds = SliceStore(store, split=split, datasets=[dataset])
-    if len(ds) == 0:
+    slices = split_slices(store, split, dataset, max_slices, seed)
+    if slices is None:
         raise ValueError(f"{store}: dataset {dataset!r} has no {split} slices")
-    index = np.arange(len(ds))
-    if max_slices is not None and max_slices < len(ds):
-        index = np.sort(np.random.default_rng(seed).choice(len(ds), max_slices, replace=False))
-    return np.stack([ds[int(i)]["image"].numpy() for i in index])
+    return slices
 
 
 def split_slices(
@@ -69,9 +69,13 @@ def split_slices(
 ) -> np.ndarray | None:
     """:func:`store_slices`, or None where the store holds no slices of ``dataset`` in ``split``
     (a store prepared without held-out volumes)."""
-    if not len(SliceStore(store, split=split, datasets=[dataset])):
+    ds = SliceStore(store, split=split, datasets=[dataset])
+    if len(ds) == 0:
         return None
-    return store_slices(store, split, dataset, max_slices, seed)
+    index = np.arange(len(ds))
+    if max_slices is not None and max_slices < len(ds):
+        index = np.sort(np.random.default_rng(seed).choice(len(ds), max_slices, replace=False))
+    return np.stack([ds[int(i)]["image"].numpy() for i in index])
 
 
 def real_vs_real_floor(
